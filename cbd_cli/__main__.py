@@ -1,0 +1,5 @@
+import sys
+
+from cbd_cli import main
+
+sys.exit(main())

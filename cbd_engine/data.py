@@ -1,0 +1,83 @@
+"""Instruction and text data: reading, the paper's prompt template, and the contract's validation split.
+
+Torch-free. Tokenization and batching for training live with the distillation code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_FORMATS = ("alpaca", "chat")
+
+
+@dataclass(frozen=True)
+class InstructionRow:
+    instruction: str
+    input: str
+    output: str
+
+    @property
+    def is_validation(self) -> bool:
+        """The contract's held-out rule: sha256(instruction + "\\n" + input) as an integer is 0 mod 10."""
+        digest = hashlib.sha256(f"{self.instruction}\n{self.input}".encode()).hexdigest()
+        return int(digest, 16) % 10 == 0
+
+    def alpaca_prompt(self) -> str:
+        template = ALPACA_PROMPT_WITH_INPUT if self.input else ALPACA_PROMPT
+        return template.format(instruction=self.instruction, input=self.input)
+
+
+def read_instruction_rows(path: str | Path) -> list[InstructionRow]:
+    """Rows of an instruction JSONL file (`instruction`, `input`, `output`); a clear error names a bad line."""
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                rows.append(InstructionRow(record["instruction"], record.get("input") or "", record["output"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(f"{path}:{number}: not an instruction row with instruction/output ({error})") from None
+    return rows
+
+
+def split_rows(rows: list[InstructionRow]) -> tuple[list[InstructionRow], list[InstructionRow]]:
+    """(training rows, validation rows) by the contract's hash rule, in file order."""
+    train = [row for row in rows if not row.is_validation]
+    valid = [row for row in rows if row.is_validation]
+    return train, valid
+
+
+def is_instruction_file(path: str | Path) -> bool:
+    return Path(path).suffix in (".jsonl", ".json")
+
+
+def calibration_texts(path: str | Path, count: int = 64, max_chars: int = 2048) -> list[str]:
+    """Texts for activation-based importance: the first training rows (prompt + response), or chunks of plain text.
+
+    Validation rows are never used, so importance never sees rows that later score a model.
+    """
+    if is_instruction_file(path):
+        train, _ = split_rows(read_instruction_rows(path))
+        return [(row.alpaca_prompt() + row.output)[:max_chars] for row in train[:count]]
+    return list(_text_chunks(Path(path), count, max_chars))
+
+
+def _text_chunks(path: Path, count: int, max_chars: int) -> Iterator[str]:
+    text = path.read_text(encoding="utf-8")
+    for start in range(0, min(len(text), count * max_chars), max_chars):
+        yield text[start : start + max_chars]
