@@ -15,7 +15,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,25 +132,29 @@ class SafetensorsReader:
     def info(self, name: str) -> TensorInfo:
         return self.tensors[self.resolve(name)]
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """One tensor, or rows [start, stop) of its first dimension, read with pread (no mmap, nothing kept)."""
         info = self.info(name)
         if info.dtype not in DTYPES:
             raise ValueError(f"tensor {name} has dtype {info.dtype}; supported: {sorted(DTYPES)}")
+        shape, start, end = info.shape, info.start, info.end
+        if rows is not None:
+            row_bytes = (end - start) // shape[0] if shape and shape[0] else 0
+            shape = (rows[1] - rows[0], *shape[1:])
+            start, end = info.start + rows[0] * row_bytes, info.start + rows[1] * row_bytes
         fd = self._fds.get(info.file)
         if fd is None:
             fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-        buffer = bytearray(info.end - info.start)
+        buffer = bytearray(end - start)
         view, done = memoryview(buffer), 0
         while done < len(buffer):
-            got = os.preadv(fd, [view[done:]], info.start + done)
+            got = os.preadv(fd, [view[done:]], start + done)
             if got == 0:
                 raise ValueError(f"{info.file} is truncated at tensor {name}")
             done += got
-        if hasattr(os, "posix_fadvise"):  # the page cache is not ours to keep: this is a one-pass read
-            os.posix_fadvise(fd, info.start, info.end - info.start, os.POSIX_FADV_DONTNEED)
         if not buffer:
-            return torch.empty(info.shape, dtype=DTYPES[info.dtype])
-        return torch.frombuffer(buffer, dtype=DTYPES[info.dtype]).reshape(info.shape)
+            return torch.empty(shape, dtype=DTYPES[info.dtype])
+        return torch.frombuffer(buffer, dtype=DTYPES[info.dtype]).reshape(shape)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -228,16 +232,24 @@ class StreamingWriter:
         self.files.append(FileInfo(path.name, path.stat().st_size, self._hash.hexdigest()))
         self._handle = None
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, chunks: Iterable[torch.Tensor]) -> None:
+        """Write the next planned tensor, given whole or as consecutive slices of its first dimension."""
         expected_name, expected_shape = self._order[self._position]
-        if name != expected_name or tuple(tensor.shape) != tuple(expected_shape):
-            raise RuntimeError(f"writer expected {expected_name}{list(expected_shape)}, got {name}{list(tensor.shape)}")
+        if name != expected_name:
+            raise RuntimeError(f"writer expected tensor {expected_name}, got {name}")
         if self._remaining == 0:
             self._open_next()
-        data = tensor.detach().to(self.dtype).contiguous().view(torch.uint8).numpy()
-        view = memoryview(data).cast("B")
-        for start in range(0, len(view), _CHUNK):
-            self._emit(view[start : start + _CHUNK])
+        rows = 0
+        for chunk in chunks:
+            if tuple(chunk.shape[1:]) != tuple(expected_shape[1:]):
+                raise RuntimeError(f"{name}: chunk of shape {list(chunk.shape)} for {list(expected_shape)}")
+            rows += chunk.shape[0] if chunk.ndim else 1
+            data = chunk.detach().to(self.dtype).contiguous().view(torch.uint8).numpy()
+            view = memoryview(data).cast("B")
+            for start in range(0, len(view), _CHUNK):
+                self._emit(view[start : start + _CHUNK])
+        if rows != (expected_shape[0] if expected_shape else 1):
+            raise RuntimeError(f"{name}: wrote {rows} rows of {list(expected_shape)}")
         self._position += 1
         self._remaining -= 1
 

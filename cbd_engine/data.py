@@ -81,3 +81,52 @@ def _text_chunks(path: Path, count: int, max_chars: int) -> Iterator[str]:
     text = path.read_text(encoding="utf-8")
     for start in range(0, min(len(text), count * max_chars), max_chars):
         yield text[start : start + max_chars]
+
+
+# --- Added for the distillation engine: Hugging Face data sets and plain text -------------------------------------
+
+# Column names of common instruction data sets, mapped onto (instruction, input, output).
+HF_COLUMNS = (
+    ("instruction", "input", "output"),  # Alpaca and its copies
+    ("instruction", "context", "response"),  # databricks-dolly-15k
+    ("prompt", None, "completion"),
+    ("question", None, "answer"),
+)
+
+
+def rows_from_records(records: list[dict], source: str = "data set") -> list[InstructionRow]:
+    """InstructionRows from dicts whose columns follow one of HF_COLUMNS; a clear error names what was found."""
+    if not records:
+        return []
+    keys = set(records[0])
+    for instruction, context, output in HF_COLUMNS:
+        if instruction in keys and output in keys:
+            return [
+                InstructionRow(str(r[instruction]), str(r.get(context) or "") if context else "", str(r[output]))
+                for r in records
+            ]
+    raise ValueError(f"{source}: no instruction/response columns among {sorted(keys)}; expected one of {HF_COLUMNS}")
+
+
+def read_hf_rows(dataset_id: str, split: str = "train") -> list[InstructionRow]:
+    """Rows of a Hugging Face data set by id (needs the `datasets` package and a reachable hub or local cache)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"dataset.hf={dataset_id!r} needs the `datasets` package: pip install datasets") from None
+    table = datasets.load_dataset(dataset_id, split=split)
+    return rows_from_records(list(table), source=f"{dataset_id}[{split}]")
+
+
+def read_dataset_spec(dataset: dict) -> tuple[list[InstructionRow] | None, str | None]:
+    """The POST /chains `dataset` object -> (instruction rows, None) or (None, plain text) for a text file."""
+    if dataset.get("hf"):
+        return read_hf_rows(dataset["hf"], dataset.get("split") or "train"), None
+    path = dataset.get("path")
+    if not path:
+        raise ValueError("dataset needs `path` (a JSONL or text file) or `hf` (a data set id)")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"dataset.path {path} does not exist")
+    if is_instruction_file(path):
+        return read_instruction_rows(path), None
+    return None, Path(path).read_text(encoding="utf-8")

@@ -84,6 +84,8 @@ class Architecture:
     ffn_out_module: str  # its input is the FFN activations (neuron importance)
     layers_module: str
     flags: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    # transformers' LlamaConfig refuses hidden_size % num_heads != 0 even with a decoupled head_dim
+    hidden_divisible_by_heads: bool = False
 
     def tensor_shape(self, spec: TensorSpec, shape: Shape) -> tuple[int, ...]:
         return tuple(dim_size(shape, dim) for dim in spec.dims)
@@ -105,6 +107,11 @@ class Architecture:
         return total
 
     def validate(self, shape: Shape) -> None:
+        if self.hidden_divisible_by_heads and shape.hidden_size % shape.num_heads:
+            raise ShapeError(
+                f"{self.flags.get('model_type')} needs hidden_size ({shape.hidden_size}) to be a multiple of "
+                f"num_heads ({shape.num_heads})"
+            )
         if self.hidden_follows_heads and shape.hidden_size != shape.num_heads * shape.head_dim:
             raise ShapeError(
                 f"{self.family} needs hidden_size == num_heads * head_dim "
@@ -180,6 +187,7 @@ def _llama_architecture(config: dict[str, Any], tied: bool) -> Architecture:
         ffn_out_module=f"{layer}.mlp.down_proj",
         layers_module="model.layers",
         flags={"model_type": model_type},
+        hidden_divisible_by_heads=model_type == "llama",
     )
 
 

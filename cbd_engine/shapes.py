@@ -13,8 +13,8 @@ from typing import Any, Protocol
 SHAPE_AXES = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size")
 CHAIN_FIXED = ("vocab_size", "max_position_embeddings", "tie_word_embeddings")
 FFN_MULTIPLE = 64
-# A free hidden size (Llama family) moves in steps of 16: steps of 64 move a 49k-vocabulary embedding by 3M
-# parameters at once, which alone would miss the 3% tolerance for targets below ~100M.
+# A free hidden size moves in steps of 16 (for Llama itself: of lcm(heads, 8), as transformers requires it to divide):
+# steps of 64 move a 49k-vocabulary embedding by 3M parameters at once, missing the 3% tolerance below ~100M.
 HIDDEN_MULTIPLE = 16
 SIZE_TOLERANCE = 0.03
 
@@ -100,6 +100,7 @@ def format_size(params: int) -> str:
 
 class ParamCounter(Protocol):
     hidden_follows_heads: bool  # GPT-2 and GPT-NeoX: hidden_size == num_heads * head_dim
+    hidden_divisible_by_heads: bool  # Llama checkpoints as transformers validates them
 
     def num_params(self, shape: Shape) -> int: ...
 
@@ -119,15 +120,20 @@ def _round_to(value: float, multiple: int, a: int, b: int) -> int:
     return min(max(rounded, lo), hi)
 
 
-def interpolate_shape(arch: ParamCounter, small: Shape, large: Shape, t: float) -> Shape:
+def interpolate_shape(arch: ParamCounter, small: Shape, large: Shape, t: float, fine: bool = False) -> Shape:
     """Move every axis from `small` (t=0) toward `large` (t=1), rounded to whole layers, GQA groups, FFN multiples of 64.
 
-    When the family ties hidden size to heads (GPT-2, GPT-NeoX), the hidden size follows the heads.
+    When the family ties hidden size to heads (GPT-2, GPT-NeoX), the hidden size follows the heads. `fine` halves
+    the hidden size's step (for Llama: to the head count), for targets the default steps cannot reach within 3%.
     """
     kv = _round_to(_lerp(small.num_kv_heads, large.num_kv_heads, t), 1, small.num_kv_heads, large.num_kv_heads)
     group = _round_to(_lerp(small.group_size, large.group_size, t), 1, small.group_size, large.group_size)
     heads = kv * group
-    hidden = _round_to(_lerp(small.hidden_size, large.hidden_size, t), HIDDEN_MULTIPLE, small.hidden_size, large.hidden_size)
+    if arch.hidden_divisible_by_heads:
+        multiple = heads if fine else math.lcm(heads, 8)
+    else:
+        multiple = HIDDEN_MULTIPLE // 2 if fine else HIDDEN_MULTIPLE
+    hidden = _round_to(_lerp(small.hidden_size, large.hidden_size, t), multiple, small.hidden_size, large.hidden_size)
     if arch.hidden_follows_heads:
         hidden = heads * small.head_dim
     return replace(
@@ -166,15 +172,21 @@ def solve_shape(arch: ParamCounter, small: Shape, large: Shape, target: int) -> 
         )
     if p_small > p_large:
         small, large = large, small
+    best = _bisect(arch, small, large, target, fine=False)
+    if abs(arch.num_params(best) - target) > SIZE_TOLERANCE * target:
+        best = _bisect(arch, small, large, target, fine=True)
+    arch.validate(best)
+    return best
+
+
+def _bisect(arch: ParamCounter, small: Shape, large: Shape, target: int, fine: bool) -> Shape:
     lo, hi = 0.0, 1.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        if arch.num_params(interpolate_shape(arch, small, large, mid)) < target:
+        if arch.num_params(interpolate_shape(arch, small, large, mid, fine)) < target:
             lo = mid
         else:
             hi = mid
-    candidates = {interpolate_shape(arch, small, large, t) for t in (lo, hi)}
+    candidates = {interpolate_shape(arch, small, large, t, fine) for t in (lo, hi)}
     # closest count first; ties go to fewer layers, then to the smaller model
-    best = min(candidates, key=lambda s: (abs(arch.num_params(s) - target), s.num_layers, arch.num_params(s)))
-    arch.validate(best)
-    return best
+    return min(candidates, key=lambda s: (abs(arch.num_params(s) - target), s.num_layers, arch.num_params(s)))

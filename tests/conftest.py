@@ -33,8 +33,23 @@ TINY_CONFIGS = {
 }
 
 
+def save_char_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A character-level fast tokenizer with `vocab_size` entries, so tiny models can read calibration text."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "</s>"]
+    vocab = {token: i for i, token in enumerate((specials + list(string.printable))[:vocab_size])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                            eos_token="</s>").save_pretrained(folder)
+
+
 def make_tiny_model(folder: Path, name: str, seed: int = 0, **overrides) -> Path:
-    """Save a random model of family `name` to `folder` (float32 safetensors) and return the folder."""
+    """Save a random model of family `name` (float32 safetensors) with a character tokenizer to `folder`."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -47,6 +62,7 @@ def make_tiny_model(folder: Path, name: str, seed: int = 0, **overrides) -> Path
             if param.ndim == 1:
                 param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(folder)
+    save_char_tokenizer(folder, config.vocab_size)
     return folder
 
 

@@ -1,0 +1,489 @@
+"""Materialize a model of any size from one or two anchors (paper section 3.4):
+
+    theta = alpha * E(small) + (1 - alpha) * S(large)
+
+E expands the smaller anchor, S subsets the larger, both to the target shape and aligned unit by unit, and the mix
+is streamed tensor by tensor from the anchors' safetensors into the output's. The recipe, top to bottom:
+load anchors -> resolve the target shape -> choose alpha -> plan E and S -> stream tensors -> write the folder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from cbd_engine import __version__
+from cbd_engine.checkpoint import (
+    DTYPE_NAMES,
+    FileInfo,
+    SafetensorsReader,
+    StreamingWriter,
+    atomic_output_dir,
+    copy_side_files,
+    file_info,
+    folder_hashes,
+    parse_dtype,
+    read_config,
+)
+from cbd_engine.data import calibration_texts
+from cbd_engine.families import POSITIONS, VOCAB, ModelSpec, TensorSpec
+from cbd_engine.importance import Importance, activation_importance, magnitude_importance
+from cbd_engine.progress import Cancelled, ProgressCallback, StageTimer, no_progress
+from cbd_engine.shapes import FFN_MULTIPLE, Shape, ShapeError, check_same_chain, parse_size, solve_shape
+from cbd_engine.transforms import (
+    NEW,
+    LayerMap,
+    Plan,
+    check_architecture_match,
+    fill_fresh_sources,
+    grown_eps,
+    select_heads,
+    select_layers,
+    select_units,
+    transform_tensor,
+)
+
+INITS = ("cbd", "random", "single", "learngene_auto", "learngene_van")
+AUTO_ALPHAS = tuple(round(0.1 * i, 1) for i in range(1, 10))
+LEARNGENE_LAYERS = 3
+CHUNK_BYTES = 16 * 2**20
+
+
+@dataclass
+class Anchor:
+    path: Path
+    spec: ModelSpec
+
+    @classmethod
+    def load(cls, path: str | Path) -> Anchor:
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"anchor {path} is not a folder")
+        return cls(path, ModelSpec.from_config(read_config(path)))
+
+    @cached_property
+    def reader(self) -> SafetensorsReader:
+        return SafetensorsReader(self.path)
+
+    @property
+    def shape(self) -> Shape:
+        return self.spec.shape
+
+    @property
+    def params(self) -> int:
+        return self.spec.num_params
+
+    @cached_property
+    def provenance(self) -> dict:
+        path = self.path / "cbd.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def describe(self) -> dict:
+        return {"path": str(self.path), "sha256": folder_hashes(self.path), "shape": self.shape.to_dict(),
+                "params": self.params}
+
+
+@dataclass
+class Term:
+    """One anchor, transformed to the target shape by `plan`, weighted in the mix."""
+
+    anchor: Anchor
+    plan: Plan
+    weight: float
+
+
+@dataclass
+class MaterializeResult:
+    out: Path
+    shape: Shape
+    params: int
+    alpha: float | None
+    files: list[FileInfo]
+    provenance: dict = field(repr=False)
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+def materialize(
+    out: str | Path,
+    *,
+    small: str | Path | None = None,
+    large: str | Path | None = None,
+    size: int | str | None = None,
+    shape: Shape | dict | None = None,
+    alpha: float | str | None = None,
+    init: str = "cbd",
+    calibration: str | Path | list[str] | None = None,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    grow: str = "zero",
+    progress: ProgressCallback = no_progress,
+    should_stop: Callable[[], bool] | None = None,
+    max_shard_bytes: int | None = None,
+) -> MaterializeResult:
+    """Write a Hugging Face folder of the requested size or shape at `out` (atomically; nothing on error)."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    if grow not in ("zero", "replicate"):
+        raise ValueError(f"grow must be 'zero' (function-preserving) or 'replicate', got {grow!r}")
+    out_dtype = parse_dtype(dtype)
+    anchors = _load_anchors(small, large)
+    target = resolve_target(anchors, size, shape)
+    texts = _calibration(calibration)
+    small_anchor, large_anchor = anchors[0], anchors[-1]
+
+    if init in ("random", "learngene_auto", "learngene_van"):
+        return _materialize_baseline(out, init, large_anchor, target, seed, out_dtype, progress, should_stop)
+
+    if init == "single":
+        terms, alpha_used = [Term(small_anchor, _plan_single(small_anchor, target, texts, grow), 1.0)], None
+    elif len(anchors) == 1:
+        terms, alpha_used = [Term(small_anchor, _plan_single(small_anchor, target, texts, grow), 1.0)], None
+    else:
+        plan_e, plan_s, alignment = plan_pair(small_anchor, large_anchor, target, texts, grow)
+        alpha_used = _resolve_alpha(alpha, small_anchor, large_anchor, target, plan_e, plan_s, texts, seed)
+        terms = [Term(small_anchor, plan_e, alpha_used), Term(large_anchor, plan_s, 1.0 - alpha_used)]
+        terms = [t for t in terms if t.weight != 0.0]  # alpha 0 or 1: exactly one anchor, bitwise
+    provenance = _provenance(init, terms, anchors, target, alpha_used, seed, out_dtype, texts, grow)
+    if len(anchors) == 2 and init == "cbd":
+        provenance["alignment"] = alignment
+    eps = sum(t.weight * grown_eps(t.anchor.spec.eps, t.plan, target) for t in terms)
+    config = large_anchor.spec.config_for(target, eps=eps)
+    return _write(out, config, large_anchor, iter_tensors(terms, target, seed), target, out_dtype, provenance,
+                  progress, should_stop, max_shard_bytes)
+
+
+def _load_anchors(small: str | Path | None, large: str | Path | None) -> list[Anchor]:
+    anchors = [Anchor.load(p) for p in (small, large) if p is not None]
+    if not anchors:
+        raise ValueError("give at least one anchor (--small and/or --large)")
+    if len(anchors) == 2:
+        a, b = anchors
+        check_architecture_match(a.spec.architecture, b.spec.architecture)
+        check_same_chain(a.shape, b.shape)
+        if a.params > b.params:
+            raise ShapeError(f"--small ({a.params} parameters) is larger than --large ({b.params})")
+    return anchors
+
+
+def _calibration(calibration: str | Path | list[str] | None) -> list[str] | None:
+    if calibration is None:
+        return None
+    if isinstance(calibration, list):
+        return calibration
+    if not Path(calibration).is_file():
+        raise FileNotFoundError(f"calibration file {calibration} not found")
+    return calibration_texts(calibration)
+
+
+def resolve_target(anchors: list[Anchor], size: int | str | None, shape: Shape | dict | None) -> Shape:
+    """The target shape: given, or solved from a size between the anchors (with one anchor: between a floor of the
+    same depth and the anchor, so deriving by size prunes width only, as Minitron recommends over depth)."""
+    if (size is None) == (shape is None):
+        raise ValueError("give exactly one of size or shape")
+    arch = anchors[-1].spec.architecture
+    if shape is not None:
+        target = shape if isinstance(shape, Shape) else Shape.from_dict(shape, chain=anchors[-1].shape)
+        for anchor in anchors:
+            check_same_chain(anchor.shape, target)
+        arch.validate(target)
+        return target
+    params = parse_size(size)
+    if len(anchors) == 2:
+        return solve_shape(arch, anchors[0].shape, anchors[1].shape, params)
+    anchor = anchors[0].shape
+    if params > anchors[0].params * 1.03:
+        raise ShapeError(
+            f"size {params} is above the only anchor's {anchors[0].params}; give --small and --large, "
+            "or a --shape to expand one anchor"
+        )
+    floor = replace(anchor, num_kv_heads=1, num_heads=anchor.group_size, intermediate_size=FFN_MULTIPLE,
+                    hidden_size=anchor.group_size * anchor.head_dim if arch.hidden_follows_heads else FFN_MULTIPLE)
+    return solve_shape(arch, floor, anchor, params)
+
+
+def default_alpha(p_small: int, p_large: int, p_target: int) -> float:
+    """alpha = (P_large - P) / (P_large - P_small), the weight of the smaller anchor; 0.5 for equal anchors."""
+    if p_large == p_small:
+        return 0.5
+    return min(1.0, max(0.0, (p_large - p_target) / (p_large - p_small)))
+
+
+def _resolve_alpha(alpha: float | str | None, small: Anchor, large: Anchor, target: Shape, plan_e: Plan,
+                   plan_s: Plan, texts: list[str] | None, seed: int) -> float:
+    if alpha is None:
+        return default_alpha(small.params, large.params, large.spec.architecture.num_params(target))
+    if alpha == "auto":
+        if not texts:
+            raise ValueError("alpha 'auto' scores candidates on calibration text: give a calibration file")
+        return _auto_alpha(small, large, target, plan_e, plan_s, texts, seed)
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"alpha must be a number in [0, 1] or 'auto', got {alpha!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {value}")
+    return value
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _importance(anchor: Anchor, texts: list[str] | None) -> Importance:
+    if texts:
+        return activation_importance(anchor.path, texts)
+    return magnitude_importance(anchor.path, anchor.spec)
+
+
+def _shrinks(source: Shape, target: Shape) -> bool:
+    return any(getattr(target, a) < getattr(source, a)
+               for a in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size"))
+
+
+def _plan_single(anchor: Anchor, target: Shape, texts: list[str] | None, grow: str) -> Plan:
+    """One anchor to the target shape: importance decides what a shrinking axis keeps, growth appends new units."""
+    importance = _importance(anchor, texts) if _shrinks(anchor.shape, target) else None
+    return build_plan(anchor.shape, target, importance, grow=grow)
+
+
+def build_plan(source: Shape, target: Shape, importance: Importance | None, grow: str = "zero",
+               lineage: Plan | None = None) -> Plan:
+    """Index maps for every axis. With `lineage` (how a smaller model was cut from this one), the units it came from
+    are kept first and the rest topped up by importance."""
+    imp = importance
+    keep_layers = [layer.source for layer in lineage.layers if not layer.fresh] if lineage else []
+    layer_sources = select_layers(source.num_layers, target.num_layers, imp.layers if imp else None, keep_layers)
+    residual = select_units(source.hidden_size, target.hidden_size, imp.residual if imp else None,
+                            lineage.residual if lineage else [])
+    layers = []
+    for source_layer, fresh in fill_fresh_sources(layer_sources):
+        kept = _lineage_layer(lineage, source_layer) if lineage and not fresh else None
+        heads, kv_heads = select_heads(source, target, imp.heads[source_layer] if imp else None,
+                                       kept.heads if kept else [], kept.kv_heads if kept else [])
+        ffn = select_units(source.intermediate_size, target.intermediate_size,
+                           imp.ffn[source_layer] if imp else None, kept.ffn if kept else [])
+        layers.append(LayerMap(source_layer, fresh and grow == "zero", heads, kv_heads, ffn))
+    plan = Plan(residual, layers)
+    plan.validate(source, target)
+    return plan
+
+
+def _lineage_layer(lineage: Plan, large_layer: int) -> LayerMap | None:
+    return next((layer for layer in lineage.layers if layer.source == large_layer and not layer.fresh), None)
+
+
+def _placed(large_map: list[int], small_from_large: list[int]) -> list[int]:
+    """E's map: at each target position, the small unit that came from the large unit S keeps there, else NEW."""
+    inverse = {large: small for small, large in enumerate(small_from_large) if large != NEW}
+    return [inverse.get(u, NEW) if u != NEW else NEW for u in large_map]
+
+
+def _lineage_of(small: Anchor, large: Anchor) -> Plan | None:
+    """The index maps by which `small` was derived from `large`, if its cbd.json records them and they fit."""
+    record = small.provenance.get("lineage")
+    if not record:
+        return None
+    try:
+        plan = Plan.from_dict(record["plan"])
+        plan.validate(large.shape, small.shape)
+    except (KeyError, TypeError, ShapeError):
+        return None
+    return plan
+
+
+def plan_pair(small: Anchor, large: Anchor, target: Shape, texts: list[str] | None,
+              grow: str = "zero") -> tuple[Plan, Plan, dict]:
+    """Plans for E(small) and S(large), aligned unit by unit.
+
+    With lineage (small cut from large), S keeps the units small came from, topped up by importance, and E places
+    its units at those same positions; otherwise S keeps by importance and E keeps its own order, layers matched
+    by relative depth.
+    """
+    lineage = _lineage_of(small, large)
+    large_importance = _importance(large, texts) if _shrinks(large.shape, target) else None
+    plan_s = build_plan(large.shape, target, large_importance, grow, lineage)
+    if lineage is None:
+        plan_e = _plan_single(small, target, texts, grow)
+        return plan_e, plan_s, {"method": "order", "importance": large_importance.kind if large_importance else None}
+    small_of_large_layer = {layer.source: k for k, layer in enumerate(lineage.layers) if not layer.fresh}
+    layer_sources = [small_of_large_layer.get(s.source, NEW) if not s.fresh else NEW for s in plan_s.layers]
+    layers = []
+    for (small_layer, fresh), large_layer in zip(fill_fresh_sources(layer_sources), plan_s.layers, strict=True):
+        if fresh:  # an inert copy of its neighbour, in the neighbour's own unit order
+            heads, kv_heads = select_heads(small.shape, target)
+            ffn = select_units(small.shape.intermediate_size, target.intermediate_size)
+        else:
+            cut = lineage.layers[small_layer]
+            heads, kv_heads = _placed(large_layer.heads, cut.heads), _placed(large_layer.kv_heads, cut.kv_heads)
+            ffn = _placed(large_layer.ffn, cut.ffn)
+        layers.append(LayerMap(small_layer, fresh and grow == "zero", heads, kv_heads, ffn))
+    plan_e = Plan(_placed(plan_s.residual, lineage.residual), layers)
+    plan_e.validate(small.shape, target)
+    return plan_e, plan_s, {"method": "lineage", "importance": large_importance.kind if large_importance else None}
+
+
+# ---------------------------------------------------------------- streaming the tensors
+
+
+def _chunked(spec: TensorSpec) -> bool:
+    """Embeddings and heads are cut along the vocabulary into row slices: their first axis never changes, and no
+    other axis of theirs needs whole-tensor statistics."""
+    return spec.dims[0][0].kind in (VOCAB, POSITIONS)
+
+
+def _term_tensor(term: Term, spec: TensorSpec, name: str, layer_index: int | None, seed: int,
+                 rows: tuple[int, int] | None) -> torch.Tensor:
+    layer = term.plan.layers[layer_index] if layer_index is not None else None
+    source = spec.name.format(layer=layer.source) if layer is not None else spec.name
+    tensor = term.anchor.reader.read(source, rows).float()
+    return transform_tensor(tensor, spec, name, term.plan, layer, term.anchor.shape, term.anchor.spec.architecture.norm,
+                            seed)
+
+
+def mixed_tensor(terms: list[Term], spec: TensorSpec, name: str, layer_index: int | None, seed: int,
+                 rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """sum_i w_i * T_i(anchor_i) for one tensor (one term: its transform as is, bit for bit)."""
+    if len(terms) == 1:
+        return _term_tensor(terms[0], spec, name, layer_index, seed, rows)
+    result = None
+    for term in terms:
+        part = _term_tensor(term, spec, name, layer_index, seed, rows).mul_(term.weight)
+        result = part if result is None else result.add_(part)
+    return result
+
+
+def iter_tensors(terms: list[Term], target: Shape, seed: int) -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
+    """(name, slices) for every target tensor in checkpoint order; slices concatenate along the first dimension."""
+    arch = terms[0].anchor.spec.architecture
+    for name, spec, layer_index in arch.tensor_names(target):
+        shape = arch.tensor_shape(spec, target)
+        if _chunked(spec):
+            step = max(1, CHUNK_BYTES // (4 * max(1, shape[1] if len(shape) > 1 else 1)))
+            slices = (mixed_tensor(terms, spec, name, layer_index, seed, (r, min(r + step, shape[0])))
+                      for r in range(0, shape[0], step))
+            yield name, slices
+        else:
+            yield name, iter([mixed_tensor(terms, spec, name, layer_index, seed)])
+
+
+def _write(out: str | Path, config: dict, side_files_from: Anchor, tensors: Iterator[tuple[str, Iterator[torch.Tensor]]],
+           target: Shape, dtype: torch.dtype, provenance: dict, progress: ProgressCallback,
+           should_stop: Callable[[], bool] | None, max_shard_bytes: int | None) -> MaterializeResult:
+    arch = side_files_from.spec.architecture
+    layout = [(name, arch.tensor_shape(spec, target)) for name, spec, _ in arch.tensor_names(target)]
+    timer = StageTimer("materialize", len(layout), progress)
+    config = {**config, "dtype": DTYPE_NAMES[dtype]}
+    with atomic_output_dir(out) as tmp:
+        writer = StreamingWriter(tmp, layout, dtype, **({"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}))
+        for step, (name, slices) in enumerate(tensors, 1):
+            if should_stop is not None and should_stop():
+                raise Cancelled("materialization cancelled")
+            writer.write(name, slices)
+            timer.update(step)
+        files = writer.close()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        copy_side_files(side_files_from.path, tmp)
+        (tmp / "cbd.json").write_text(json.dumps(provenance, indent=2))
+        weights = {f.name for f in files}
+        files += [file_info(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name not in weights]
+    params = arch.num_params(target)
+    return MaterializeResult(Path(out), target, params, provenance.get("alpha"), files, provenance)
+
+
+def _provenance(init: str, terms: list[Term], anchors: list[Anchor], target: Shape, alpha: float | None, seed: int,
+                dtype: torch.dtype, texts: list[str] | None, grow: str) -> dict:
+    arch = anchors[-1].spec.architecture
+    record = {
+        "engine_version": __version__,
+        "init": init,
+        "family": arch.family,
+        "shape": target.to_dict(),
+        "params": arch.num_params(target),
+        "alpha": alpha,
+        "seed": seed,
+        "dtype": DTYPE_NAMES[dtype],
+        "grow": grow,
+        "importance": "activation" if texts else "magnitude",
+        "anchors": [{"role": role, **a.describe()}
+                    for role, a in zip(("small", "large") if len(anchors) == 2 else ("anchor",), anchors)],
+        "terms": [{"anchor": str(t.anchor.path), "weight": t.weight, "plan": t.plan.to_dict()} for t in terms],
+    }
+    if len(terms) == 1:  # a pure transform of one anchor: later interpolation aligns with it through this record
+        record["lineage"] = {"parent": str(terms[0].anchor.path), "parent_sha256": folder_hashes(terms[0].anchor.path),
+                             "plan": terms[0].plan.to_dict()}
+    return record
+
+
+# ---------------------------------------------------------------- alpha "auto"
+
+
+def _state_dict(terms: list[Term], target: Shape, seed: int) -> dict[str, torch.Tensor]:
+    return {name: torch.cat(list(slices)) for name, slices in iter_tensors(terms, target, seed)}
+
+
+@torch.no_grad()
+def _auto_alpha(small: Anchor, large: Anchor, target: Shape, plan_e: Plan, plan_s: Plan, texts: list[str],
+                seed: int) -> float:
+    """The alpha of 0.1 ... 0.9 whose mix has the lowest language-modeling loss on the calibration texts."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    expanded = _state_dict([Term(small, plan_e, 1.0)], target, seed)
+    subset = _state_dict([Term(large, plan_s, 1.0)], target, seed)
+    config = AutoConfig.for_model(**large.spec.config_for(target, eps=grown_eps(large.spec.eps, plan_s, target)))
+    model = AutoModelForCausalLM.from_config(config).eval()
+    tokenizer = AutoTokenizer.from_pretrained(large.path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=256)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    losses = {}
+    for alpha in AUTO_ALPHAS:
+        mixed = {name: alpha * expanded[name] + (1 - alpha) * subset[name] for name in expanded}
+        model.load_state_dict(mixed, strict=False)
+        if target.tie_word_embeddings:
+            model.tie_weights()
+        losses[alpha] = float(model(**batch, labels=labels).loss)
+    return min(losses, key=lambda a: (losses[a], a))
+
+
+# ---------------------------------------------------------------- baselines that need a fresh initialization
+
+
+def _materialize_baseline(out: str | Path, init: str, large: Anchor, target: Shape, seed: int, dtype: torch.dtype,
+                          progress: ProgressCallback, should_stop: Callable[[], bool] | None) -> MaterializeResult:
+    """random: the target shape with the family's standard init. learngene_auto / learngene_van (paper appendix I):
+    the first / last three layers of the larger anchor at its own width, random layers after / before them up to
+    the requested depth; embeddings and final norm from the anchor."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = large.spec.architecture
+    if init != "random":
+        if target.num_layers < LEARNGENE_LAYERS:
+            raise ShapeError(f"{init} needs at least {LEARNGENE_LAYERS} layers, target has {target.num_layers}")
+        target = replace(large.shape, num_layers=target.num_layers)
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(**large.spec.config_for(target))
+    model = AutoModelForCausalLM.from_config(config)
+    state = model.state_dict()
+    if init != "random":
+        depth, count = target.num_layers, LEARNGENE_LAYERS
+        copied = range(count) if init == "learngene_auto" else range(depth - count, depth)
+        source_of = {j: (j if init == "learngene_auto" else large.shape.num_layers - depth + j) for j in copied}
+        for name, spec, layer in arch.tensor_names(target):
+            if layer is None or layer in source_of:
+                source = spec.name.format(layer=source_of[layer]) if layer is not None else name
+                state[name] = large.reader.read(source).float()
+    provenance = {
+        "engine_version": __version__, "init": init, "family": arch.family, "shape": target.to_dict(),
+        "params": arch.num_params(target), "alpha": None, "seed": seed, "dtype": DTYPE_NAMES[dtype],
+        "anchors": [{"role": "large", **large.describe()}],
+    }
+    tensors = ((name, iter([state[name]])) for name, _, _ in arch.tensor_names(target))
+    return _write(out, large.spec.config_for(target), large, tensors, target, dtype, provenance, progress,
+                  should_stop, None)

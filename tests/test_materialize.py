@@ -1,0 +1,297 @@
+"""The materializer: function-preserving growth, bitwise identities, alignment, baselines, and clean failures."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from cbd_cli import main as cbd
+from cbd_engine.checkpoint import read_config
+from cbd_engine.families import ModelSpec
+from cbd_engine.materialize import Anchor, Term, _state_dict, build_plan, materialize, plan_pair
+from cbd_engine.shapes import ShapeError
+from cbd_engine.transforms import grown_eps
+
+FAMILIES = ["llama", "llama_untied_bias", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox"]
+IDS = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def logits(folder: Path, ids: torch.Tensor = IDS) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def spec_of(folder: Path) -> ModelSpec:
+    return ModelSpec.from_config(read_config(folder))
+
+
+def grown_shapes(spec: ModelSpec) -> dict[str, dict]:
+    """Each axis grown alone, and all at once."""
+    s = spec.shape
+    heads = {"num_kv_heads": 2 * s.num_kv_heads, "num_heads": 2 * s.num_heads}
+    if spec.architecture.hidden_follows_heads:
+        heads["hidden_size"] = 2 * s.num_heads * s.head_dim
+    axes = {"layers": {"num_layers": s.num_layers + 2}, "ffn": {"intermediate_size": s.intermediate_size + 32},
+            "heads": heads}
+    if not spec.architecture.hidden_follows_heads:
+        axes["hidden"] = {"hidden_size": s.hidden_size + 16}
+    axes["all"] = {k: v for change in axes.values() for k, v in change.items()}
+    return {name: {**s.to_dict(), **change} for name, change in axes.items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_growth_keeps_the_function(tiny_model, tmp_path, family):
+    source = tiny_model(family)
+    reference = logits(source)
+    for axis, shape in grown_shapes(spec_of(source)).items():
+        out = tmp_path / axis
+        materialize(out, large=source, shape=shape, init="single", dtype="float32")
+        assert spec_of(out).shape.to_dict() == shape
+        torch.testing.assert_close(logits(out), reference, atol=1e-5, rtol=0, msg=f"{family}: growing {axis}")
+
+
+def test_layernorm_zero_padding_would_not_keep_the_function(tiny_model):
+    """The negative control: treat GPT-2's LayerNorm residual as RMSNorm's (zero-padding, no mean) and it breaks."""
+    source = tiny_model("gpt2")
+    anchor = Anchor.load(source)
+    target = replace(anchor.shape, hidden_size=anchor.shape.hidden_size + 32, num_heads=anchor.shape.num_heads + 2,
+                     num_kv_heads=anchor.shape.num_heads + 2)
+    plan = build_plan(anchor.shape, target, None)
+    config = anchor.spec.config_for(target, eps=grown_eps(anchor.spec.eps, plan, target))
+    for norm, should_match in (("layernorm", True), ("rmsnorm", False)):
+        wrong = Anchor(anchor.path, replace(anchor.spec, architecture=replace(anchor.spec.architecture, norm=norm)))
+        model = AutoModelForCausalLM.from_config(type(AutoModelForCausalLM.from_pretrained(source).config)(**config))
+        model.load_state_dict(_state_dict([Term(wrong, plan, 1.0)], target, 0), strict=False)
+        model.tie_weights()
+        with torch.no_grad():
+            got = model.eval()(IDS).logits
+        assert torch.allclose(got, logits(source), atol=1e-5) == should_match, norm
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_own_shape_is_a_bitwise_identity(tiny_model, tmp_path, family):
+    source = tiny_model(family)
+    shape = spec_of(source).shape.to_dict()
+    for init, kwargs in (("single", {"large": source}), ("cbd", {"large": source})):
+        out = tmp_path / init
+        materialize(out, shape=shape, init=init, dtype="float32", **kwargs)
+        expected, got = weights(source), weights(out)
+        assert got.keys() <= expected.keys()
+        for name, tensor in got.items():
+            assert torch.equal(tensor, expected[name]), name
+
+
+def _two_anchors(tiny_model, tmp_path, family="llama"):
+    large = tiny_model(family, num_hidden_layers=4, intermediate_size=128)
+    s = spec_of(large).shape
+    small_shape = {**s.to_dict(), "num_layers": 2, "intermediate_size": 64, "hidden_size": 48,
+                   "num_heads": 2, "num_kv_heads": 1}
+    small = tmp_path / "small"
+    texts = ["the quick brown fox jumps over the lazy dog"] * 4
+    materialize(small, large=large, shape=small_shape, dtype="float32", calibration=texts)
+    return small, large
+
+
+def test_alpha_one_and_zero_are_the_single_transforms_bitwise(tiny_model, tmp_path):
+    small, large = _two_anchors(tiny_model, tmp_path)
+    s_small, s_large = Anchor.load(small), Anchor.load(large)
+    target = replace(s_large.shape, num_layers=3, intermediate_size=96, hidden_size=56, num_heads=4, num_kv_heads=2)
+    target = replace(target, hidden_size=64)
+    plan_e, plan_s, alignment = plan_pair(s_small, s_large, target, None)
+    assert alignment["method"] == "lineage"
+    for alpha, term in ((1.0, Term(s_small, plan_e, 1.0)), (0.0, Term(s_large, plan_s, 1.0))):
+        out = tmp_path / f"alpha{alpha}"
+        materialize(out, small=small, large=large, shape=target.to_dict(), alpha=alpha, dtype="float32")
+        expected = _state_dict([term], target, 0)
+        got = weights(out)
+        assert all(torch.equal(got[name], expected[name]) for name in got), alpha
+    # E keeps the small anchor's function: alpha 1 is the small anchor, grown
+    torch.testing.assert_close(logits(tmp_path / "alpha1.0"), logits(small), atol=1e-5, rtol=0)
+
+
+def test_lineage_alignment_keeps_the_units_the_small_anchor_came_from(tiny_model, tmp_path):
+    small, large = _two_anchors(tiny_model, tmp_path)
+    lineage = json.loads((small / "cbd.json").read_text())["lineage"]["plan"]
+    # at the small anchor's own shape, S(large) keeps exactly the small anchor's units: it is the small anchor
+    out = tmp_path / "s-at-small"
+    materialize(out, small=small, large=large, shape=spec_of(small).shape.to_dict(), alpha=0.0, dtype="float32")
+    assert json.loads((out / "cbd.json").read_text())["terms"][0]["plan"]["residual"] == lineage["residual"]
+    expected = weights(small)
+    assert all(torch.equal(t, expected[n]) for n, t in weights(out).items())
+
+
+def test_default_alpha_and_mix(tiny_model, tmp_path):
+    small, large = _two_anchors(tiny_model, tmp_path)
+    p_small, p_large = spec_of(small).num_params, spec_of(large).num_params
+    out = tmp_path / "mid"
+    result = materialize(out, small=small, large=large, size=(p_small + p_large) // 2, dtype="float32")
+    assert result.alpha == pytest.approx((p_large - result.params) / (p_large - p_small))
+    assert p_small < result.params < p_large and result.params == spec_of(out).num_params
+    provenance = json.loads((out / "cbd.json").read_text())
+    assert provenance["alignment"]["method"] == "lineage" and provenance["alpha"] == result.alpha
+    assert [a["role"] for a in provenance["anchors"]] == ["small", "large"]
+
+
+def test_auto_alpha_picks_a_candidate(tiny_model, tmp_path):
+    small, large = _two_anchors(tiny_model, tmp_path)
+    result = materialize(tmp_path / "auto", small=small, large=large, shape={**spec_of(large).shape.to_dict(),
+                         "num_layers": 3}, alpha="auto", calibration=["hello world, this is text"] * 3)
+    assert result.alpha in [round(0.1 * i, 1) for i in range(1, 10)]
+
+
+def test_gpt2_head_subset_equals_index_select_of_the_kept_heads(tiny_model, tmp_path):
+    """The semantics of transformers 4.x `prune_heads`: keep heads' slices of c_attn's q, k, v and c_proj's rows."""
+    source = tiny_model("gpt2")
+    s = spec_of(source).shape
+    d, hd = s.hidden_size, s.head_dim
+    target = {**s.to_dict(), "num_heads": 2, "num_kv_heads": 2, "hidden_size": d}
+    with pytest.raises(ShapeError):  # GPT-2 ties hidden to heads
+        materialize(tmp_path / "bad", large=source, shape=target, dtype="float32")
+    out = tmp_path / "subset"
+    materialize(out, large=source, shape={**target, "hidden_size": 2 * hd}, dtype="float32")
+    plan = json.loads((out / "cbd.json").read_text())["lineage"]["plan"]
+    src, got = weights(source), weights(out)
+    channels = torch.tensor(plan["residual"])
+    for layer, kept in enumerate(plan["layers"]):
+        heads = torch.tensor(kept["heads"])
+        cols = (heads[:, None] * hd + torch.arange(hd)).reshape(-1)
+        qkv_cols = torch.cat([cols, cols + d, cols + 2 * d])
+        c_attn = src[f"h.{layer}.attn.c_attn.weight"] if f"h.{layer}.attn.c_attn.weight" in src else \
+            src[f"transformer.h.{layer}.attn.c_attn.weight"]
+        prefix = f"transformer.h.{kept['source']}"
+        c_attn = src[f"{prefix}.attn.c_attn.weight"]
+        assert torch.equal(got[f"transformer.h.{layer}.attn.c_attn.weight"], c_attn[channels][:, qkv_cols])
+        assert torch.equal(got[f"transformer.h.{layer}.attn.c_attn.bias"], src[f"{prefix}.attn.c_attn.bias"][qkv_cols])
+        c_proj = src[f"{prefix}.attn.c_proj.weight"]
+        assert torch.equal(got[f"transformer.h.{layer}.attn.c_proj.weight"], c_proj[cols][:, channels])
+
+
+def test_reload_matches_in_memory_tied_and_deterministic(tiny_model, tmp_path):
+    small, large = _two_anchors(tiny_model, tmp_path)
+    target = {**spec_of(large).shape.to_dict(), "num_layers": 3, "intermediate_size": 96}
+    first = materialize(tmp_path / "a", small=small, large=large, shape=target, alpha=0.4, dtype="float32")
+    second = materialize(tmp_path / "b", small=small, large=large, shape=target, alpha=0.4, dtype="float32")
+    assert {f.name: f.sha256 for f in first.files if f.name != "cbd.json"} == \
+        {f.name: f.sha256 for f in second.files if f.name != "cbd.json"}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert "lm_head.weight" not in weights(tmp_path / "a")
+    s_small, s_large = Anchor.load(small), Anchor.load(large)
+    plan_e, plan_s, _ = plan_pair(s_small, s_large, first.shape, None)
+    in_memory = AutoModelForCausalLM.from_config(model.config)
+    in_memory.load_state_dict(_state_dict([Term(s_small, plan_e, 0.4), Term(s_large, plan_s, 0.6)], first.shape, 0),
+                              strict=False)
+    in_memory.tie_weights()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(IDS).logits, in_memory.eval()(IDS).logits, atol=0, rtol=0)
+    for layer in json.loads((tmp_path / "a" / "cbd.json").read_text())["terms"][1]["plan"]["layers"]:
+        for position, head in enumerate(layer["heads"]):  # query heads stay with their KV head
+            assert head == -1 or head // 2 == layer["kv_heads"][position // 2]
+
+
+def test_random_and_learngene_baselines(tiny_model, tmp_path):
+    large = tiny_model("llama", num_hidden_layers=6)
+    shape = {**spec_of(large).shape.to_dict(), "num_layers": 5}
+    src = weights(large)
+    for init, copied in (("learngene_auto", {0: 0, 1: 1, 2: 2}), ("learngene_van", {2: 3, 3: 4, 4: 5})):
+        out = tmp_path / init
+        materialize(out, large=large, shape=shape, init=init, dtype="float32", seed=1)
+        got = weights(out)
+        for target_layer, source_layer in copied.items():
+            name = "model.layers.{}.mlp.down_proj.weight"
+            assert torch.equal(got[name.format(target_layer)], src[name.format(source_layer)])
+        random_layer = ({0, 1, 2, 3, 4} - set(copied)).pop()
+        assert not torch.equal(got[f"model.layers.{random_layer}.mlp.down_proj.weight"],
+                               src[f"model.layers.{random_layer}.mlp.down_proj.weight"])
+    materialize(tmp_path / "r1", large=large, shape=shape, init="random", seed=3, dtype="float32")
+    materialize(tmp_path / "r2", large=large, shape=shape, init="random", seed=3, dtype="float32")
+    assert (tmp_path / "r1/model.safetensors").read_bytes() == (tmp_path / "r2/model.safetensors").read_bytes()
+
+
+def test_sharded_output_and_dtypes(tiny_model, tmp_path):
+    source = tiny_model("llama")
+    shape = spec_of(source).shape.to_dict()
+    out = tmp_path / "sharded"
+    result = materialize(out, large=source, shape=shape, init="single", dtype="float32", max_shard_bytes=20_000)
+    assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
+    assert {f.name for f in result.files} >= {"config.json", "cbd.json", "model.safetensors.index.json"}
+    torch.testing.assert_close(logits(out), logits(source), atol=0, rtol=0)
+    materialize(tmp_path / "bf16", large=source, shape=shape, init="single", dtype="bfloat16")
+    assert {t.dtype for t in weights(tmp_path / "bf16").values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def _assert_nothing_written(out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp")]
+
+
+def test_bad_input_writes_nothing_and_says_what_is_wrong(tiny_model, tmp_path):
+    llama, gpt2 = tiny_model("llama"), tiny_model("gpt2")
+    other_vocab = tiny_model("llama", vocab_size=101)
+    small, large = _two_anchors(tiny_model, tmp_path)
+    out = tmp_path / "out"
+    shape = spec_of(llama).shape.to_dict()
+    cases = [
+        (dict(small=small, large=large, size="10G"), ShapeError, r"outside the anchors' range \["),
+        (dict(small=gpt2, large=llama, size="1M"), ShapeError, "architecture"),
+        (dict(small=other_vocab, large=llama, size="1M"), ShapeError, "vocab_size"),
+        (dict(large=llama, shape={**shape, "head_dim": 8}), ShapeError, "head_dim"),
+        (dict(large=llama, shape={**shape, "num_heads": 3}), ShapeError, "multiple of num_kv_heads"),
+        (dict(large=tmp_path / "missing", size="1M"), FileNotFoundError, "not a folder"),
+        (dict(large=llama, shape=shape, alpha=1.5, small=llama), ValueError, r"alpha must be in \[0, 1\]"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            materialize(out, dtype="float32", **kwargs)
+        _assert_nothing_written(out)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text((llama / "config.json").read_text())
+    (corrupt / "model.safetensors").write_bytes((llama / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="not a safetensors file|truncated"):
+        materialize(out, large=corrupt, shape=shape, init="single")
+    _assert_nothing_written(out)
+
+
+def test_cli_inspect_json_feeds_materialize_shape(tiny_model, tmp_path, capsys):
+    source = tiny_model("qwen3")
+    assert cbd(["inspect", str(source), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "llama" and info["params"] == spec_of(source).num_params
+    out = tmp_path / "copy"
+    assert cbd(["materialize", "--large", str(source), "--shape", json.dumps(info["shape"]), "--dtype", "float32",
+                "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["params"] == info["params"]
+    assert cbd(["materialize", "--large", str(source), "--size", "999G", "--out", str(tmp_path / "x")]) == 2
+    assert "above the only anchor" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_grows_exactly_and_prunes_by_activation(smollm2, tmp_path):
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 7306, 30, 216, 5248]])
+    spec = spec_of(smollm2)
+    grown = {**spec.shape.to_dict(), "num_layers": 32, "num_heads": 12, "num_kv_heads": 4, "hidden_size": 624,
+             "intermediate_size": 1600}
+    out = tmp_path / "grown"
+    materialize(out, large=smollm2, shape=grown, init="single", dtype="float32")
+    torch.testing.assert_close(logits(out, ids), logits(smollm2, ids), atol=1e-4, rtol=0)
+    pruned = tmp_path / "pruned"
+    result = materialize(pruned, large=smollm2, size="100M", dtype="bfloat16",
+                         calibration=Path(__file__).resolve().parents[2] / "shared/data/instruction/"
+                                                                           "minillm_dolly_dev.jsonl")
+    assert result.provenance["importance"] == "activation"
+    assert abs(result.params - 100e6) <= 3e6 and result.shape.num_layers == 30
+    model = AutoModelForCausalLM.from_pretrained(pruned)
+    assert model.num_parameters() == result.params
