@@ -9,6 +9,7 @@ load anchors -> resolve the target shape -> choose alpha -> plan E and S -> stre
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from cbd_engine import __version__
+from cbd_engine.alignment import align_to
 from cbd_engine.checkpoint import (
     DTYPE_NAMES,
     FileInfo,
@@ -42,6 +44,7 @@ from cbd_engine.transforms import (
     check_architecture_match,
     fill_fresh_sources,
     grown_eps,
+    layers_with_copies,
     select_heads,
     select_layers,
     select_units,
@@ -302,27 +305,25 @@ def plan_pair(small: Anchor, large: Anchor, target: Shape, texts: list[str] | No
     """Plans for E(small) and S(large), aligned unit by unit.
 
     With lineage (small cut from large), S keeps the units small came from, topped up by importance, and E places
-    its units at those same positions; otherwise S keeps by importance and E keeps its own order, layers matched
-    by relative depth.
+    its units at those same positions; otherwise S keeps by importance and E's units are matched to S's by weight
+    similarity (cbd_engine.alignment), layers by relative depth.
     """
     lineage = _lineage_of(small, large)
     large_importance = _importance(large, texts) if _shrinks(large.shape, target) else None
     plan_s = build_plan(large.shape, target, large_importance, grow, lineage)
     if lineage is None:
-        plan_e = _plan_single(small, target, texts, grow)
-        return plan_e, plan_s, {"method": "order", "importance": large_importance.kind if large_importance else None}
+        plan_e = align_to(small, large, plan_s, target, grow)
+        return plan_e, plan_s, {"method": "hungarian", "importance": large_importance.kind if large_importance else None}
     small_of_large_layer = {layer.source: k for k, layer in enumerate(lineage.layers) if not layer.fresh}
     layer_sources = [small_of_large_layer.get(s.source, NEW) if not s.fresh else NEW for s in plan_s.layers]
-    layers = []
-    for (small_layer, fresh), large_layer in zip(fill_fresh_sources(layer_sources), plan_s.layers, strict=True):
-        if fresh:  # an inert copy of its neighbour, in the neighbour's own unit order
-            heads, kv_heads = select_heads(small.shape, target)
-            ffn = select_units(small.shape.intermediate_size, target.intermediate_size)
-        else:
+    placed = fill_fresh_sources(layer_sources)
+    unit_maps = {}
+    for (small_layer, fresh), large_layer in zip(placed, plan_s.layers, strict=True):
+        if not fresh:
             cut = lineage.layers[small_layer]
-            heads, kv_heads = _placed(large_layer.heads, cut.heads), _placed(large_layer.kv_heads, cut.kv_heads)
-            ffn = _placed(large_layer.ffn, cut.ffn)
-        layers.append(LayerMap(small_layer, fresh and grow == "zero", heads, kv_heads, ffn))
+            unit_maps[small_layer] = (_placed(large_layer.heads, cut.heads), _placed(large_layer.kv_heads, cut.kv_heads),
+                                      _placed(large_layer.ffn, cut.ffn))
+    layers = layers_with_copies(placed, unit_maps, grow)
     plan_e = Plan(_placed(plan_s.residual, lineage.residual), layers)
     plan_e.validate(small.shape, target)
     return plan_e, plan_s, {"method": "lineage", "importance": large_importance.kind if large_importance else None}
@@ -349,12 +350,13 @@ def _term_tensor(term: Term, spec: TensorSpec, name: str, layer_index: int | Non
 def mixed_tensor(terms: list[Term], spec: TensorSpec, name: str, layer_index: int | None, seed: int,
                  rows: tuple[int, int] | None = None) -> torch.Tensor:
     """sum_i w_i * T_i(anchor_i) for one tensor (one term: its transform as is, bit for bit)."""
-    if len(terms) == 1:
-        return _term_tensor(terms[0], spec, name, layer_index, seed, rows)
-    result = None
-    for term in terms:
-        part = _term_tensor(term, spec, name, layer_index, seed, rows).mul_(term.weight)
-        result = part if result is None else result.add_(part)
+    first, *rest = terms
+    result = _term_tensor(first, spec, name, layer_index, seed, rows)
+    if not rest:
+        return result
+    result.mul_(first.weight)
+    for term in rest:
+        result.add_(_term_tensor(term, spec, name, layer_index, seed, rows), alpha=term.weight)
     return result
 
 
@@ -379,7 +381,7 @@ def _write(out: str | Path, config: dict, side_files_from: Anchor, tensors: Iter
     layout = [(name, arch.tensor_shape(spec, target)) for name, spec, _ in arch.tensor_names(target)]
     timer = StageTimer("materialize", len(layout), progress)
     config = {**config, "dtype": DTYPE_NAMES[dtype]}
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out) as tmp, _single_thread():
         writer = StreamingWriter(tmp, layout, dtype, **({"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}))
         for step, (name, slices) in enumerate(tensors, 1):
             if should_stop is not None and should_stop():
@@ -394,6 +396,18 @@ def _write(out: str | Path, config: dict, side_files_from: Anchor, tensors: Iter
         files += [file_info(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name not in weights]
     params = arch.num_params(target)
     return MaterializeResult(Path(out), target, params, provenance.get("alpha"), files, provenance)
+
+
+@contextlib.contextmanager
+def _single_thread() -> Iterator[None]:
+    """The streaming loop is memory-bound elementwise work on small tensors: one thread is as fast, and on a busy
+    machine several threads spin-waiting on each other were measured 30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _provenance(init: str, terms: list[Term], anchors: list[Anchor], target: Shape, alpha: float | None, seed: int,

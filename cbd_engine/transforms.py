@@ -8,8 +8,7 @@ unit. `transform_tensor` applies a plan to one tensor using the family's axis de
 * new heads / KV heads / FFN neurons that a tensor *produces* get seeded random rows (their readers are zero);
 * new residual channels produced by a tensor are zero under RMSNorm and the mean of the old channels under
   LayerNorm (mean-padding keeps the LayerNorm statistics; zero-padding would shift the mean);
-* norm gains are rescaled by sqrt(d/d') (with epsilon scaled by d'/d... see `grown_eps`), so a wider residual keeps
-  the function;
+* norm gains are rescaled by sqrt(d/d') and epsilon by d/d' (`grown_eps`), so a wider residual keeps the function;
 * a fresh layer (-1 in the layer map) is a copy of a neighbour with its residual writers zeroed: an exact identity.
 """
 
@@ -17,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -55,7 +54,7 @@ class Plan:
     layers: list[LayerMap]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"residual": self.residual, "layers": [vars(layer) for layer in self.layers]}
 
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
@@ -160,6 +159,13 @@ def fill_fresh_sources(layer_sources: list[int]) -> list[tuple[int, bool]]:
     return result
 
 
+def layers_with_copies(placed: list[tuple[int, bool]], unit_maps: dict[int, tuple[list[int], list[int], list[int]]],
+                       grow: str) -> list[LayerMap]:
+    """Layer maps from (source, fresh) pairs and each placed source's (heads, kv_heads, ffn) maps: a fresh layer is a
+    copy of its neighbour as placed, units in the same positions, so it mixes like its neighbour would."""
+    return [LayerMap(source, fresh and grow == "zero", *unit_maps[source]) for source, fresh in placed]
+
+
 # ---------------------------------------------------------------- applying a plan to one tensor
 
 
@@ -198,44 +204,47 @@ def _seeded_generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def _fill(tensor: torch.Tensor, dim: int, gathered: torch.Tensor, new: torch.Tensor, axis: Axis, norm: str,
+def _fill(tensor: torch.Tensor, dim: int, new: torch.Tensor, axis: Axis, norm: str, std: float,
           generator: torch.Generator) -> torch.Tensor:
-    """Values for the new rows (`new` marks them along `dim`) of one dimension, by what the dimension means."""
-    shape = [1] * gathered.ndim
+    """Values for the new rows (`new` marks them along `dim`) of one dimension, by what the dimension means. Runs on
+    the tensor in its final layout, so a fill never depends on how the source's units were ordered."""
+    shape = [1] * tensor.ndim
     shape[dim] = -1
-    mask = new.view(shape).expand_as(gathered)
-    if axis.role == IN or axis.role == SHIFT:
-        return gathered.masked_fill(mask, 0.0)
+    mask = new.view(shape).expand_as(tensor)
+    kept = tensor.index_select(dim, (~new).nonzero().flatten())
+    if axis.role in (IN, SHIFT):
+        return tensor.masked_fill(mask, 0.0)
     if axis.kind == RESIDUAL and axis.role == OUT:
         if norm == "layernorm":  # mean-padding: the new channels carry the mean, so LayerNorm's mean is unchanged
-            return torch.where(mask, tensor.mean(dim=dim, keepdim=True).expand_as(gathered), gathered)
-        return gathered.masked_fill(mask, 0.0)
+            return torch.where(mask, kept.mean(dim=dim, keepdim=True).expand_as(tensor), tensor)
+        return tensor.masked_fill(mask, 0.0)
     if axis.role == GAIN:
-        kept = int((~new).sum())
-        scaled = gathered * math.sqrt(kept / new.numel())
-        fill = scaled.masked_select(~mask).mean() if kept else torch.tensor(1.0)
-        return torch.where(mask, fill, scaled)
+        scale = math.sqrt(kept.shape[dim] / new.numel())
+        fill = kept.mean() * scale if kept.numel() else torch.tensor(1.0)
+        return torch.where(mask, fill, tensor * scale)
     # a produced head / KV head / FFN unit: random rows (its readers are zero), biases zero
-    if gathered.ndim == 1:
-        return gathered.masked_fill(mask, 0.0)
-    std = float(tensor.std()) if tensor.numel() > 1 else 0.02
-    noise = torch.randn(gathered.shape, generator=generator, dtype=gathered.dtype) * (std or 0.02)
-    return torch.where(mask, noise, gathered)
+    if tensor.ndim == 1:
+        return tensor.masked_fill(mask, 0.0)
+    noise = torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * std
+    return torch.where(mask, noise, tensor)
 
 
 def transform_tensor(tensor: torch.Tensor, spec: TensorSpec, name: str, plan: Plan, layer: LayerMap | None,
                      source: Shape, norm: str, seed: int) -> torch.Tensor:
-    """Apply `plan` to one float32 tensor of the source model. Kept dimensions are untouched (bitwise)."""
-    generator = _seeded_generator(seed, name)
+    """Apply `plan` to one float32 tensor of the source model. Kept dimensions are untouched (bitwise).
+
+    First every dimension is gathered into the target layout, then new rows are filled dimension by dimension."""
+    std = float(tensor.std()) if tensor.numel() > 1 else 0.0
+    new_rows = []
     for dim, axes in enumerate(spec.dims):
         index = _row_index(axes, plan, layer, source)
-        if index is None:
-            continue
-        new = index == NEW
-        gathered = tensor.index_select(dim, index.clamp(min=0))
-        if bool(new.any()):
-            gathered = _fill(tensor, dim, gathered, new, axes[0], norm, generator)
-        tensor = gathered
+        if index is not None:
+            tensor = tensor.index_select(dim, index.clamp(min=0))
+            if bool((index == NEW).any()):
+                new_rows.append((dim, index == NEW, axes[0]))
+    generator = _seeded_generator(seed, name)
+    for dim, new, axis in new_rows:
+        tensor = _fill(tensor, dim, new, axis, norm, std or 0.02, generator)
     if layer is not None and layer.fresh and spec.writes_residual:
         tensor = torch.zeros_like(tensor)
     return tensor

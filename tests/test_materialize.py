@@ -16,7 +16,7 @@ from cbd_engine.checkpoint import read_config
 from cbd_engine.families import ModelSpec
 from cbd_engine.materialize import Anchor, Term, _state_dict, build_plan, materialize, plan_pair
 from cbd_engine.shapes import ShapeError
-from cbd_engine.transforms import grown_eps
+from cbd_engine.transforms import LayerMap, Plan, grown_eps
 
 FAMILIES = ["llama", "llama_untied_bias", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox"]
 IDS = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -129,6 +129,42 @@ def test_lineage_alignment_keeps_the_units_the_small_anchor_came_from(tiny_model
     assert json.loads((out / "cbd.json").read_text())["terms"][0]["plan"]["residual"] == lineage["residual"]
     expected = weights(small)
     assert all(torch.equal(t, expected[n]) for n, t in weights(out).items())
+
+
+def test_hungarian_alignment_recovers_an_anchor_without_lineage(tiny_model, tmp_path):
+    """A function-identical copy of the small anchor with every unit permuted and no cbd.json, as a public checkpoint
+    would come: weight-similarity alignment must mix it exactly as lineage alignment mixes the original.
+    (Layers are cut evenly here, so relative depth, the alignment's rule for layers, is also the lineage.)"""
+    large = tiny_model("llama", num_hidden_layers=4, intermediate_size=128)
+    small = tmp_path / "small"
+    materialize(small, large=large, dtype="float32", shape={**spec_of(large).shape.to_dict(), "num_layers": 2,
+                "intermediate_size": 64, "hidden_size": 48, "num_heads": 2, "num_kv_heads": 1})
+    anchor = Anchor.load(small)
+    shape = anchor.shape
+    generator = torch.Generator().manual_seed(1)
+
+    def perm(n: int) -> list[int]:
+        return torch.randperm(n, generator=generator).tolist()
+
+    layers = []
+    for i in range(shape.num_layers):
+        kv = perm(shape.num_kv_heads)
+        heads = [g * shape.group_size + h for g in kv for h in perm(shape.group_size)]
+        layers.append(LayerMap(i, False, heads, kv, perm(shape.intermediate_size)))
+    permuted = tmp_path / "permuted"
+    model = AutoModelForCausalLM.from_pretrained(small)
+    model.load_state_dict(_state_dict([Term(anchor, Plan(perm(shape.hidden_size), layers), 1.0)], shape, 0),
+                          strict=False)
+    model.tie_weights()
+    model.save_pretrained(permuted)
+    torch.testing.assert_close(logits(permuted), logits(small), atol=1e-5, rtol=0)
+
+    target = spec_of(large).shape.to_dict()  # S keeps every unit, so only E's placement decides the mix
+    by_lineage = materialize(tmp_path / "lineage", small=small, large=large, shape=target, alpha=0.5)
+    by_weights = materialize(tmp_path / "hungarian", small=permuted, large=large, shape=target, alpha=0.5)
+    assert by_lineage.provenance["alignment"]["method"] == "lineage"
+    assert by_weights.provenance["alignment"]["method"] == "hungarian"
+    torch.testing.assert_close(logits(tmp_path / "hungarian"), logits(tmp_path / "lineage"), atol=1e-5, rtol=0)
 
 
 def test_default_alpha_and_mix(tiny_model, tmp_path):

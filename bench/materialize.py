@@ -1,0 +1,149 @@
+"""Benchmark the materializer on SmolLM2-135M-Instruct (float32, 538 MB); run by hand, results in docs/BENCHMARKS.md.
+
+    .venv/bin/python bench/materialize.py [--mergekit PATH_TO_mergekit-yaml] [--repeat 3]
+
+1. equal-shape alpha-merge of the model with a perturbed copy (`cbd materialize --alpha 0.5`), whole process:
+   wall time and peak RSS from /usr/bin/time; against `mergekit-yaml` linear merge of the same two models when
+   mergekit is given, and against `cat` of both inputs (the floor of any merge);
+2. in-process materialization time against reading both inputs and writing the output once;
+3. a shape-changing materialization: anchors of ~135M and ~60M (derived by pruning), target 100M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CBD = [sys.executable, "-m", "cbd_cli"]
+DOLLY = ROOT.parent / "shared/data/instruction/minillm_dolly_dev.jsonl"
+
+
+def timed(command: list[str], cwd: Path | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of a whole process, as /usr/bin/time -v reports them."""
+    result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True, cwd=cwd)
+    if result.returncode:
+        raise RuntimeError(f"{command} failed:\n{result.stderr[-2000:]}")
+    wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", result.stderr)
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in wall.groups())
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
+    return hours * 3600 + minutes * 60 + seconds, rss / 1024
+
+
+def perturbed_copy(source: Path, out: Path) -> Path:
+    if (out / "model.safetensors").is_file():
+        return out
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    tensors = {k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in
+               load_file(source / "model.safetensors").items()}
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    for path in source.iterdir():
+        if path.suffix != ".safetensors" and path.is_file() and not path.name.startswith("."):
+            shutil.copyfile(path, out / path.name)
+    return out
+
+
+def best_of(repeat: int, run) -> tuple[float, float]:
+    results = [run() for _ in range(repeat)]
+    return min(r[0] for r in results), max(r[1] for r in results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mergekit", help="path to mergekit-yaml, to time it on the same merge")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "cbd-bench"))
+    args = parser.parse_args()
+
+    from cbd_engine.zoo import smollm2_135m_instruct
+
+    work = Path(args.work)
+    source = smollm2_135m_instruct()
+    other = perturbed_copy(source, work / "smollm2-perturbed")
+    shape = json.loads(subprocess.run([*CBD, "inspect", str(source), "--json"], capture_output=True, text=True,
+                                      check=True).stdout)["shape"]
+    out = work / "merged"
+    report: dict[str, object] = {"cpu_count": os.cpu_count()}
+
+    def cbd_merge() -> tuple[float, float]:
+        shutil.rmtree(out, ignore_errors=True)
+        return timed([*CBD, "materialize", "--small", str(other), "--large", str(source), "--shape",
+                      json.dumps(shape), "--alpha", "0.5", "--dtype", "float32", "--out", str(out)])
+
+    subprocess.run(["cat", str(source / "model.safetensors"), str(other / "model.safetensors")],
+                   stdout=subprocess.DEVNULL, check=True)  # warm the page cache for everyone alike
+    cbd_merge()  # first run also hashes the anchors once (cached beside them)
+    report["cbd_merge_wall_s"], report["cbd_merge_peak_rss_mib"] = best_of(args.repeat, cbd_merge)
+    report["cat_inputs_wall_s"], _ = best_of(args.repeat, lambda: timed(
+        ["sh", "-c", f"cat {source}/model.safetensors {other}/model.safetensors > /dev/null"]))
+
+    if args.mergekit:
+        config = work / "mergekit.yml"
+        config.write_text(f"merge_method: linear\ndtype: float32\nmodels:\n  - model: {source}\n    parameters:\n"
+                          f"      weight: 0.5\n  - model: {other}\n    parameters:\n      weight: 0.5\n")
+        mk_out = work / "mergekit-out"
+
+        def mergekit() -> tuple[float, float]:
+            shutil.rmtree(mk_out, ignore_errors=True)
+            return timed([args.mergekit, str(config), str(mk_out)])
+
+        report["mergekit_wall_s"], report["mergekit_peak_rss_mib"] = best_of(args.repeat, mergekit)
+
+    report.update(in_process(source, other, shape, work, args.repeat))
+    report.update(shape_changing(source, work))
+    print(json.dumps(report, indent=2))
+
+
+def in_process(source: Path, other: Path, shape: dict, work: Path, repeat: int) -> dict:
+    """Materialization time inside one process against the I/O floor: read both inputs, write the output once."""
+    from cbd_engine.materialize import materialize
+
+    out = work / "merged-inproc"
+    times = []
+    for _ in range(repeat):
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        materialize(out, small=other, large=source, shape=shape, alpha=0.5, dtype="float32")
+        times.append(time.perf_counter() - start)
+    floor = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        data = [(p / "model.safetensors").read_bytes() for p in (source, other)]
+        (work / "floor.bin").write_bytes(data[0])
+        os.sync()
+        floor.append(time.perf_counter() - start)
+        del data
+    (work / "floor.bin").unlink()
+    return {"inproc_materialize_s": min(times), "inproc_read_both_write_once_s": min(floor)}
+
+
+def shape_changing(source: Path, work: Path) -> dict:
+    """Anchors ~135M (the source) and ~60M (derived by activation pruning), target 100M."""
+    from cbd_engine.materialize import materialize
+
+    small = work / "anchor-60M"
+    if not small.is_dir():
+        materialize(small, large=source, size="60M", calibration=DOLLY, dtype="float32")
+    out = work / "slm-100M"
+    shutil.rmtree(out, ignore_errors=True)
+    wall, rss = timed([*CBD, "materialize", "--small", str(small), "--large", str(source), "--size", "100M",
+                       "--dtype", "float32", "--out", str(out)])
+    cbd_json = json.loads((out / "cbd.json").read_text())
+    return {"shape_change_100M_wall_s": wall, "shape_change_100M_peak_rss_mib": rss,
+            "shape_change_100M_params": cbd_json["params"], "shape_change_alignment": cbd_json["alignment"]["method"]}
+
+
+if __name__ == "__main__":
+    main()

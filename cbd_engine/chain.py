@@ -1,0 +1,427 @@
+"""Building a knowledge chain (paper section 3.2, appendix B) from a POST /chains request body.
+
+The recipe, top to bottom (`build_chain`):
+  0. the source becomes anchor 0 (optionally fine-tuned on the data set first, `sft_epochs`)
+  1. for each anchor, largest first:
+       - its starting point: a given checkpoint (optionally fine-tuned too), or, for a size or shape, the
+         predecessor pruned by the materializer's subset transform with activation importance on the data set's
+         training rows (prune, then distill, as Minitron does)
+       - distilled from its immediate predecessor (reverse KL by default), keeping the best checkpoint by
+         validation loss; `distill: false` registers a checkpoint as it is
+  2. each anchor is a Hugging Face folder with metrics.json, loss curves and cbd.json (pruning index maps and
+     distillation provenance); chain.json lists them all
+
+Every stage writes its folder atomically and keeps its checkpoints in a `.work` folder beside it, so `resume=True`
+skips finished anchors and continues an interrupted stage from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cbd_engine.distill_config import DistillConfig
+from cbd_engine.families import ModelSpec
+from cbd_engine.progress import Cancelled, ProgressCallback, no_progress
+from cbd_engine.shapes import Shape, ShapeError, parse_size
+
+# Defaults measured on SmolLM2-135M-Instruct and Dolly (docs/DISTILLATION.md): reverse KL, lr 3e-4.
+CHAIN_DEFAULTS = {"loss": "reverse_kl", "mode": "off_policy", "steps": 1000, "batch_size": 8, "learning_rate": 3e-4,
+                  "max_length": 512, "seed": 0}
+SFT_LEARNING_RATE = 1e-5  # the paper's fine-tuning rate (appendix B)
+CHAIN_ONLY_KEYS = ("sft_epochs", "sft_learning_rate")
+
+
+@dataclass
+class AnchorResult:
+    index: int  # 0 = the source (or the bridge)
+    path: Path  # a Hugging Face folder: config.json, model.safetensors, tokenizer files, cbd.json
+    shape: Shape
+    params: int
+    metrics: dict  # validation_loss (and, for derived anchors, validation_loss_before etc.)
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "path": str(self.path), "shape": self.shape.to_dict(), "params": self.params,
+                "metrics": self.metrics}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AnchorResult:
+        return cls(data["index"], Path(data["path"]), Shape(**data["shape"]), data["params"], data["metrics"])
+
+
+@dataclass
+class ChainResult:
+    family: str
+    anchors: list[AnchorResult] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AnchorSpec:
+    size: int | None = None
+    shape: dict | None = None
+    checkpoint: str | None = None
+    distill: bool = True
+
+    @classmethod
+    def parse(cls, index: int, data: dict) -> AnchorSpec:
+        where = f"anchors[{index}]"
+        if not isinstance(data, dict):
+            raise ValueError(f"{where} must be an object with one of size, shape, checkpoint")
+        unknown = sorted(set(data) - {"size", "shape", "checkpoint", "distill"})
+        if unknown:
+            raise ValueError(f"{where} has unknown fields {unknown}; allowed: size, shape, checkpoint, distill")
+        given = [key for key in ("size", "shape", "checkpoint") if data.get(key) is not None]
+        if len(given) != 1:
+            raise ValueError(f"{where} needs exactly one of size, shape, checkpoint (got {given or 'none'})")
+        distill = bool(data.get("distill", True))
+        if not distill and "checkpoint" not in given:
+            raise ValueError(f"{where}.distill=false only registers a checkpoint; a size or shape must be distilled")
+        size = parse_size(data["size"]) if "size" in given else None
+        return cls(size, data.get("shape"), data.get("checkpoint"), distill)
+
+
+@dataclass(frozen=True)
+class ChainPlan:
+    source: str
+    anchors: list[AnchorSpec]
+    dataset: dict
+    distillation: dict  # DistillConfig fields
+    sft_epochs: float
+    sft_learning_rate: float
+
+
+def parse_spec(spec: dict) -> ChainPlan:
+    """Check a POST /chains body; every error names the field."""
+    if not isinstance(spec, dict):
+        raise ValueError("the chain spec must be a JSON object")
+    if spec.get("bridge"):
+        raise ValueError("bridge (seqkd distillation from another family) is not supported yet; give bridge: null")
+    if not spec.get("source"):
+        raise ValueError("source is required: a Hugging Face id, a local model folder or a .gguf file")
+    anchors = spec.get("anchors")
+    if not isinstance(anchors, list) or not anchors:
+        raise ValueError("anchors must be a non-empty list")
+    dataset = spec.get("dataset") or {}
+    if not (dataset.get("path") or dataset.get("hf")):
+        raise ValueError("dataset needs path (JSONL or text file) or hf (a data set id)")
+    distillation = {**CHAIN_DEFAULTS, **(spec.get("distillation") or {})}
+    if distillation.get("mode") == "minillm":
+        raise ValueError("distillation.mode 'minillm' (policy-gradient distillation) is not supported yet; "
+                         "use off_policy or on_policy")
+    chain_only = {key: distillation.pop(key) for key in CHAIN_ONLY_KEYS if key in distillation}
+    if spec.get("device"):
+        distillation["device"] = spec["device"]
+    distillation.setdefault("prompt_format", dataset.get("prompt_format", "alpaca"))
+    DistillConfig.from_dict(distillation)
+    sft_epochs = float(chain_only.get("sft_epochs", 0) or 0)
+    if sft_epochs < 0:
+        raise ValueError(f"distillation.sft_epochs must be >= 0, got {sft_epochs}")
+    return ChainPlan(str(spec["source"]), [AnchorSpec.parse(i, a) for i, a in enumerate(anchors)], dataset,
+                     distillation, sft_epochs, float(chain_only.get("sft_learning_rate", SFT_LEARNING_RATE)))
+
+
+# --- the recipe -----------------------------------------------------------------------------------------------------
+
+
+def build_chain(spec: dict, out: Path, *, resume: bool = False, progress: ProgressCallback = no_progress,
+                should_stop: Callable[[], bool] | None = None) -> ChainResult:
+    """Build the chain that `spec` (a POST /chains body) describes into `out`; see the module docstring."""
+    plan = parse_spec(spec)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise FileExistsError(f"output folder {out} exists and is not empty (use resume to continue a build)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.json").write_text(json.dumps(spec, indent=1))
+    config = DistillConfig.from_dict(plan.distillation)
+
+    source_dir = resolve_source(plan.source, out / "source")
+    family = ModelSpec.from_config(read_config(source_dir)).family.name
+    data = ChainData.load(plan.dataset, source_dir, config)
+    results = [_anchor_zero(plan, config, data, source_dir, out, resume, progress, should_stop)]
+    total = len(plan.anchors)
+    for index, anchor in enumerate(plan.anchors, 1):
+        _check_stop(should_stop)
+        results.append(_build_anchor(index, total, anchor, results[-1], plan, config, data, out, resume, progress,
+                                     should_stop))
+        _write_chain_json(out, family, results)
+    return ChainResult(family, results)
+
+
+def read_config(folder: str | Path) -> dict:
+    from cbd_engine.checkpoint import read_config as read
+
+    return read(folder)
+
+
+def _check_stop(should_stop: Callable[[], bool] | None) -> None:
+    if should_stop is not None and should_stop():
+        raise Cancelled("chain build cancelled")
+
+
+@dataclass
+class ChainData:
+    """The data set encoded with the chain's tokenizer; validation rows never reach training or calibration."""
+
+    train: list
+    valid: list
+    calibration: str | list[str]
+
+    @classmethod
+    def load(cls, dataset: dict, tokenizer_dir: Path, config) -> ChainData:
+        from cbd_engine.batches import encode_rows, encode_text
+        from cbd_engine.data import is_instruction_file, read_dataset_spec, split_rows
+        from cbd_engine.models import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_dir)
+        rows, text = read_dataset_spec(dataset)
+        if rows is not None:
+            train_rows, valid_rows = split_rows(rows)
+            train = encode_rows(tokenizer, train_rows, config.prompt_format, config.max_length)
+            valid = encode_rows(tokenizer, valid_rows, config.prompt_format, config.max_length)
+            path = dataset.get("path")
+            calibration = path if path and is_instruction_file(path) else \
+                [(row.alpaca_prompt() + row.output)[:2048] for row in train_rows[:64]]
+        else:
+            train, valid = encode_text(tokenizer, text, config.max_length)
+            calibration = [tokenizer.decode(example.input_ids) for example in train[:64]]
+        if not valid:
+            raise ValueError("the data set has no validation rows (sha256 of instruction + input is 0 mod 10)")
+        return cls(train, valid, calibration)
+
+
+def resolve_source(source: str, cache: Path) -> Path:
+    """A local folder as it is; a .gguf file or a Hugging Face id converted once into `cache`."""
+    from cbd_engine.checkpoint import atomic_output_dir
+
+    path = Path(source)
+    if path.is_dir():
+        read_config(path)
+        return path
+    if (cache / "config.json").is_file():
+        return cache
+    if path.suffix == ".gguf":
+        from cbd_engine.gguf_import import import_gguf
+
+        return import_gguf(path, cache)
+    if path.exists() or source.startswith(("/", ".")):
+        raise FileNotFoundError(f"source {source} is neither a model folder, a .gguf file nor a Hugging Face id")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    with atomic_output_dir(cache) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return cache
+
+
+def _anchor_zero(plan: ChainPlan, config, data: ChainData, source_dir: Path, out: Path, resume: bool,
+                 progress: ProgressCallback, should_stop) -> AnchorResult:
+    """The source as anchor 0: fine-tuned on the data set when sft_epochs > 0, else linked as it is."""
+    folder = out / "anchor-00"
+    if (folder / "metrics.json").is_file():
+        return _result(0, folder)
+    if plan.sft_epochs > 0:
+        _fine_tune(source_dir, folder, plan, config, data, resume, "anchor 0: sft", progress, should_stop)
+    else:
+        _register(source_dir, folder, config, data, {"role": "source", "source": plan.source})
+    return _result(0, folder)
+
+
+def _build_anchor(index: int, total: int, anchor: AnchorSpec, previous: AnchorResult, plan: ChainPlan, config,
+                  data: ChainData, out: Path, resume: bool, progress: ProgressCallback, should_stop,
+                  ) -> AnchorResult:
+    from cbd_engine.distill import distill
+
+    folder = out / f"anchor-{index:02d}"
+    if (folder / "metrics.json").is_file():
+        return _result(index, folder)
+    label = f"anchor {index}/{total}"
+    if anchor.checkpoint is not None:
+        start = Path(anchor.checkpoint)
+        read_config(start)
+        if not anchor.distill:
+            _register(start, folder, config, data, {"role": "registered checkpoint", "checkpoint": str(start)})
+            return _result(index, folder)
+        if plan.sft_epochs > 0:
+            sft = out / f"anchor-{index:02d}.sft"
+            if not (sft / "metrics.json").is_file():
+                _fine_tune(start, sft, plan, config, data, resume, f"{label}: sft", progress, should_stop)
+            start = sft
+        origin = {"init": "checkpoint", "checkpoint": anchor.checkpoint}
+    else:
+        start = out / f"anchor-{index:02d}.pruned"
+        if not (start / "config.json").is_file():
+            _prune(previous.path, start, anchor, data, config, label, progress, should_stop)
+        origin = {"init": "pruned", "size": anchor.size, "shape": anchor.shape}
+    provenance = {"anchor_index": index, "teacher_anchor_index": previous.index, **origin}
+    distill(previous.path, start, data.train, data.valid, folder, config, work_dir=out / f"anchor-{index:02d}.work",
+            resume=resume, stage=f"{label}: distill", provenance=provenance, progress=progress,
+            should_stop=should_stop)
+    for leftover in (f"anchor-{index:02d}.work", f"anchor-{index:02d}.pruned", f"anchor-{index:02d}.sft"):
+        shutil.rmtree(out / leftover, ignore_errors=True)  # the anchor's cbd.json keeps the pruning index maps
+    return _result(index, folder)
+
+
+def _prune(large: Path, out: Path, anchor: AnchorSpec, data: ChainData, config, label: str,
+           progress: ProgressCallback, should_stop) -> None:
+    """The materializer's subset transform with activation importance on the training rows."""
+    from cbd_engine.materialize import materialize
+
+    materialize(out, large=large, size=anchor.size, shape=anchor.shape, calibration=data.calibration,
+                dtype="float32", seed=config.seed, progress=_renamed(progress, f"{label}: prune"),
+                should_stop=should_stop)
+
+
+def _renamed(progress: ProgressCallback, stage: str) -> ProgressCallback:
+    from dataclasses import replace
+
+    return lambda event: progress(replace(event, stage=stage))
+
+
+def _fine_tune(start: Path, out: Path, plan: ChainPlan, config, data: ChainData, resume: bool, stage: str,
+               progress: ProgressCallback, should_stop) -> None:
+    """Plain cross-entropy on the data set's responses for `sft_epochs` epochs (the paper: 3, lr 1e-5)."""
+    from dataclasses import replace
+
+    from cbd_engine.distill import distill
+
+    steps = max(1, math.ceil(plan.sft_epochs * len(data.train) / config.batch_size))
+    sft_config = replace(config, loss="ce", mode="off_policy", ce_weight=0.0, steps=steps,
+                         learning_rate=plan.sft_learning_rate)
+    distill(None, start, data.train, data.valid, out, sft_config, work_dir=out.with_name(out.name + ".work"),
+            resume=resume, stage=stage, provenance={"role": "sft", "epochs": plan.sft_epochs}, progress=progress,
+            should_stop=should_stop)
+    shutil.rmtree(out.with_name(out.name + ".work"), ignore_errors=True)
+
+
+def _register(model_dir: Path, out: Path, config, data: ChainData, provenance: dict) -> None:
+    """An anchor used as it is: its files linked (or copied) into the chain folder, its validation loss measured."""
+    from cbd_engine.checkpoint import atomic_output_dir, copy_side_files
+    from cbd_engine.models import examples_loss, load_model, resolve_device
+
+    model = load_model(model_dir, resolve_device(config.device))
+    loss = examples_loss(model, data.valid[: config.eval_rows], _pad_id(model_dir), config.eval_batch_size)
+    del model
+    metrics = {"validation_loss": loss}
+    with atomic_output_dir(out) as tmp:
+        for item in model_dir.glob("model*.safetensors*"):  # weights (and a shard index) are never rewritten: link
+            _link_or_copy(item, tmp / item.name)
+        shutil.copyfile(model_dir / "config.json", tmp / "config.json")  # small files written later: copy
+        copy_side_files(model_dir, tmp)
+        lineage = json.loads((model_dir / "cbd.json").read_text()) if (model_dir / "cbd.json").is_file() else {}
+        lineage["chain"] = {**provenance, "metrics": metrics}
+        (tmp / "cbd.json").write_text(json.dumps(lineage, indent=1))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+
+
+def _pad_id(model_dir: Path) -> int:
+    from cbd_engine.batches import pad_id_of
+    from cbd_engine.models import load_tokenizer
+
+    return pad_id_of(load_tokenizer(model_dir))
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    if target.exists():
+        target.unlink()
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _result(index: int, folder: Path) -> AnchorResult:
+    spec = ModelSpec.from_config(read_config(folder))
+    metrics = json.loads((folder / "metrics.json").read_text())
+    return AnchorResult(index, folder, spec.shape, spec.num_params, metrics)
+
+
+def _write_chain_json(out: Path, family: str, anchors: list[AnchorResult]) -> None:
+    data = {"family": family, "anchors": [anchor.to_dict() for anchor in anchors]}
+    tmp = out / "chain.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(out / "chain.json")
+
+
+def read_chain(out: Path) -> ChainResult:
+    data = json.loads((Path(out) / "chain.json").read_text())
+    return ChainResult(data["family"], [AnchorResult.from_dict(a) for a in data["anchors"]])
+
+
+# --- time estimate (torch-free) -------------------------------------------------------------------------------------
+
+# Sustained training FLOP/s by device, measured on this project's CPU runs (docs/DISTILLATION.md) and typical for
+# one modern accelerator; the estimate is for budgeting, within a factor of about two.
+FLOPS_PER_SECOND = {"cpu": 1.8e11, "gpu": 4e13, "npu": 3e13}
+DEFAULT_SOURCE_PARAMS = 1_000_000_000
+
+
+def estimate_chain_seconds(spec: dict) -> float:
+    """A rough wall-clock estimate of build_chain(spec): 6 N FLOPs per student token and 2 N per teacher token over
+    the distillation steps, plus SFT and on-policy sampling; torch-free, for the service's budget check."""
+    plan = parse_spec(spec)
+    config = plan.distillation
+    device = {"auto": "gpu"}.get(config.get("device", "auto"), config.get("device", "auto"))
+    speed = FLOPS_PER_SECOND.get(device, FLOPS_PER_SECOND["cpu"])
+    tokens_per_step = config["batch_size"] * config["max_length"] * 0.6  # padding and prompts: ~60% of the window
+    sizes = _estimated_sizes(plan)
+    seconds = 0.0
+    steps = config["steps"]
+    if plan.sft_epochs:
+        sft_steps = plan.sft_epochs * 15_000 / config["batch_size"]  # a Dolly-sized data set
+        seconds += sft_steps * tokens_per_step * 6 * sizes[0] / speed
+    for teacher, student, anchor in zip(sizes, sizes[1:], plan.anchors, strict=False):
+        if anchor.checkpoint is not None and not anchor.distill:
+            continue
+        flops = steps * tokens_per_step * (6 * student + 2 * teacher)
+        if config.get("mode") == "on_policy":  # token-by-token sampling runs far below peak throughput
+            flops *= 2.0
+        seconds += flops / speed
+    return float(seconds * 1.2 + 30 * len(plan.anchors))  # evaluation, checkpoints, loading
+
+
+def _estimated_sizes(plan: ChainPlan) -> list[int]:
+    source_spec = _local_spec(plan.source)
+    sizes = [source_spec.num_params if source_spec else _gguf_guess(plan.source)]
+    for anchor in plan.anchors:
+        if anchor.size is not None:
+            sizes.append(anchor.size)
+        elif anchor.shape is not None and source_spec is not None:
+            try:
+                shape = Shape.from_dict(anchor.shape, chain=source_spec.shape)
+                sizes.append(source_spec.architecture.num_params(shape))
+            except ShapeError:
+                sizes.append(sizes[-1] // 2)
+        else:
+            checkpoint = _local_spec(anchor.checkpoint) if anchor.checkpoint else None
+            sizes.append(checkpoint.num_params if checkpoint else sizes[-1] // 2)
+    return sizes
+
+
+def _local_spec(path: str | None) -> ModelSpec | None:
+    try:  # plain JSON: checkpoint.read_config would import torch
+        config = json.loads((Path(path) / "config.json").read_text()) if path else None
+        return ModelSpec.from_config(config) if config else None
+    except (OSError, ValueError):
+        return None
+
+
+def _gguf_guess(source: str) -> int:
+    path = Path(source)
+    if path.suffix == ".gguf" and path.is_file():
+        return int(path.stat().st_size * 1.6)  # ~5 bits a weight in common quantizations
+    return DEFAULT_SOURCE_PARAMS
+
+
+def spec_summary(spec: dict) -> dict:
+    """The parsed plan as JSON (for logs and the CLI's dry run)."""
+    plan = parse_spec(spec)
+    anchors = [asdict(anchor) for anchor in plan.anchors]
+    return {**asdict(plan), "anchors": anchors, "estimated_seconds": estimate_chain_seconds(spec)}

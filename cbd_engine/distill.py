@@ -1,0 +1,487 @@
+"""One distillation stage: a student learns from a frozen teacher on an instruction set.
+
+The recipe, top to bottom (`distill`):
+  1. load teacher and student, encode the training and validation examples
+  2. validation loss before training
+  3. for each step: the global batch (the same for every world size), this rank's share split into micro-batches,
+     on-policy responses sampled by the student where asked, the loss normalized by the global number of scored
+     tokens, gradients accumulated, clipped, one AdamW step, the learning-rate schedule
+  4. every `eval_every` steps the validation loss, and the best weights kept; every `checkpoint_every` steps a
+     resumable checkpoint (weights as safetensors, optimizer/schedule/step as a weights_only torch file)
+  5. the best weights written as a Hugging Face folder with metrics, loss curves (CSV and PNG) and provenance
+
+Determinism: the data order is a function of (seed, epoch), and every step reseeds the random generators from
+(seed, step); so a run resumed from a checkpoint ends with the same weights as an uninterrupted run (on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cbd_engine.batches import (
+    IGNORE,
+    Batch,
+    Example,
+    bucketed_batches,
+    collate,
+    next_token_targets,
+    pad_id_of,
+)
+from cbd_engine.checkpoint import atomic_output_dir, copy_side_files
+from cbd_engine.distill_config import DistillConfig
+from cbd_engine.losses import LossConfig, chunked_token_losses
+from cbd_engine.models import autocast_for, examples_loss, hidden_states, load_model, output_head, resolve_device
+from cbd_engine.progress import Cancelled, ProgressCallback, StageTimer, no_progress
+
+
+@dataclass
+class DistillResult:
+    path: Path
+    metrics: dict = field(default_factory=dict)
+
+
+# --- distributed helpers --------------------------------------------------------------------------------------------
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA, hccl on Ascend)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = {"cuda": "nccl", "npu": "hccl"}.get(device.type, "gloo")
+        dist.init_process_group(backend)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    if world()[1] == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+# --- the student's loss as one module, so DDP/FSDP see every student computation inside forward --------------------
+
+
+class StudentLoss(nn.Module):
+    """forward(batch, teacher hidden states, teacher head) -> (sum of divergences, sum of cross-entropies) over the
+    scored positions of the batch. The teacher is an argument, not a submodule: it is frozen and never wrapped."""
+
+    def __init__(self, student: nn.Module, config: LossConfig, need_ce: bool):
+        super().__init__()
+        self.student, self.config, self.need_ce = student, config, need_ce
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, scored: torch.Tensor,
+                targets: torch.Tensor, teacher_hidden: torch.Tensor | None, teacher_head: nn.Module | None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = hidden_states(self.student, input_ids, attention_mask)[scored]
+        return chunked_token_losses(hidden, output_head(self.student), targets[scored], teacher_hidden, teacher_head,
+                                    self.config, self.need_ce)
+
+
+@torch.no_grad()
+def teacher_hidden_states(teacher: nn.Module, batch: Batch, scored: torch.Tensor) -> torch.Tensor:
+    return hidden_states(teacher, batch.input_ids, batch.attention_mask)[scored]
+
+
+def batch_loss_sums(student_loss: nn.Module, teacher: nn.Module | None, batch: Batch, ce_only: bool,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(divergence sum over all scored tokens, cross-entropy sum over reference-response tokens) of one batch."""
+    targets = next_token_targets(batch.labels)
+    scored = targets != IGNORE
+    ce_targets = torch.where(batch.reference[:, None], targets, torch.full_like(targets, IGNORE))
+    teacher_hidden, teacher_head = None, None
+    if not ce_only and teacher is not None:
+        teacher_hidden, teacher_head = teacher_hidden_states(teacher, batch, scored), output_head(teacher)
+    return student_loss(batch.input_ids, batch.attention_mask, scored, ce_targets, teacher_hidden, teacher_head)
+
+
+def accumulate_gradients(student_loss: nn.Module, teacher: nn.Module | None, batches: list[Batch],
+                         config: DistillConfig, device: torch.device, bf16: bool, ce_only: bool,
+                         ) -> tuple[float, float, float, float]:
+    """Backward over this rank's micro-batches of one step. Each micro-batch contributes its loss *sums* divided by
+    the token counts of the whole global batch (all micro-batches, all ranks), so the accumulated gradient is the
+    same for any split into ranks and micro-batches. Returns global (divergence sum, cross-entropy sum, scored
+    tokens, reference tokens)."""
+    world_size = world()[1]
+    local = [sum(b.num_response_tokens for b in batches), sum(b.num_reference_tokens for b in batches)]
+    global_tokens, global_reference = all_reduce_sum(local, device)
+    div_total, ce_total = 0.0, 0.0
+    for index, batch in enumerate(batches):
+        batch = batch.to(device)
+        defer_sync = world_size > 1 and index < len(batches) - 1 and hasattr(student_loss, "no_sync")
+        with student_loss.no_sync() if defer_sync else contextlib.nullcontext(), autocast_for(device, bf16):
+            div_sum, ce_sum = batch_loss_sums(student_loss, teacher, batch, ce_only)
+            if ce_only:
+                loss = ce_sum / max(global_reference, 1)
+            else:
+                loss = div_sum / max(global_tokens, 1) + config.ce_weight * ce_sum / max(global_reference, 1)
+            (loss * world_size).backward()  # DDP averages gradients over ranks; the sums want them added
+        div_total += float(div_sum.detach())
+        ce_total += float(ce_sum.detach())
+    div_total, ce_total = all_reduce_sum([div_total, ce_total], device)
+    return div_total, ce_total, global_tokens, global_reference
+
+
+# --- on-policy sampling ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_responses(student: nn.Module, examples: list[Example], tokenizer, config: DistillConfig,
+                     rng: random.Random) -> list[Example]:
+    """Replace the response of each example by one the student samples, except a `data_mix` fraction that keeps
+    the data set's response. Sampled responses are scored by the divergence only, never by cross-entropy."""
+    chosen = [i for i in range(len(examples)) if rng.random() >= config.data_mix]
+    if not chosen:
+        return examples
+    device = next(student.parameters()).device
+    pad_id, eos = pad_id_of(tokenizer), tokenizer.eos_token_id
+    prompts = [examples[i].input_ids[: examples[i].prompt_length] for i in chosen]
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):  # left padding: generation continues right after each prompt
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        attention[row, width - len(prompt) :] = 1
+    was_training = student.training
+    student.eval()
+    room = max(config.max_length - width, 1)
+    generated = student.generate(
+        input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=True,
+        temperature=config.sample_temperature, top_k=0, top_p=1.0, max_new_tokens=min(config.max_new_tokens, room),
+        pad_token_id=pad_id, eos_token_id=eos,
+    )[:, width:].tolist()
+    student.train(was_training)
+    result = list(examples)
+    for i, response in zip(chosen, generated, strict=True):
+        if eos is not None and eos in response:
+            response = response[: response.index(eos) + 1]
+        prompt = examples[i].input_ids[: examples[i].prompt_length]
+        response = response[: max(config.max_length - len(prompt), 1)]
+        result[i] = Example(prompt + response, [IGNORE] * len(prompt) + response, len(prompt), reference=False)
+    return result
+
+
+# --- schedule, checkpoints, curves ----------------------------------------------------------------------------------
+
+
+def lr_lambda(config: DistillConfig) -> Callable[[int], float]:
+    warmup = config.warmup_steps if config.warmup_steps is not None else max(config.steps // 20, 0)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min((step - warmup) / max(config.steps - warmup, 1), 1.0)
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Replace folder `target` by `tmp`; a kill at any moment leaves `target` or `target.old` whole."""
+    old = target.with_name(target.name + ".old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _existing(target: Path) -> Path | None:
+    for candidate in (target, target.with_name(target.name + ".old")):
+        if (candidate / "model.safetensors").is_file() and (candidate / "state.json").is_file():
+            return candidate
+    return None
+
+
+def save_weights(model: nn.Module, folder: Path, state: dict) -> None:
+    """Weights (safetensors, shared tensors handled) plus a small JSON state, swapped in atomically."""
+    from safetensors.torch import save_model
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    _swap_in(tmp, folder)
+
+
+def load_weights(model: nn.Module, folder: Path) -> dict:
+    from safetensors.torch import load_model
+
+    load_model(model, str(folder / "model.safetensors"), device=str(next(model.parameters()).device))
+    return json.loads((folder / "state.json").read_text())
+
+
+def save_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, state: dict) -> None:
+    """A resumable checkpoint. Tensors go to safetensors; the optimizer's state dict (tensors, numbers) to a torch
+    file that is read back with weights_only=True."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    from safetensors.torch import save_model
+
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    _swap_in(tmp, folder)
+
+
+def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler) -> dict:
+    state = load_weights(model, folder)
+    saved = torch.load(folder / "optimizer.pt", map_location=next(model.parameters()).device, weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    return state
+
+
+CURVE_FIELDS = ("step", "loss", "divergence", "cross_entropy", "learning_rate", "grad_norm", "tokens_per_second",
+                "validation_loss")
+
+
+def write_curves(history: list[dict], folder: Path, title: str = "distillation") -> None:
+    """loss_curve.csv (one row per step, validation loss where measured) and loss_curve.png."""
+    with open(folder / "loss_curve.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CURVE_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    train = [(row["step"], row["loss"]) for row in history if row.get("loss") is not None]
+    valid = [(row["step"], row["validation_loss"]) for row in history if row.get("validation_loss") is not None]
+    if train:
+        axis.plot(*zip(*train, strict=True), label="training loss")
+    if valid:
+        axis.plot(*zip(*valid, strict=True), "o-", label="validation loss (response CE)")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.set_title(title)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(folder / "loss_curve.png", dpi=100)
+    plt.close(figure)
+
+
+# --- the recipe -----------------------------------------------------------------------------------------------------
+
+
+def _seed_everything(seed: int, step: int) -> random.Random:
+    """Generators for one step, derived from (seed, step) only: resuming at any step reproduces them."""
+    mixed = (seed * 1_000_003 + step) % 2**63
+    torch.manual_seed(mixed)
+    return random.Random(mixed)
+
+
+def step_examples(train: list[Example], batch_plan: Callable[[int], list[list[int]]], step: int, rank: int,
+                  world_size: int) -> list[Example]:
+    """This rank's contiguous share of the global batch of `step`."""
+    plan = batch_plan(step // len(batch_plan(0)))
+    indices = plan[step % len(plan)]
+    share = len(indices) // world_size
+    return [train[i] for i in indices[rank * share : (rank + 1) * share]]
+
+
+def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list[Example], valid: list[Example],
+            out: str | Path, config: DistillConfig, *, work_dir: str | Path | None = None, resume: bool = False,
+            stage: str = "distill", provenance: dict | None = None, progress: ProgressCallback = no_progress,
+            should_stop: Callable[[], bool] | None = None) -> DistillResult:
+    """Distill `student_dir` from `teacher_dir` (None, or loss "ce": plain fine-tuning) and write the best student
+    (by validation loss) to `out` as a Hugging Face folder. `work_dir` holds checkpoints; with `resume` a run
+    continues from its last one. Raises Cancelled when `should_stop()` says so (checked every step)."""
+    from cbd_engine.models import load_tokenizer
+
+    out, student_dir = Path(out), Path(student_dir)
+    work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
+    device = resolve_device(config.device)
+    init_distributed(device)
+    rank, world_size = world()
+    if config.batch_size % world_size:
+        raise ValueError(f"batch_size {config.batch_size} is not a multiple of the {world_size} processes")
+    if len(train) < config.batch_size:
+        raise ValueError(f"{len(train)} training examples are fewer than one batch of {config.batch_size}")
+    if not valid:
+        raise ValueError("no validation examples: the validation split is empty")
+    accelerated = device.type != "cpu"
+    bf16 = accelerated if config.bf16 is None else config.bf16
+    ce_only = config.loss == "ce" or teacher_dir is None
+
+    tokenizer = load_tokenizer(student_dir)
+    pad_id = pad_id_of(tokenizer)
+    _seed_everything(config.seed, 0)
+    student = load_model(student_dir, device).train()
+    teacher = None if ce_only else load_model(teacher_dir, device).eval().requires_grad_(False)
+    if config.gradient_checkpointing if config.gradient_checkpointing is not None else accelerated:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    valid = valid[: config.eval_rows]
+
+    def validate(model: nn.Module) -> float:
+        with autocast_for(device, bf16):
+            return examples_loss(model, valid, pad_id, config.eval_batch_size, bf16)
+
+    student_loss: nn.Module = StudentLoss(student, config.loss_config, need_ce=ce_only or config.ce_weight > 0)
+    if config.fsdp and world_size > 1:
+        student_loss = _shard_fsdp(student_loss)
+    elif world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        student_loss = DistributedDataParallel(student_loss, device_ids=[device.index] if accelerated else None)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
+                                  betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+
+    lengths = [len(example) for example in train]
+    plans: dict[int, list[list[int]]] = {}
+
+    def batch_plan(epoch: int) -> list[list[int]]:
+        if epoch not in plans:
+            plans[epoch] = bucketed_batches(lengths, config.batch_size, config.seed, epoch)
+        return plans[epoch]
+
+    state = {"step": 0, "best_validation_loss": None, "best_step": None, "history": []}
+    checkpoint_dir, best_dir = work / "checkpoint", work / "best"
+    found = _existing(checkpoint_dir) if resume else None
+    if found is not None:
+        state = load_checkpoint(found, student, optimizer, scheduler)
+    else:
+        if work.exists() and rank == 0:
+            shutil.rmtree(work)
+        before = validate(student)
+        state.update(validation_loss_before=before, best_validation_loss=before, best_step=0)
+        state["history"].append({"step": 0, "validation_loss": before})
+        if rank == 0:
+            save_weights(student, best_dir, {"step": 0, "validation_loss": before})
+    if world_size > 1:
+        dist.barrier()
+
+    timer = StageTimer(stage, config.steps, progress)
+    timer.update(state["step"], state["history"][-1].get("loss") if state["history"] else None)
+    micro = config.micro_batch_size or config.batch_size // world_size
+    started = time.monotonic()
+    while state["step"] < config.steps:
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"{stage} cancelled at step {state['step']}")
+        step = state["step"]
+        tick = time.monotonic()
+        rng = _seed_everything(config.seed, step + 1)
+        examples = step_examples(train, batch_plan, step, rank, world_size)
+        if config.mode == "on_policy":
+            examples = sample_responses(student, examples, tokenizer, config, rng)
+        batches = [collate(examples[i : i + micro], pad_id) for i in range(0, len(examples), micro)]
+        div_total, ce_total, global_tokens, global_reference = accumulate_gradients(
+            student_loss, teacher, batches, config, device, bf16, ce_only)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip or float("inf")))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        learning_rate = scheduler.get_last_lr()[0]
+        scheduler.step()
+
+        divergence = div_total / max(global_tokens, 1)
+        cross_entropy = ce_total / max(global_reference, 1)
+        loss_value = cross_entropy if ce_only else divergence + config.ce_weight * cross_entropy
+        tokens_per_second = sum(b.num_tokens for b in batches) * world_size / max(time.monotonic() - tick, 1e-9)
+        state["step"] = step + 1
+        row = {"step": step + 1, "loss": loss_value, "divergence": None if ce_only else divergence,
+               "cross_entropy": cross_entropy if (ce_only or config.ce_weight) else None,
+               "learning_rate": learning_rate, "grad_norm": grad_norm, "tokens_per_second": tokens_per_second}
+        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
+            row["validation_loss"] = _evaluate_and_keep_best(student, validate, state, best_dir, rank)
+        state["history"].append(row)
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            if rank == 0:
+                save_checkpoint(checkpoint_dir, student, optimizer, scheduler, state)
+            if world_size > 1:
+                dist.barrier()
+        timer.update(step + 1, loss_value, tokens_per_second)
+
+    final = _evaluate_and_keep_best(student, validate, state, best_dir, rank)
+    state["history"][-1]["validation_loss"] = final
+    if state["best_step"] != state["step"]:
+        load_weights(student, best_dir)
+    metrics = {
+        "validation_loss_before": state["validation_loss_before"],
+        "validation_loss": state["best_validation_loss"],
+        "validation_loss_final_step": final,
+        "best_step": state["best_step"],
+        "steps": config.steps,
+        "train_loss_last": state["history"][-1].get("loss"),
+        "seconds_this_run": time.monotonic() - started,
+        "world_size": world_size,
+    }
+    if rank == 0:
+        _write_output(out, student, student_dir, teacher_dir, config, metrics, state["history"], provenance, stage)
+    if world_size > 1:
+        dist.barrier()
+    return DistillResult(out, metrics)
+
+
+def _evaluate_and_keep_best(student: nn.Module, validate: Callable[[nn.Module], float], state: dict, best_dir: Path,
+                            rank: int) -> float:
+    value = validate(student)
+    if value < state["best_validation_loss"]:
+        state["best_validation_loss"], state["best_step"] = value, state["step"]
+        if rank == 0:
+            save_weights(student, best_dir, {"step": state["step"], "validation_loss": value})
+    return value
+
+
+def _write_output(out: Path, student: nn.Module, student_dir: Path, teacher_dir: str | Path | None,
+                  config: DistillConfig, metrics: dict, history: list[dict], provenance: dict | None,
+                  stage: str) -> None:
+    with atomic_output_dir(out) as tmp:
+        student.save_pretrained(tmp)
+        copy_side_files(student_dir, tmp)
+        lineage = json.loads((student_dir / "cbd.json").read_text()) if (student_dir / "cbd.json").is_file() else {}
+        lineage["distillation"] = {
+            "stage": stage,
+            "teacher": str(teacher_dir) if teacher_dir else None,
+            "student_init": str(student_dir),
+            "config": asdict(config),
+            "metrics": metrics,
+            **(provenance or {}),
+        }
+        (tmp / "cbd.json").write_text(json.dumps(lineage, indent=1))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        write_curves(history, tmp, title=stage)
+
+
+def _shard_fsdp(module: StudentLoss) -> nn.Module:
+    """FSDP2: each decoder layer is its own shard unit, the rest (embeddings, final norm, output layer) the root's.
+    Used when the student does not fit one device. Gradient accumulation runs without no_sync (FSDP2 reduces each
+    micro-batch); checkpoints of a sharded run are gathered to full tensors on save."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in _decoder_layers(module.student):
+        fully_shard(layer)
+    fully_shard(module)
+    return module
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    for candidate in ("layers", "h"):
+        base = model.base_model
+        if hasattr(base, candidate):
+            return list(getattr(base, candidate))
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} for FSDP")

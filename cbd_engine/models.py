@@ -1,0 +1,105 @@
+"""Loading models and tokenizers, picking devices, and the response-token loss used for validation everywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cbd_engine.batches import Example, collate, encode_rows, next_token_targets, pad_id_of, response_positions
+from cbd_engine.data import InstructionRow, read_instruction_rows, split_rows
+from cbd_engine.losses import LossConfig, chunked_token_losses
+
+DEVICES = ("auto", "cpu", "gpu", "npu")
+
+
+def npu_available() -> bool:
+    try:
+        import torch_npu  # noqa: F401  (registers the "npu" device with torch)
+    except ImportError:
+        return False
+    return bool(torch.npu.is_available())
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The API's device names: auto (CUDA, then Ascend, then CPU), cpu, gpu (CUDA), npu (Ascend via torch_npu)."""
+    if name not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {name!r}")
+    if name == "gpu" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("device 'gpu' requested but CUDA is not available")
+        return torch.device("cuda", torch.cuda.current_device())
+    if name == "npu" or (name == "auto" and npu_available()):
+        if not npu_available():
+            raise ValueError("device 'npu' requested but torch_npu is not installed or sees no NPU")
+        return torch.device("npu", torch.npu.current_device())
+    return torch.device("cpu")
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model.to(device)
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states [batch, seq, hidden] (after the last norm), without the output layer: the losses apply
+    the output layer chunk by chunk."""
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def output_head(model) -> torch.nn.Module:
+    return model.get_output_embeddings()
+
+
+def autocast_for(device: torch.device, enabled: bool):
+    """bf16 autocast on accelerators; a no-op context on CPU unless asked for."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@torch.no_grad()
+def examples_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8, bf16: bool = False) -> float:
+    """Mean cross-entropy per scored token over `examples` (one mean over all tokens, not a mean of batch means)."""
+    if not examples:
+        raise ValueError("no examples to score")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))  # similar lengths together: less padding
+    for start in range(0, len(order), batch_size):
+        batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id).to(device)
+        scored = response_positions(batch.labels)
+        with autocast_for(device, bf16):
+            hidden = hidden_states(model, batch.input_ids, batch.attention_mask)
+            _, ce = chunked_token_losses(hidden[scored], output_head(model), next_token_targets(batch.labels)[scored],
+                                         config=LossConfig())
+        total += float(ce)
+        count += int(scored.sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def response_loss(model, tokenizer, rows: list[InstructionRow], max_length: int = 512, batch_size: int = 8,
+                  prompt_format: str = "alpaca") -> float:
+    """Mean per-token cross-entropy of `model` on the response tokens (and closing EOS) of `rows`; prompt and
+    padding are not scored. The validation loss of chains, of the service's new models, and of evaluation."""
+    examples = encode_rows(tokenizer, rows, prompt_format, max_length)
+    return examples_loss(model, examples, pad_id_of(tokenizer), batch_size)
+
+
+def validation_loss(model_dir: str | Path, data_path: str | Path, max_rows: int | None = 200, max_length: int = 512,
+                    batch_size: int = 8, prompt_format: str = "alpaca", device: str = "cpu") -> float:
+    """response_loss of a model folder on the contract's validation rows of an instruction JSONL file."""
+    _, valid = split_rows(read_instruction_rows(data_path))
+    if not valid:
+        raise ValueError(f"{data_path} has no validation rows (sha256 of instruction + input is 0 mod 10)")
+    model = load_model(model_dir, resolve_device(device))
+    return response_loss(model, load_tokenizer(model_dir), valid[:max_rows], max_length, batch_size, prompt_format)
