@@ -22,6 +22,8 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grow", default="zero", choices=("zero", "replicate"),
                    help="new layers: inert copies with zeroed residual writers (keeps the function) or replicas")
+    p.add_argument("--align", default="auto", choices=("auto", "lineage", "hungarian", "none"),
+                   help="how units of the two anchors are matched: recorded lineage, weight similarity, or position")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_materialize)
 
@@ -46,7 +48,8 @@ def _materialize(args: argparse.Namespace) -> int:
         result = materialize(
             args.out, small=args.small, large=args.large, size=args.size,
             shape=json.loads(args.shape) if args.shape else None, alpha=alpha, init=args.init,
-            calibration=args.calibration, dtype=args.dtype, seed=args.seed, grow=args.grow, progress=progress,
+            calibration=args.calibration, dtype=args.dtype, seed=args.seed, grow=args.grow, align=args.align,
+            progress=progress,
         )
     finally:
         progress.close()

@@ -31,11 +31,24 @@ def _assign(similarity: torch.Tensor) -> list[int]:
     return placed
 
 
+SKETCH_DIM = 256
+
+
+def _sketch(features: torch.Tensor) -> torch.Tensor:
+    """Count-sketch rows down to SKETCH_DIM features (fixed seed, so both anchors share it): inner products are kept
+    in expectation and identical rows stay identical, at O(n * f) instead of an n x m x f similarity product."""
+    if features.shape[1] <= SKETCH_DIM:
+        return features
+    generator = torch.Generator().manual_seed(features.shape[1])
+    buckets = torch.randint(0, SKETCH_DIM, (features.shape[1],), generator=generator)
+    signs = torch.randint(0, 2, (features.shape[1],), generator=generator).float() * 2 - 1
+    return torch.zeros(features.shape[0], SKETCH_DIM).index_add_(1, buckets, features * signs)
+
+
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """[n, f] x [m, f] -> [n, m] cosine similarities of rows (centered: a correlation for residual columns)."""
-    a = torch.nn.functional.normalize(a - a.mean(dim=1, keepdim=True), dim=1)
-    b = torch.nn.functional.normalize(b - b.mean(dim=1, keepdim=True), dim=1)
-    return a @ b.T
+    a, b = (_sketch(x - x.mean(dim=1, keepdim=True)) for x in (a, b))
+    return torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T
 
 
 def _unit_dim(spec: TensorSpec, kind: str, context: tuple[str, ...]) -> int | None:

@@ -52,6 +52,7 @@ from cbd_engine.transforms import (
 )
 
 INITS = ("cbd", "random", "single", "learngene_auto", "learngene_van")
+ALIGNMENTS = ("auto", "lineage", "hungarian", "none")  # auto: lineage when recorded, else hungarian
 AUTO_ALPHAS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 LEARNGENE_LAYERS = 3
 CHUNK_BYTES = 16 * 2**20
@@ -126,6 +127,7 @@ def materialize(
     dtype: str = "bfloat16",
     seed: int = 0,
     grow: str = "zero",
+    align: str = "auto",
     progress: ProgressCallback = no_progress,
     should_stop: Callable[[], bool] | None = None,
     max_shard_bytes: int | None = None,
@@ -133,6 +135,8 @@ def materialize(
     """Write a Hugging Face folder of the requested size or shape at `out` (atomically; nothing on error)."""
     if init not in INITS:
         raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    if align not in ALIGNMENTS:
+        raise ValueError(f"align must be one of {', '.join(ALIGNMENTS)}, got {align!r}")
     if grow not in ("zero", "replicate"):
         raise ValueError(f"grow must be 'zero' (function-preserving) or 'replicate', got {grow!r}")
     out_dtype = parse_dtype(dtype)
@@ -149,7 +153,7 @@ def materialize(
     elif len(anchors) == 1:
         terms, alpha_used = [Term(small_anchor, _plan_single(small_anchor, target, texts, grow), 1.0)], None
     else:
-        plan_e, plan_s, alignment = plan_pair(small_anchor, large_anchor, target, texts, grow)
+        plan_e, plan_s, alignment = plan_pair(small_anchor, large_anchor, target, texts, grow, align)
         alpha_used = _resolve_alpha(alpha, small_anchor, large_anchor, target, plan_e, plan_s, texts, seed)
         terms = [Term(small_anchor, plan_e, alpha_used), Term(large_anchor, plan_s, 1.0 - alpha_used)]
         terms = [t for t in terms if t.weight != 0.0]  # alpha 0 or 1: exactly one anchor, bitwise
@@ -301,19 +305,25 @@ def _lineage_of(small: Anchor, large: Anchor) -> Plan | None:
 
 
 def plan_pair(small: Anchor, large: Anchor, target: Shape, texts: list[str] | None,
-              grow: str = "zero") -> tuple[Plan, Plan, dict]:
+              grow: str = "zero", align: str = "auto") -> tuple[Plan, Plan, dict]:
     """Plans for E(small) and S(large), aligned unit by unit.
 
     With lineage (small cut from large), S keeps the units small came from, topped up by importance, and E places
     its units at those same positions; otherwise S keeps by importance and E's units are matched to S's by weight
-    similarity (cbd_engine.alignment), layers by relative depth.
+    similarity (cbd_engine.alignment), layers by relative depth. `align="none"` keeps both anchors' own unit order,
+    as a linear merge of two models of one shape does.
     """
-    lineage = _lineage_of(small, large)
+    lineage = _lineage_of(small, large) if align in ("auto", "lineage") else None
+    if align == "lineage" and lineage is None:
+        raise ValueError(f"align 'lineage': {small.path} records no lineage from {large.path} in its cbd.json")
     large_importance = _importance(large, texts) if _shrinks(large.shape, target) else None
     plan_s = build_plan(large.shape, target, large_importance, grow, lineage)
+    importance = large_importance.kind if large_importance else None
+    if align == "none":
+        return _plan_single(small, target, texts, grow), plan_s, {"method": "none", "importance": importance}
     if lineage is None:
         plan_e = align_to(small, large, plan_s, target, grow)
-        return plan_e, plan_s, {"method": "hungarian", "importance": large_importance.kind if large_importance else None}
+        return plan_e, plan_s, {"method": "hungarian", "importance": importance}
     small_of_large_layer = {layer.source: k for k, layer in enumerate(lineage.layers) if not layer.fresh}
     layer_sources = [small_of_large_layer.get(s.source, NEW) if not s.fresh else NEW for s in plan_s.layers]
     placed = fill_fresh_sources(layer_sources)
@@ -326,7 +336,7 @@ def plan_pair(small: Anchor, large: Anchor, target: Shape, texts: list[str] | No
     layers = layers_with_copies(placed, unit_maps, grow)
     plan_e = Plan(_placed(plan_s.residual, lineage.residual), layers)
     plan_e.validate(small.shape, target)
-    return plan_e, plan_s, {"method": "lineage", "importance": large_importance.kind if large_importance else None}
+    return plan_e, plan_s, {"method": "lineage", "importance": importance}
 
 
 # ---------------------------------------------------------------- streaming the tensors

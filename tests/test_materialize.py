@@ -167,6 +167,18 @@ def test_hungarian_alignment_recovers_an_anchor_without_lineage(tiny_model, tmp_
     torch.testing.assert_close(logits(tmp_path / "hungarian"), logits(tmp_path / "lineage"), atol=1e-5, rtol=0)
 
 
+def test_align_none_is_a_positional_merge_and_lineage_must_exist(tiny_model, tmp_path):
+    first, second = tiny_model("llama", seed=1), tiny_model("llama", seed=2)
+    shape = spec_of(first).shape.to_dict()
+    out = tmp_path / "merge"
+    materialize(out, small=first, large=second, shape=shape, alpha=0.25, align="none", dtype="float32")
+    a, b, got = weights(first), weights(second), weights(out)
+    assert all(torch.allclose(got[n], 0.25 * a[n] + 0.75 * b[n], atol=1e-7) for n in got)
+    with pytest.raises(ValueError, match="records no lineage"):
+        materialize(tmp_path / "x", small=first, large=second, shape=shape, align="lineage")
+    _assert_nothing_written(tmp_path / "x")
+
+
 def test_default_alpha_and_mix(tiny_model, tmp_path):
     small, large = _two_anchors(tiny_model, tmp_path)
     p_small, p_large = spec_of(small).num_params, spec_of(large).num_params
