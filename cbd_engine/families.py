@@ -44,7 +44,7 @@ class TensorSpec:
 
     @property
     def writes_residual(self) -> bool:
-        """Residual writers (attention output, MLP down projection) are zeroed in a fresh layer, which keeps it inert."""
+        """Residual writers (attention output, MLP down projection) are zeroed in a fresh layer: it stays inert."""
         return any(ax.kind == RESIDUAL and ax.role == OUT for dim in self.dims for ax in dim)
 
 
@@ -131,7 +131,7 @@ class Family:
     eps_key: str
 
 
-# ---------------------------------------------------------------- the Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM)
+# -------------------------------------------------------------- the Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM)
 
 def _llama_architecture(config: dict[str, Any], tied: bool) -> Architecture:
     model_type = config.get("model_type", "llama")

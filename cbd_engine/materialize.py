@@ -21,6 +21,7 @@ import torch
 from cbd_engine import __version__
 from cbd_engine.alignment import align_to
 from cbd_engine.checkpoint import (
+    DEFAULT_SHARD_BYTES,
     DTYPE_NAMES,
     FileInfo,
     SafetensorsReader,
@@ -331,8 +332,8 @@ def plan_pair(small: Anchor, large: Anchor, target: Shape, texts: list[str] | No
     for (small_layer, fresh), large_layer in zip(placed, plan_s.layers, strict=True):
         if not fresh:
             cut = lineage.layers[small_layer]
-            unit_maps[small_layer] = (_placed(large_layer.heads, cut.heads), _placed(large_layer.kv_heads, cut.kv_heads),
-                                      _placed(large_layer.ffn, cut.ffn))
+            unit_maps[small_layer] = (_placed(large_layer.heads, cut.heads),
+                                      _placed(large_layer.kv_heads, cut.kv_heads), _placed(large_layer.ffn, cut.ffn))
     layers = layers_with_copies(placed, unit_maps, grow)
     plan_e = Plan(_placed(plan_s.residual, lineage.residual), layers)
     plan_e.validate(small.shape, target)
@@ -370,7 +371,10 @@ def mixed_tensor(terms: list[Term], spec: TensorSpec, name: str, layer_index: in
     return result
 
 
-def iter_tensors(terms: list[Term], target: Shape, seed: int) -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
+TensorStream = Iterator[tuple[str, Iterator[torch.Tensor]]]  # (name, slices along the first dimension)
+
+
+def iter_tensors(terms: list[Term], target: Shape, seed: int) -> TensorStream:
     """(name, slices) for every target tensor in checkpoint order; slices concatenate along the first dimension."""
     arch = terms[0].anchor.spec.architecture
     for name, spec, layer_index in arch.tensor_names(target):
@@ -384,15 +388,15 @@ def iter_tensors(terms: list[Term], target: Shape, seed: int) -> Iterator[tuple[
             yield name, iter([mixed_tensor(terms, spec, name, layer_index, seed)])
 
 
-def _write(out: str | Path, config: dict, side_files_from: Anchor, tensors: Iterator[tuple[str, Iterator[torch.Tensor]]],
-           target: Shape, dtype: torch.dtype, provenance: dict, progress: ProgressCallback,
-           should_stop: Callable[[], bool] | None, max_shard_bytes: int | None) -> MaterializeResult:
+def _write(out: str | Path, config: dict, side_files_from: Anchor, tensors: TensorStream, target: Shape,
+           dtype: torch.dtype, provenance: dict, progress: ProgressCallback, should_stop: Callable[[], bool] | None,
+           max_shard_bytes: int | None) -> MaterializeResult:
     arch = side_files_from.spec.architecture
     layout = [(name, arch.tensor_shape(spec, target)) for name, spec, _ in arch.tensor_names(target)]
     timer = StageTimer("materialize", len(layout), progress)
     config = {**config, "dtype": DTYPE_NAMES[dtype]}
     with atomic_output_dir(out) as tmp, _single_thread():
-        writer = StreamingWriter(tmp, layout, dtype, **({"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}))
+        writer = StreamingWriter(tmp, layout, dtype, max_shard_bytes or DEFAULT_SHARD_BYTES)
         for step, (name, slices) in enumerate(tensors, 1):
             if should_stop is not None and should_stop():
                 raise Cancelled("materialization cancelled")
@@ -435,7 +439,7 @@ def _provenance(init: str, terms: list[Term], anchors: list[Anchor], target: Sha
         "grow": grow,
         "importance": "activation" if texts else "magnitude",
         "anchors": [{"role": role, **a.describe()}
-                    for role, a in zip(("small", "large") if len(anchors) == 2 else ("anchor",), anchors)],
+                    for role, a in zip(("small", "large") if len(anchors) == 2 else ("anchor",), anchors, strict=True)],
         "terms": [{"anchor": str(t.anchor.path), "weight": t.weight, "plan": t.plan.to_dict()} for t in terms],
     }
     if len(terms) == 1:  # a pure transform of one anchor: later interpolation aligns with it through this record

@@ -70,7 +70,9 @@ class Shape:
             elif name not in values:
                 values[name] = getattr(chain, name)
             elif values[name] != getattr(chain, name):
-                raise ShapeError(f"shape.{name} must equal the chain's ({getattr(chain, name)!r}), got {values[name]!r}")
+                raise ShapeError(
+                    f"shape.{name} must equal the chain's ({getattr(chain, name)!r}), got {values[name]!r}"
+                )
         return cls(**values)
 
 
@@ -121,7 +123,7 @@ def _round_to(value: float, multiple: int, a: int, b: int) -> int:
 
 
 def interpolate_shape(arch: ParamCounter, small: Shape, large: Shape, t: float, fine: bool = False) -> Shape:
-    """Move every axis from `small` (t=0) toward `large` (t=1), rounded to whole layers, GQA groups, FFN multiples of 64.
+    """Move every axis from `small` (t=0) toward `large` (t=1): whole layers, whole GQA groups, FFN multiples of 64.
 
     When the family ties hidden size to heads (GPT-2, GPT-NeoX), the hidden size follows the heads. `fine` halves
     the hidden size's step (for Llama: to the head count), for targets the default steps cannot reach within 3%.

@@ -22,7 +22,7 @@ def cache_dir() -> Path:
 
 
 def smollm2_135m_instruct(cache: Path | None = None) -> Path:
-    """A local Hugging Face folder of SmolLM2-135M-Instruct (float32 safetensors), fetched and converted on first use."""
+    """A local Hugging Face folder of SmolLM2-135M-Instruct (float32 safetensors), fetched and converted once."""
     target = (cache or cache_dir()) / "SmolLM2-135M-Instruct"
     if (target / "model.safetensors").is_file():
         return target
