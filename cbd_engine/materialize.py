@@ -293,9 +293,10 @@ def _placed(large_map: list[int], small_from_large: list[int]) -> list[int]:
 
 
 def _lineage_of(small: Anchor, large: Anchor) -> Plan | None:
-    """The index maps by which `small` was derived from `large`, if its cbd.json records them and they fit."""
+    """The index maps by which `small` was derived from `large`, if its cbd.json records them with `large`'s weights
+    as the parent (a lineage from another model would fit the shapes and still align the wrong units)."""
     record = small.provenance.get("lineage")
-    if not record:
+    if not record or sorted(record.get("parent_sha256", {}).values()) != sorted(folder_hashes(large.path).values()):
         return None
     try:
         plan = Plan.from_dict(record["plan"])

@@ -164,6 +164,10 @@ def test_hungarian_alignment_recovers_an_anchor_without_lineage(tiny_model, tmp_
     by_weights = materialize(tmp_path / "hungarian", small=permuted, large=large, shape=target, alpha=0.5)
     assert by_lineage.provenance["alignment"]["method"] == "lineage"
     assert by_weights.provenance["alignment"]["method"] == "hungarian"
+    # a lineage recorded against other weights is not trusted
+    other = tiny_model("llama", seed=5, num_hidden_layers=4, intermediate_size=128)
+    result = materialize(tmp_path / "other", small=small, large=other, shape=target, alpha=0.5)
+    assert result.provenance["alignment"]["method"] == "hungarian"
     torch.testing.assert_close(logits(tmp_path / "hungarian"), logits(tmp_path / "lineage"), atol=1e-5, rtol=0)
 
 
