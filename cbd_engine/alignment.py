@@ -34,15 +34,33 @@ def _assign(similarity: torch.Tensor) -> list[int]:
 SKETCH_DIM = 256
 
 
+def _sketch_map(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bucket and sign of each of n features (seeded by n, so both anchors share them)."""
+    generator = torch.Generator().manual_seed(n)
+    buckets = torch.randint(0, SKETCH_DIM, (n,), generator=generator)
+    return buckets, torch.randint(0, 2, (n,), generator=generator).float() * 2 - 1
+
+
 def _sketch(features: torch.Tensor) -> torch.Tensor:
-    """Count-sketch rows down to SKETCH_DIM features (fixed seed, so both anchors share it): inner products are kept
-    in expectation and identical rows stay identical, at O(n * f) instead of an n x m x f similarity product."""
+    """Count-sketch rows down to SKETCH_DIM features: inner products are kept in expectation and identical rows stay
+    identical, at O(n * f) instead of an n x m x f similarity product."""
     if features.shape[1] <= SKETCH_DIM:
         return features
-    generator = torch.Generator().manual_seed(features.shape[1])
-    buckets = torch.randint(0, SKETCH_DIM, (features.shape[1],), generator=generator)
-    signs = torch.randint(0, 2, (features.shape[1],), generator=generator).float() * 2 - 1
+    buckets, signs = _sketch_map(features.shape[1])
     return torch.zeros(features.shape[0], SKETCH_DIM).index_add_(1, buckets, features * signs)
+
+
+def _streamed_column_sketch(anchor, name: str, rows: int, rows_per_read: int = 4096) -> torch.Tensor:
+    """The sketch of each column of a [vocab, units] tensor (an embedding), read a slice of rows at a time, so the
+    vocabulary-sized features never exist whole: [units, SKETCH_DIM]."""
+    buckets, signs = _sketch_map(rows)
+    sketch = None
+    for start in range(0, rows, rows_per_read):
+        stop = min(start + rows_per_read, rows)
+        block = anchor.reader.read(name, (start, stop)).float() * signs[start:stop, None]
+        sketch = torch.zeros(SKETCH_DIM, block.shape[1]) if sketch is None else sketch
+        sketch.index_add_(0, buckets[start:stop], block)
+    return sketch.T
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -70,6 +88,9 @@ def unit_features(anchor, layer: int | None, kind: str, channels: list[int]) -> 
             continue
         dim = _unit_dim(spec, kind, context)
         if dim is None:
+            continue
+        if kind == RESIDUAL and len(spec.dims) == 2 and dim == 1:  # an embedding or head, [vocab, residual]
+            parts.append(_streamed_column_sketch(anchor, spec.name, anchor.reader.info(spec.name).shape[0]))
             continue
         tensor = anchor.reader.read(spec.name.format(layer=layer) if layer is not None else spec.name).float()
         for other in range(tensor.ndim):
