@@ -1,0 +1,1 @@
+"""The CBD model factory's REST service: FastAPI app, ORM, services. Never imports torch."""

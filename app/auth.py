@@ -1,0 +1,156 @@
+"""Scoped bearer tokens (stored as sha256), per-token rate limits. Dependencies: `require("read")` etc."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.errors import ApiError
+from app.models import Token
+from app.settings import Settings
+
+SCOPES = ("read", "build", "admin")
+TOKEN_PREFIX = "cbd_"
+bearer = HTTPBearer(auto_error=False, description="A token from `cbd token create`")
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str  # the token id (or "anonymous" with auth off): owner of jobs, key of rate limits
+    scopes: frozenset[str]
+
+    def has(self, scope: str) -> bool:
+        return scope in self.scopes or "admin" in self.scopes
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def parse_scopes(text: str) -> list[str]:
+    scopes = sorted({s.strip() for s in text.split(",") if s.strip()})
+    unknown = [s for s in scopes if s not in SCOPES]
+    if unknown or not scopes:
+        raise ValueError(f"scopes must be a comma-separated subset of {', '.join(SCOPES)}, got {text!r}")
+    return scopes
+
+
+def configured_tokens(settings: Settings) -> dict[str, frozenset[str]]:
+    """CBD_TOKEN_HASHES: 'sha256hex:read,build;sha256hex:admin'."""
+    result = {}
+    for entry in filter(None, (e.strip() for e in settings.token_hashes.split(";"))):
+        digest, _, scopes = entry.partition(":")
+        result[digest.lower()] = frozenset(parse_scopes(scopes))
+    return result
+
+
+class RateLimiter:
+    """A sliding one-minute window per key, in process memory."""
+
+    def __init__(self, per_minute: int):
+        self.per_minute = per_minute
+        self._hits: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def check(self, key: str) -> float | None:
+        """None when allowed, else the seconds to wait."""
+        if self.per_minute <= 0:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            hits = self._hits.setdefault(key, deque())
+            while hits and hits[0] <= now - 60:
+                hits.popleft()
+            if len(hits) >= self.per_minute:
+                return 60 - (now - hits[0])
+            hits.append(now)
+        return None
+
+
+TOKEN_CACHE_SECONDS = 30.0
+
+
+class TokenCache:
+    """Database tokens by hash, remembered briefly so that a request costs no token query (and no thread hop)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[float, Principal | None]] = {}
+
+    def get(self, digest: str) -> tuple[bool, Principal | None]:
+        entry = self._entries.get(digest)
+        if entry is None or time.monotonic() - entry[0] > TOKEN_CACHE_SECONDS:
+            return False, None
+        return True, entry[1]
+
+    def put(self, digest: str, principal: Principal | None) -> None:
+        if len(self._entries) > 10_000:
+            self._entries.clear()
+        self._entries[digest] = (time.monotonic(), principal)
+
+
+def lookup_token(request: Request, digest: str) -> Principal | None:
+    with request.app.state.session_factory() as session:
+        token = session.scalar(select(Token).where(Token.hash == digest))
+    return Principal(token.id, frozenset(token.scopes)) if token else None
+
+
+async def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Principal:
+    settings: Settings = request.app.state.settings
+    if not settings.auth_enabled:
+        return Principal("anonymous", frozenset(SCOPES))
+    challenge = {"WWW-Authenticate": 'Bearer realm="cbd"'}
+    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+        raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)", headers=challenge)
+    digest = hash_token(credentials.credentials)
+    scopes = request.app.state.configured_tokens.get(digest)
+    if scopes is not None:
+        return Principal(f"cfg_{digest[:12]}", scopes)
+    cache: TokenCache = request.app.state.token_cache
+    known, principal = cache.get(digest)
+    if not known:
+        principal = await run_in_threadpool(lookup_token, request, digest)
+        cache.put(digest, principal)
+    if principal is None:
+        raise ApiError(401, "invalid bearer token", headers=challenge)
+    return principal
+
+
+def require(scope: str) -> Callable[..., Awaitable[Principal]]:
+    async def dependency(
+        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    ) -> Principal:
+        principal = await authenticate(request, credentials)
+        if not principal.has(scope):
+            raise ApiError(403, f"this token lacks the {scope!r} scope (it has {', '.join(sorted(principal.scopes))})")
+        key = principal.name if principal.name != "anonymous" else f"ip:{request.client.host if request.client else ''}"
+        wait = request.app.state.rate_limiter.check(key)
+        if wait is not None:
+            raise ApiError(429, f"rate limit of {request.app.state.settings.rate_limit_per_minute} requests per "
+                                "minute exceeded", headers={"Retry-After": str(max(1, round(wait)))})
+        return principal
+
+    return dependency
+
+
+def create_token(session: Session, scopes: list[str], name: str = "") -> tuple[str, Token]:
+    token = new_token()
+    row = Token(name=name, hash=hash_token(token), scopes=scopes)
+    session.add(row)
+    session.commit()
+    return token, row

@@ -1,0 +1,118 @@
+"""The app factory: `create_app(settings)`; `uvicorn --factory app.main:create_app` reads CBD_ settings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from prometheus_client import CollectorRegistry
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import cbd_engine
+from app.auth import RateLimiter, TokenCache, configured_tokens
+from app.db import make_engine, make_session_factory
+from app.errors import install_error_handlers, problem, problem_openapi
+from app.routers import chains, files, hub, jobs, models, operations
+from app.services.jobs import requeue_expired
+from app.services.operations import JobsCollector
+from app.settings import Settings
+from app.storage import open_store
+
+log = logging.getLogger("cbd.api")
+
+
+class BodyLimit:
+    """Refuse request bodies over the configured size with a 413 problem, declared or streamed; and NUL bytes in
+    the path (404) or query (422)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if "\x00" in scope["path"]:  # no name or id holds a NUL; PostgreSQL could not even compare one
+            return await problem(404, "not found")(scope, receive, send)
+        if b"%00" in scope.get("query_string", b""):
+            return await problem(422, "query parameters may not contain NUL")(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self._refuse(scope, receive, send)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await problem(413, f"request body exceeds {self.max_bytes} bytes")(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _sweep(app: FastAPI) -> None:
+    """With a broker: re-send jobs whose worker stopped renewing its lease."""
+    settings: Settings = app.state.settings
+    while True:
+        await asyncio.sleep(settings.lease_seconds / 2)
+        try:
+            with app.state.session_factory() as session:
+                await asyncio.to_thread(requeue_expired, session, settings)
+        except Exception:  # noqa: BLE001 - the sweeper must survive a database hiccup
+            log.exception("lease sweep failed")
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    sweeper = None if settings.embedded else asyncio.create_task(_sweep(app))
+    if not settings.auth_enabled:
+        log.warning("authentication is OFF (CBD_AUTH=%s on %s): every request has every scope", settings.auth,
+                    settings.host)
+    yield
+    if sweeper is not None:
+        sweeper.cancel()
+    app.state.engine.dispose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(title="CBD model factory", version=cbd_engine.__version__, lifespan=lifespan, redirect_slashes=False,
+                  description="Knowledge chains and teacher-free materialization of any-size SLMs. See API.md.")
+    app.state.settings = settings
+    app.state.engine = make_engine(settings.resolved_database_url)
+    app.state.session_factory = make_session_factory(app.state.engine)
+    app.state.store = open_store(settings.resolved_storage_url, settings.s3_endpoint_url)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
+    app.state.token_cache = TokenCache()
+    app.state.configured_tokens = configured_tokens(settings)
+    app.state.registry = CollectorRegistry()
+    app.state.registry.register(JobsCollector(app.state.session_factory, settings))
+    install_error_handlers(app)
+    for module in (chains, models, jobs, files, hub, operations):
+        app.include_router(module.router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = problem_openapi(get_openapi(title=app.title, version=app.version,
+                                                             description=app.description, routes=app.routes))
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return app

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from app.deps import Builder, IdempotencyKeyHeader, Limit, PageToken, Reader, SessionDep, SettingsDep
+from app.errors import problem_responses
+from app.schemas import ChainAccepted, ChainCreate, ChainOut, Page, ResourceStatus
+from app.services import chains, idempotency, jobs
+
+router = APIRouter(tags=["chains"], responses=problem_responses(400, 401, 403, 429))
+
+
+@router.post("/chains", status_code=202, response_model=ChainAccepted, responses=problem_responses(409, 413, 422))
+def create_chain(body: ChainCreate, session: SessionDep, settings: SettingsDep, principal: Builder,
+                 response: Response, idempotency_key: IdempotencyKeyHeader = None) -> ChainAccepted | JSONResponse:
+    known = idempotency.lookup(session, principal.name, idempotency_key, "chains", body)
+    if known is not None:
+        chain = chains.get_chain(session, known)
+        job = jobs.latest_job(session, chain.id)
+        response.headers["Location"] = f"/jobs/{job.id}"
+        response.status_code = 200
+        return chains.accepted(chain, job)
+    chain, job = chains.create_chain(session, settings, body, principal.name)
+    idempotency.remember(session, principal.name, idempotency_key, "chains", body, chain.id)
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return chains.accepted(chain, job)
+
+
+@router.get("/chains", response_model=Page[ChainOut], responses=problem_responses(422))
+def list_chains(session: SessionDep, principal: Reader, limit: Limit = 50, page_token: PageToken = None,
+                source: str | None = None, status: ResourceStatus | None = None) -> Page[ChainOut]:
+    return chains.list_chains(session, limit, page_token, source, status)
+
+
+@router.get("/chains/{chain_id}", response_model=ChainOut, responses=problem_responses(404))
+def get_chain(chain_id: str, session: SessionDep, principal: Reader) -> ChainOut:
+    return chains.chain_out(session, chains.get_chain(session, chain_id))

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from app.deps import Admin, Builder, IdempotencyKeyHeader, Limit, PageToken, Reader, SessionDep, SettingsDep, StoreDep
+from app.errors import problem_responses
+from app.schemas import EvaluationCreate, JobRef, ModelCreate, ModelOut, Page, ResourceStatus
+from app.services import idempotency, jobs, models
+
+router = APIRouter(tags=["models"], responses=problem_responses(400, 401, 403, 429))
+
+
+@router.post("/models", status_code=202, response_model=ModelOut,
+             responses={200: {"model": ModelOut, "description": "an identical model exists"},
+                        **problem_responses(409, 413, 422)})
+def create_model(body: ModelCreate, session: SessionDep, settings: SettingsDep, principal: Builder,
+                 response: Response, idempotency_key: IdempotencyKeyHeader = None) -> ModelOut:
+    known = idempotency.lookup(session, principal.name, idempotency_key, "models", body)
+    if known is not None:
+        model, started = models.get_model(session, known), False
+    else:
+        model, started = models.request_model(session, settings, body, principal.name)
+        idempotency.remember(session, principal.name, idempotency_key, "models", body, model.id)
+    out = models.model_out(session, model)
+    response.status_code = 202 if started else 200
+    if out.job is not None and started:
+        response.headers["Location"] = out.job.url
+    return out
+
+
+@router.get("/models", response_model=Page[ModelOut], responses=problem_responses(422))
+def list_models(session: SessionDep, principal: Reader, limit: Limit = 50, page_token: PageToken = None,
+                chain: str | None = None, source: str | None = None,
+                status: ResourceStatus | None = None) -> Page[ModelOut]:
+    return models.list_models(session, limit, page_token, chain, source, status)
+
+
+@router.get("/models/{model_id}", response_model=ModelOut, responses=problem_responses(404))
+def get_model(model_id: str, session: SessionDep, principal: Reader) -> ModelOut:
+    return models.model_out(session, models.get_model(session, model_id))
+
+
+@router.delete("/models/{model_id}", status_code=204, responses=problem_responses(404, 409))
+def delete_model(model_id: str, session: SessionDep, store: StoreDep, principal: Admin) -> Response:
+    models.delete_model(session, store, model_id)
+    return Response(status_code=204)
+
+
+@router.post("/models/{model_id}/evaluations", status_code=202, response_model=JobRef,
+             responses=problem_responses(404, 409, 422))
+def evaluate_model(model_id: str, body: EvaluationCreate, session: SessionDep, settings: SettingsDep,
+                   principal: Builder, response: Response, idempotency_key: IdempotencyKeyHeader = None) -> JobRef:
+    route = f"models/{model_id}/evaluations"
+    known = idempotency.lookup(session, principal.name, idempotency_key, route, body)
+    job = jobs.get_job(session, known) if known else models.start_evaluation(session, settings, model_id, body,
+                                                                              principal.name)
+    idempotency.remember(session, principal.name, None if known else idempotency_key, route, body, job.id)
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return jobs.job_ref(job)

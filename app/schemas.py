@@ -1,0 +1,308 @@
+"""Pydantic request and response schemas of the external contract (../shared/API.md). Kept apart from the ORM."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator, model_validator
+
+from cbd_engine.shapes import ShapeError, parse_size
+
+MAX_SIZE = 10**13
+Device = Literal["auto", "cpu", "gpu", "npu"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobKind = Literal["build_chain", "materialize_model", "evaluate_model"]
+ResourceStatus = Literal["queued", "running", "ready", "failed", "cancelled"]
+
+
+def _rfc3339(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:  # SQLite hands times back naive; they are stored in UTC
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+Timestamp = Annotated[datetime, PlainSerializer(_rfc3339, return_type=str)]
+OptionalTimestamp = Annotated[datetime | None, PlainSerializer(_rfc3339, return_type=str | None)]
+
+
+def _check_size(value: int | str | None) -> int | str | None:
+    if value is None:
+        return None
+    try:
+        parsed = parse_size(value)
+    except ShapeError as error:
+        raise ValueError(str(error)) from None
+    if parsed > MAX_SIZE:
+        raise ValueError(f"size must be at most {MAX_SIZE} parameters, got {value!r}")
+    return value
+
+
+class Strict(BaseModel):
+    """Request bodies: unknown fields are errors, and no string holds a NUL byte (whatever the database)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("strings may not contain NUL bytes")
+        return value
+
+
+class ShapeIn(Strict):
+    num_layers: int = Field(ge=1, le=1024)
+    hidden_size: int = Field(ge=1, le=1 << 17)
+    num_heads: int = Field(ge=1, le=4096)
+    num_kv_heads: int = Field(ge=1, le=4096)
+    head_dim: int = Field(ge=1, le=4096)
+    intermediate_size: int = Field(ge=1, le=1 << 20)
+    vocab_size: int | None = Field(default=None, ge=1, le=1 << 24)
+    max_position_embeddings: int | None = Field(default=None, ge=1, le=1 << 24)
+    tie_word_embeddings: bool | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class AnchorIn(Strict):
+    size: int | str | None = Field(default=None, description="total parameters, e.g. 90000000 or '90M'")
+    checkpoint: str | None = Field(default=None, max_length=1000)
+    shape: ShapeIn | None = None
+    distill: bool = True
+
+    _size = field_validator("size")(_check_size)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> AnchorIn:
+        given = [name for name in ("size", "checkpoint", "shape") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"an anchor takes exactly one of size, checkpoint or shape, got {given or 'none'}")
+        if not self.distill and self.checkpoint is None:
+            raise ValueError("distill: false registers a checkpoint as it is, so it needs checkpoint")
+        return self
+
+
+class BridgeIn(Strict):
+    model: str | ShapeIn
+    method: Literal["seqkd"] = "seqkd"
+    num_samples: int = Field(default=1000, ge=1, le=10**7)
+    epochs: int = Field(default=1, ge=1, le=1000)
+
+
+class DatasetIn(Strict):
+    path: str | None = Field(default=None, max_length=1000)
+    hf: str | None = Field(default=None, max_length=200, pattern=r"^[\w.-]+(/[\w.-]+)?$")
+    split: str = Field(default="train", max_length=100, pattern=r"^[\w.\[\]:%-]+$")
+    prompt_format: Literal["alpaca", "chat"] = "alpaca"
+
+    @model_validator(mode="after")
+    def _one_of(self) -> DatasetIn:
+        if (self.path is None) == (self.hf is None):
+            raise ValueError("dataset takes exactly one of path or hf")
+        return self
+
+
+class DistillationIn(Strict):
+    loss: Literal["forward_kl", "reverse_kl", "js", "tvd", "sft"] = "reverse_kl"
+    mode: Literal["on_policy", "off_policy"] = "on_policy"
+    steps: int = Field(default=5000, ge=0, le=10**7)
+    batch_size: int = Field(default=8, ge=1, le=4096)
+    learning_rate: float = Field(default=5e-5, gt=0, le=1)
+    max_length: int = Field(default=512, ge=8, le=131072)
+    sft_epochs: int = Field(default=0, ge=0, le=100)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+
+class ChainCreate(Strict):
+    name: str = Field(min_length=1, max_length=200)
+    source: str = Field(min_length=1, max_length=1000, description="Hugging Face id, local folder or .gguf file")
+    bridge: BridgeIn | None = None
+    anchors: list[AnchorIn] = Field(min_length=1, max_length=64)
+    dataset: DatasetIn | None = None
+    distillation: DistillationIn = Field(default_factory=DistillationIn)
+    device: Device = "auto"
+
+
+class ModelCreate(Strict):
+    source: str | None = Field(default=None, min_length=1, max_length=1000)
+    chain: str | None = Field(default=None, min_length=1, max_length=40)
+    size: int | str | None = Field(default=None, description="total parameters, e.g. 100000000 or '100M'")
+    shape: ShapeIn | None = None
+    alpha: float | Literal["auto"] | None = Field(default=None, description="null, a number in [0, 1], or 'auto'")
+    init: Literal["cbd", "random", "single", "learngene_auto", "learngene_van"] = "cbd"
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    device: Device = "auto"
+
+    _size = field_validator("size")(_check_size)
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_range(cls, value: float | str | None) -> float | str | None:
+        if isinstance(value, float | int) and not 0.0 <= value <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], 'auto' or null, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ModelCreate:
+        if (self.source is None) == (self.chain is None):
+            raise ValueError("give exactly one of source or chain")
+        if (self.size is None) == (self.shape is None):
+            raise ValueError("give exactly one of size or shape")
+        return self
+
+
+class EvaluationCreate(Strict):
+    tasks: list[Annotated[str, Field(min_length=1, max_length=1100)]] = Field(
+        min_length=1, max_length=16,
+        description="as `cbd eval`: TYPE=PATH (perplexity, response_loss, rougeL, summarization, multiple_choice; "
+                    "PATH under the allowed roots), or validation_loss (the chain data set's validation rows)")
+    limit: int | None = Field(default=None, ge=1, le=100000)
+    device: Device = "auto"
+
+
+class JobRef(BaseModel):
+    id: str
+    url: str
+
+
+class FileOut(BaseModel):
+    name: str
+    size: int
+    sha256: str
+    url: str
+
+
+class AnchorOut(BaseModel):
+    id: str
+    index: int
+    params: int
+    shape: dict[str, Any]
+    status: ResourceStatus
+    metrics: dict[str, Any]
+    files: list[FileOut]
+
+
+class ChainAccepted(BaseModel):
+    id: str
+    name: str
+    status: ResourceStatus
+    job: JobRef
+
+
+class ChainOut(BaseModel):
+    id: str
+    name: str
+    source: str
+    family: str | None
+    status: ResourceStatus
+    anchors: list[AnchorOut]
+    job: JobRef | None
+    created_at: Timestamp
+
+
+class ModelOut(BaseModel):
+    id: str
+    chain: str
+    source: str
+    size: int | None
+    params: int
+    shape: dict[str, Any]
+    alpha: float | str | None
+    init: str
+    seed: int
+    dtype: str
+    engine_version: str
+    anchors: list[str]
+    status: ResourceStatus
+    metrics: dict[str, Any]
+    files: list[FileOut]
+    provenance: dict[str, Any]
+    job: JobRef | None
+    hub_repo_id: str
+    created_at: Timestamp
+
+
+class Progress(BaseModel):
+    stage: str | None = None
+    step: int | None = None
+    total: int | None = None
+    fraction: float | None = None
+    eta_seconds: float | None = None
+    loss: float | None = None
+    estimated_seconds: float | None = None
+
+
+class JobResult(BaseModel):
+    chain: str | None = None
+    model: str | None = None
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: JobKind
+    status: JobStatus
+    queue: str
+    progress: Progress
+    error: str | None
+    result: JobResult
+    attempts: int
+    created_at: Timestamp
+    started_at: OptionalTimestamp
+    finished_at: OptionalTimestamp
+
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    next_page_token: str | None
+
+
+class Problem(BaseModel):
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    errors: list[dict[str, Any]] | None = None
+
+
+class HubSibling(BaseModel):
+    rfilename: str
+    size: int | None = None
+
+
+class HubModelInfo(BaseModel):
+    id: str
+    modelId: str  # noqa: N815 - the Hub's field name
+    sha: str
+    private: bool = False
+    disabled: bool = False
+    gated: bool = False
+    downloads: int = 0
+    likes: int = 0
+    tags: list[str]
+    siblings: list[HubSibling]
+    createdAt: Timestamp  # noqa: N815
+    lastModified: Timestamp  # noqa: N815
+
+
+class HubLfs(BaseModel):
+    oid: str
+    size: int
+    pointerSize: int = 134  # noqa: N815
+
+
+class HubTreeEntry(BaseModel):
+    type: Literal["file", "directory"] = "file"
+    path: str
+    size: int
+    oid: str
+    lfs: HubLfs | None = None
+
+

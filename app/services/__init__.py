@@ -1,0 +1,1 @@
+"""Domain logic of the service; routers stay thin and call these."""

@@ -1,0 +1,73 @@
+"""The service's one settings class: environment variables with the prefix CBD_ (CLI flags override them)."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CBD_", extra="ignore")
+
+    data_dir: Path = Path("./cbd-data")
+    database_url: str = ""  # default: sqlite in data_dir
+    broker_url: str = ""  # empty: the embedded worker polls the jobs table
+    storage_url: str = ""  # default: file:// in data_dir
+    s3_endpoint_url: str = ""
+    allowed_source_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    auth: Literal["on", "off", "auto"] = "auto"  # auto: off on 127.0.0.1, on elsewhere
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # sha256 hex of tokens with their scopes, "hash:read,build;hash2:read" (tokens from `cbd token create` live in
+    # the database)
+    token_hashes: str = ""
+    max_body_bytes: int = 1 << 20
+    rate_limit_per_minute: int = 600  # per token (or per client address with auth off); 0 disables
+    max_concurrent_jobs: int = 4  # queued or running jobs per token; 0 disables
+    job_budget_seconds: float = 24 * 3600.0
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 10.0
+    soft_time_limit_seconds: float = 48 * 3600.0
+    hard_time_limit_seconds: float = 49 * 3600.0
+    auto_queue: Literal["cpu", "gpu", "npu"] = "cpu"  # the queue of requests with device "auto"
+    embedded_poll_seconds: float = 0.2
+    embedded_worker: bool = True  # `cbd serve` starts a worker when no broker is configured
+    validation_rows: int = 32  # validation rows scored for each new model and anchor
+    calibration_rows: int = 64  # training rows for activation importance and alpha "auto"
+    webhook_url: str = ""
+    webhook_secret: str = ""
+    materialize_bytes_per_second: float = 150e6  # for job estimates
+
+    @field_validator("allowed_source_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: str | list) -> list[Path]:
+        items = value.split(os.pathsep) if isinstance(value, str) else value
+        return [Path(p).resolve() for p in items if str(p)]
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'cbd.sqlite3').resolve()}"
+
+    @cached_property
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or (self.data_dir / "artifacts").resolve().as_uri()
+
+    @property
+    def auth_enabled(self) -> bool:
+        if self.auth == "auto":
+            return self.host not in ("127.0.0.1", "localhost", "::1")
+        return self.auth == "on"
+
+    @property
+    def embedded(self) -> bool:
+        return not self.broker_url
+
+    @property
+    def work_dir(self) -> Path:
+        """Scratch space of workers: anchor folders and outputs before they are published."""
+        return self.data_dir / "work"

@@ -1,0 +1,284 @@
+"""Content-addressed artifact stores: every file is kept under its sha256, written to a temporary key and published
+atomically. Local filesystem (`file://`) and S3-compatible (`s3://bucket/prefix`) backends.
+
+Only safetensors weights and JSON/text side files are stored; nothing stored or served is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+from urllib.parse import urlparse
+
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK = 8 << 20
+SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"}
+# side files a model folder may carry besides its weights; pickled formats (*.bin, *.pt, *.pth, *.pkl) never are
+ALLOWED_SUFFIXES = (".safetensors", ".json", ".jinja", ".txt", ".model", ".md")
+
+
+class ArtifactError(ValueError):
+    """A file that may not be stored (a pickle, a malformed safetensors header, a bad name)."""
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    name: str
+    size: int
+    sha256: str
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def validate_safetensors(path: Path) -> None:
+    """Check a safetensors header without loading tensors: JSON, known dtypes, offsets that tile the data exactly."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        raw = handle.read(8)
+        if len(raw) != 8:
+            raise ArtifactError(f"{path.name}: not a safetensors file (shorter than 8 bytes)")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > min(size - 8, 100 << 20):
+            raise ArtifactError(f"{path.name}: safetensors header length {header_len} exceeds the file")
+        try:
+            header = json.loads(handle.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ArtifactError(f"{path.name}: safetensors header is not JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{path.name}: safetensors header is not an object")
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES:
+            raise ArtifactError(f"{path.name}: tensor {name!r} has no known dtype")
+        offsets = info.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise ArtifactError(f"{path.name}: tensor {name!r} has malformed data_offsets")
+        spans.append(tuple(offsets))
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position or end < begin:
+            raise ArtifactError(f"{path.name}: tensor data offsets overlap or leave gaps")
+        position = end
+    if 8 + header_len + position != size:
+        raise ArtifactError(f"{path.name}: tensor data ({position} bytes) does not fill the file")
+
+
+def model_files(folder: Path) -> list[Path]:
+    """The files of a model folder that are published: weights (validated) and side files; pickles are refused."""
+    files = []
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        if path.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"):
+            raise ArtifactError(f"{path.name}: pickled weights are not accepted; use safetensors")
+        if path.suffix not in ALLOWED_SUFFIXES:
+            continue
+        if path.suffix == ".safetensors":
+            validate_safetensors(path)
+        files.append(path)
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise ArtifactError(f"{folder} has no *.safetensors weights")
+    return files
+
+
+class ArtifactStore(Protocol):
+    def put_file(self, path: Path, sha256: str | None = None, move: bool = False) -> StoredFile: ...
+
+    def exists(self, sha256: str) -> bool: ...
+
+    def local_path(self, sha256: str) -> Path | None: ...
+
+    def presigned_url(self, sha256: str, filename: str) -> str | None: ...
+
+    def open(self, sha256: str) -> BinaryIO: ...
+
+    def delete(self, sha256: str) -> None: ...
+
+    def check(self) -> None: ...
+
+    def fetch_to(self, sha256: str, dest: Path) -> None: ...
+
+
+def put_folder(store: ArtifactStore, folder: Path, known: dict[str, str] | None = None) -> list[StoredFile]:
+    """Publish a model folder. `known` (name -> sha256, from the engine that just wrote the folder) lets a local store
+    move the files into place; anything else is hashed as it is copied."""
+    known = known or {}
+    return [store.put_file(p, known.get(p.name), move=p.name in known) for p in model_files(folder)]
+
+
+def link_folder(store: ArtifactStore, files: list[StoredFile], dest: Path) -> Path:
+    """A model folder at `dest` with the given files (hard links into a local store, or downloads), made atomically."""
+    if (dest / "config.json").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        for item in files:
+            store.fetch_to(item.sha256, tmp / item.name)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another worker made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+class LocalStore:
+    def __init__(self, root: Path):
+        self.root = root
+        (root / "blobs").mkdir(parents=True, exist_ok=True)
+        (root / "tmp").mkdir(parents=True, exist_ok=True)
+
+    def _blob(self, sha256: str) -> Path:
+        if not SHA256_RE.match(sha256):
+            raise ArtifactError(f"not a sha256: {sha256!r}")
+        return self.root / "blobs" / sha256[:2] / sha256
+
+    def put_file(self, path: Path, sha256: str | None = None, move: bool = False) -> StoredFile:
+        """Copy (hashing on the way) and publish; `move` with a known sha256 publishes a worker's own output by
+        renaming it into place, without reading it again."""
+        if move and sha256 is not None:
+            blob = self._blob(sha256)
+            blob.parent.mkdir(exist_ok=True)
+            size = path.stat().st_size
+            os.replace(path, blob)
+            return StoredFile(path.name, size, sha256)
+        tmp = self.root / "tmp" / uuid.uuid4().hex
+        digest, size = hashlib.sha256(), 0
+        with open(path, "rb") as src, open(tmp, "wb") as dst:
+            while chunk := src.read(_CHUNK):
+                digest.update(chunk)
+                dst.write(chunk)
+                size += len(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+        actual = digest.hexdigest()
+        if sha256 is not None and sha256 != actual:
+            tmp.unlink()
+            raise ArtifactError(f"{path.name}: sha256 {actual} does not match the expected {sha256}")
+        blob = self._blob(actual)
+        blob.parent.mkdir(exist_ok=True)
+        os.replace(tmp, blob)  # atomic publish; the same content under the same key is harmless to replace
+        return StoredFile(path.name, size, actual)
+
+    def exists(self, sha256: str) -> bool:
+        return self._blob(sha256).is_file()
+
+    def local_path(self, sha256: str) -> Path | None:
+        blob = self._blob(sha256)
+        return blob if blob.is_file() else None
+
+    def presigned_url(self, sha256: str, filename: str) -> str | None:
+        return None
+
+    def open(self, sha256: str) -> BinaryIO:
+        return open(self._blob(sha256), "rb")
+
+    def delete(self, sha256: str) -> None:
+        self._blob(sha256).unlink(missing_ok=True)
+
+    def check(self) -> None:
+        probe = self.root / "tmp" / f"ready-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+
+    def fetch_to(self, sha256: str, dest: Path) -> None:
+        try:
+            os.link(self._blob(sha256), dest)
+        except OSError:
+            shutil.copyfile(self._blob(sha256), dest)
+
+
+class S3Store:
+    """An S3-compatible bucket: blobs under `<prefix>/blobs/<sha256>`, uploads to `<prefix>/tmp/` then copied."""
+
+    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None):
+        import boto3
+        from botocore.config import Config
+
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        config = Config(signature_version="s3v4", s3={"addressing_style": "path" if endpoint_url else "auto"})
+        self.client = boto3.client("s3", endpoint_url=endpoint_url or None, config=config)
+
+    def _key(self, *parts: str) -> str:
+        return "/".join(p for p in (self.prefix, *parts) if p)
+
+    def _blob(self, sha256: str) -> str:
+        if not SHA256_RE.match(sha256):
+            raise ArtifactError(f"not a sha256: {sha256!r}")
+        return self._key("blobs", sha256)
+
+    def put_file(self, path: Path, sha256: str | None = None, move: bool = False) -> StoredFile:
+        actual = sha256 if move and sha256 else sha256_file(path)
+        if sha256 is not None and sha256 != actual:
+            raise ArtifactError(f"{path.name}: sha256 {actual} does not match the expected {sha256}")
+        size = path.stat().st_size
+        if not self.exists(actual):
+            tmp = self._key("tmp", uuid.uuid4().hex)
+            self.client.upload_file(str(path), self.bucket, tmp)
+            self.client.copy({"Bucket": self.bucket, "Key": tmp}, self.bucket, self._blob(actual))
+            self.client.delete_object(Bucket=self.bucket, Key=tmp)
+        return StoredFile(path.name, size, actual)
+
+    def exists(self, sha256: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._blob(sha256))
+            return True
+        except ClientError:
+            return False
+
+    def local_path(self, sha256: str) -> Path | None:
+        return None
+
+    def presigned_url(self, sha256: str, filename: str) -> str | None:
+        return self.client.generate_presigned_url(
+            "get_object",
+            Params={
+                "Bucket": self.bucket,
+                "Key": self._blob(sha256),
+                "ResponseContentDisposition": f'attachment; filename="{filename}"',
+            },
+            ExpiresIn=3600,
+        )
+
+    def open(self, sha256: str) -> BinaryIO:
+        return self.client.get_object(Bucket=self.bucket, Key=self._blob(sha256))["Body"]
+
+    def delete(self, sha256: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._blob(sha256))
+
+    def check(self) -> None:
+        self.client.head_bucket(Bucket=self.bucket)
+
+    def fetch_to(self, sha256: str, dest: Path) -> None:
+        self.client.download_file(self.bucket, self._blob(sha256), str(dest))
+
+
+def open_store(url: str, s3_endpoint_url: str = "") -> ArtifactStore:
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return LocalStore(Path(parsed.path))
+    if parsed.scheme == "s3":
+        return S3Store(parsed.netloc, parsed.path, s3_endpoint_url)
+    raise ValueError(f"CBD_STORAGE_URL must be file://... or s3://bucket/prefix, got {url!r}")

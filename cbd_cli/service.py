@@ -1,0 +1,162 @@
+"""`cbd serve`, `cbd worker`, `cbd token create`: the REST service and its workers.
+
+Flags override the CBD_* environment; they are passed on to child processes through it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DEMO_DATASET = REPO_ROOT.parent / "shared" / "data" / "instruction" / "minillm_dolly_dev.jsonl"
+SETTING_FLAGS = ("data_dir", "database_url", "broker_url", "storage_url", "allowed_source_roots", "auth", "host",
+                 "port")
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="CBD_DATA_DIR: SQLite database and artifacts (default ./cbd-data)")
+    parser.add_argument("--database-url", help="CBD_DATABASE_URL: sqlite:///... or postgresql+psycopg://...")
+    parser.add_argument("--broker-url", help="CBD_BROKER_URL: empty for the embedded worker, or redis://...")
+    parser.add_argument("--storage-url", help="CBD_STORAGE_URL: file://... or s3://bucket/prefix")
+    parser.add_argument("--allowed-source-roots", help="CBD_ALLOWED_SOURCE_ROOTS: colon-separated folders")
+
+
+def _apply_flags(args: argparse.Namespace) -> None:
+    for name in SETTING_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            os.environ[f"CBD_{name.upper()}"] = str(value)
+
+
+class Supervisor:
+    """Keeps one child process running (the embedded worker), restarting it when it dies."""
+
+    def __init__(self, command: list[str]):
+        self.command, self.process, self.stopping = command, None, False
+
+    def start(self) -> None:
+        threading.Thread(target=self._watch, name="worker-supervisor", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self.stopping:
+            self.process = subprocess.Popen(self.command)
+            code = self.process.wait()
+            if not self.stopping:
+                print(f"cbd serve: embedded worker exited ({code}); restarting", file=sys.stderr)
+                time.sleep(1)
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def serve(args: argparse.Namespace) -> int:
+    _apply_flags(args)
+    import uvicorn
+
+    from app.db import upgrade_database
+    from app.logging import configure_logging
+    from app.main import create_app
+    from app.settings import Settings
+
+    configure_logging()
+    settings = Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_database(settings.resolved_database_url)
+    if args.demo:
+        dataset = [] if args.demo_dataset == "" else ["--dataset", str(args.demo_dataset or DEFAULT_DEMO_DATASET)]
+        print("cbd serve: preparing the demo chain (the first run derives a 90M anchor)", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "worker.demo", *dataset], check=True)
+    supervisor = None
+    if settings.embedded and settings.embedded_worker:
+        supervisor = Supervisor([sys.executable, "-m", "worker.embedded"])
+        supervisor.start()
+    if not settings.auth_enabled:
+        print(f"cbd serve: authentication is OFF on {settings.host} (CBD_AUTH={settings.auth})", file=sys.stderr)
+    print(f"cbd serve: http://{settings.host}:{settings.port} (API docs at /docs)", file=sys.stderr)
+    def shut_down(signum: int, frame: object) -> None:
+        # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; stop the worker before leaving
+        if supervisor is not None:
+            supervisor.stop()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, shut_down)
+    signal.signal(signal.SIGINT, shut_down)
+    try:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
+                    access_log=False, timeout_keep_alive=75)
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
+    return 0
+
+
+def worker(args: argparse.Namespace) -> int:
+    _apply_flags(args)
+    from app.settings import Settings
+
+    settings = Settings()
+    if settings.embedded:
+        os.execv(sys.executable, [sys.executable, "-m", "worker.embedded"])
+    queues = ",".join(args.queue or ["cpu"])
+    command = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", queues,
+               "--concurrency", str(args.concurrency), "--loglevel", "INFO", "-n", f"cbd-{queues}@%h"]
+    os.execv(sys.executable, command)
+    return 0
+
+
+def token_create(args: argparse.Namespace) -> int:
+    _apply_flags(args)
+    from app.auth import create_token, parse_scopes
+    from app.db import make_engine, make_session_factory, upgrade_database
+    from app.settings import Settings
+
+    scopes = parse_scopes(args.scopes)
+    settings = Settings()
+    upgrade_database(settings.resolved_database_url)
+    engine = make_engine(settings.resolved_database_url)
+    with make_session_factory(engine)() as session:
+        token, row = create_token(session, scopes, args.name)
+    engine.dispose()
+    print(token)
+    print(f"cbd token create: {row.id} with scopes {','.join(scopes)} (shown once; stored as sha256)", file=sys.stderr)
+    return 0
+
+
+def register(subcommands: argparse._SubParsersAction) -> None:
+    serve_parser = subcommands.add_parser("serve", help="run the REST service (embedded worker unless a broker is set)")
+    _add_setting_flags(serve_parser)
+    serve_parser.add_argument("--host", help="CBD_HOST (default 127.0.0.1)")
+    serve_parser.add_argument("--port", type=int, help="CBD_PORT (default 8000)")
+    serve_parser.add_argument("--auth", choices=["on", "off", "auto"], help="CBD_AUTH (auto: off on 127.0.0.1 only)")
+    serve_parser.add_argument("--demo", action="store_true",
+                              help="register the demo chain (SmolLM2-135M-Instruct and a 90M anchor) first")
+    serve_parser.add_argument("--demo-dataset", help="instruction JSONL for the demo chain's calibration and "
+                                                     f"validation loss (default {DEFAULT_DEMO_DATASET}; '' for none)")
+    serve_parser.set_defaults(func=serve)
+
+    worker_parser = subcommands.add_parser("worker", help="run a worker for the given queues (Celery with a broker)")
+    _add_setting_flags(worker_parser)
+    worker_parser.add_argument("--queue", action="append", choices=["cpu", "gpu", "npu"], help="repeatable")
+    worker_parser.add_argument("--concurrency", type=int, default=1)
+    worker_parser.set_defaults(func=worker)
+
+    token_parser = subcommands.add_parser("token", help="manage API tokens")
+    token_commands = token_parser.add_subparsers(dest="token_command", required=True)
+    create = token_commands.add_parser("create", help="create a token; prints it on stdout")
+    _add_setting_flags(create)
+    create.add_argument("--scopes", required=True, help="comma-separated: read,build,admin")
+    create.add_argument("--name", default="")
+    create.set_defaults(func=token_create)

@@ -1,0 +1,112 @@
+"""Fixtures of the service tests: settings on a fresh SQLite (or PostgreSQL) database, an API client, tiny chains."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+
+from app.db import upgrade_database
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import SHARED_DATA, make_tiny_model
+
+POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+DOLLY = SHARED_DATA / "instruction" / "minillm_dolly_dev.jsonl"
+
+
+def reachable(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def require_service(name: str, port: int) -> None:
+    """Integration tests fail on CI when a service is down, and skip elsewhere."""
+    if reachable(port):
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{name} is not reachable on 127.0.0.1:{port} (required on CI)")
+    pytest.skip(f"{name} is not reachable on 127.0.0.1:{port}")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh schema of the `test` database, dropped afterwards."""
+    require_service("PostgreSQL", 5432)
+    schema = f"cbd_{uuid.uuid4().hex[:10]}"
+    engine = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text(f"CREATE SCHEMA {schema}"))
+    yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    with engine.connect() as connection:
+        connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    engine.dispose()
+
+
+def make_settings(tmp_path: Path, **overrides: object) -> Settings:
+    values = {"data_dir": tmp_path / "data", "allowed_source_roots": [tmp_path, SHARED_DATA], "auth": "off",
+              "lease_seconds": 5.0, "heartbeat_seconds": 0.5, "validation_rows": 4, **overrides}
+    settings = Settings(**values)
+    upgrade_database(settings.resolved_database_url)
+    return settings
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    if request.param == "postgresql":
+        return make_settings(tmp_path, database_url=request.getfixturevalue("postgres_url"))
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def tiny_anchors(tmp_path: Path) -> tuple[Path, Path]:
+    """Two llama checkpoints of one chain (same vocabulary and head_dim), large and small."""
+    large = make_tiny_model(tmp_path / "large", "llama", seed=1)
+    small = make_tiny_model(tmp_path / "small", "llama", seed=2, hidden_size=48, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    return large, small
+
+
+def run_pending(settings: Settings) -> list[str]:
+    """Run every claimable job with the worker's task code, in this process; returns their final statuses."""
+    from app.db import make_engine, make_session_factory
+    from worker.runner import claimable_jobs, run_job, worker_identity
+    from worker.tasks import HANDLERS
+
+    engine = make_engine(settings.resolved_database_url)
+    factory = make_session_factory(engine)
+    statuses = []
+    with factory() as session:
+        pending = claimable_jobs(session)
+    for job_id in pending:
+        statuses.append(run_job(job_id, settings, factory, HANDLERS, worker_identity()))
+    engine.dispose()
+    return statuses
+
+
+@pytest.fixture
+def tiny_chain(client: TestClient, settings: Settings, tiny_anchors: tuple[Path, Path]) -> dict:
+    """A ready chain registered from the tiny anchors (distill: false), as GET /chains/{id} returns it."""
+    large, small = tiny_anchors
+    body = {"name": "tiny", "source": str(large), "anchors": [{"checkpoint": str(small), "distill": False}],
+            "device": "cpu"}
+    response = client.post("/chains", json=body)
+    assert response.status_code == 202, response.text
+    assert run_pending(settings) == ["succeeded"]
+    return client.get(f"/chains/{response.json()['id']}").json()

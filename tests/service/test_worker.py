@@ -1,0 +1,257 @@
+"""The jobs table as the source of truth: leases, single-run claims, recovery of a dead worker's job, cancellation,
+and the Celery path through a real Redis broker."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.db import make_engine, make_session_factory
+from app.models import Job
+from app.settings import Settings
+from cbd_engine.progress import Cancelled, ProgressEvent
+from tests.service.conftest import REDIS_URL, require_service
+from tests.service.test_api import midpoint
+from worker.runner import JobContext, LeaseLost, claim, run_job
+
+
+@pytest.fixture
+def factory(settings: Settings):  # noqa: ANN201
+    engine = make_engine(settings.resolved_database_url)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def queued_job(client: TestClient, tiny_chain: dict) -> str:
+    return client.post("/models", json={"chain": tiny_chain["id"], "size": midpoint(tiny_chain)}).json()["job"]["id"]
+
+
+def test_only_one_of_many_concurrent_claims_wins(factory, queued_job: str) -> None:  # noqa: ANN001
+    def try_claim(n: int) -> bool:
+        with factory() as session:
+            return claim(session, queued_job, f"w{n}", 30)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(try_claim, range(8))) == 1
+
+
+def test_live_lease_is_kept_and_expired_lease_is_taken_over(factory, settings: Settings, queued_job: str) -> None:  # noqa: ANN001
+    with factory() as session:
+        assert claim(session, queued_job, "dead-worker", 0.3)
+        assert not claim(session, queued_job, "other", 30)  # a live lease is never taken over
+    time.sleep(0.5)
+    with factory() as session:
+        assert claim(session, queued_job, "rescuer", 30)
+        job = session.get(Job, queued_job)
+        assert job.attempts == 2 and job.worker_id == "rescuer"
+    # the first worker, back from the dead, can no longer write anything
+    ctx = JobContext(queued_job, "materialize_model", "cpu", "", {}, settings, factory, "dead-worker",
+                     time.monotonic() + 60)
+    with factory() as session, pytest.raises(LeaseLost):
+        ctx.commit(session)
+
+
+def test_dead_workers_job_finishes_once_when_picked_up_again(factory, settings: Settings, client: TestClient,  # noqa: ANN001
+                                                              queued_job: str) -> None:
+    from worker.tasks import HANDLERS
+
+    with factory() as session:
+        assert claim(session, queued_job, "killed-worker", 1.0)  # a worker took it and died without a heartbeat
+    assert run_job(queued_job, settings, factory, HANDLERS, "w2") == "skipped"  # its lease still runs
+    time.sleep(1.1)
+    assert run_job(queued_job, settings, factory, HANDLERS, "w2") == "succeeded"
+    assert run_job(queued_job, settings, factory, HANDLERS, "w3") == "skipped"  # never twice
+    job = client.get(f"/jobs/{queued_job}").json()
+    assert job["status"] == "succeeded" and job["attempts"] == 2
+    model = client.get(f"/models/{job['result']['model']}").json()
+    assert model["status"] == "ready" and len({f["name"] for f in model["files"]}) == len(model["files"])
+
+
+def test_cooperative_cancellation_of_a_running_job(factory, settings: Settings, client: TestClient,  # noqa: ANN001
+                                                   queued_job: str) -> None:
+    """A handler that checks should_stop at each step stops after POST /jobs/{id}/cancel, and the job ends cancelled."""
+    started = threading.Event()
+
+    def slow(ctx: JobContext) -> None:
+        for step in range(200):
+            ctx.progress(ProgressEvent("work", step, 200), force=True)
+            started.set()
+            if ctx.should_stop():
+                raise Cancelled()
+            time.sleep(0.05)
+
+    worker = threading.Thread(target=run_job, args=(queued_job, settings, factory, {"materialize_model": slow}, "w"))
+    worker.start()
+    assert started.wait(10)
+    assert client.get(f"/jobs/{queued_job}").json()["progress"]["stage"] == "work"
+    assert client.post(f"/jobs/{queued_job}/cancel").status_code == 202
+    worker.join(15)
+    job = client.get(f"/jobs/{queued_job}").json()
+    assert job["status"] == "cancelled" and job["progress"]["step"] < 199
+    assert client.get(f"/models/{job['result']['model']}").json()["status"] == "cancelled"
+
+
+@pytest.mark.integration
+def test_celery_worker_runs_jobs_from_redis(tmp_path, tiny_anchors, postgres_url: str) -> None:  # noqa: ANN001
+    """Production topology: PostgreSQL, Redis, and a real `cbd worker` process consuming the cpu queue."""
+    import os
+    import subprocess
+    import sys
+
+    import redis
+
+    from app.main import create_app
+    from tests.service.conftest import make_settings
+
+    require_service("Redis", 6379)
+    db = 15
+    broker = REDIS_URL.rsplit("/", 1)[0] + f"/{db}"
+    redis.Redis.from_url(broker).flushdb()
+    settings = make_settings(tmp_path, database_url=postgres_url, broker_url=broker)
+    env = {**os.environ, "CBD_DATA_DIR": str(settings.data_dir), "CBD_DATABASE_URL": postgres_url,
+           "CBD_BROKER_URL": broker, "CBD_LEASE_SECONDS": "5", "CBD_HEARTBEAT_SECONDS": "1"}
+    worker = subprocess.Popen([sys.executable, "-m", "cbd_cli", "worker", "--queue", "cpu"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with TestClient(create_app(settings)) as client:
+            assert client.get("/readyz").json()["checks"]["broker"] == "ok"
+            large, small = tiny_anchors
+            chain = client.post("/chains", json={"name": "r", "source": str(large), "device": "cpu",
+                                                 "anchors": [{"checkpoint": str(small), "distill": False}]}).json()
+            assert wait_job(client, chain["job"]["id"]) == "succeeded"
+            params = [a["params"] for a in client.get(f"/chains/{chain['id']}").json()["anchors"]]
+            model = client.post("/models", json={"chain": chain["id"], "size": sum(params) // 2}).json()
+            assert wait_job(client, model["job"]["id"]) == "succeeded"
+            assert client.get(f"/models/{model['id']}").json()["status"] == "ready"
+    finally:
+        worker.terminate()
+        worker.wait(20)
+
+
+def wait_job(client: TestClient, job_id: str, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.get(f"/jobs/{job_id}").json()["status"]
+        if status in ("succeeded", "failed", "cancelled"):
+            return status
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s")
+
+
+def test_signed_webhooks_on_success_and_failure(tmp_path, tiny_anchors) -> None:  # noqa: ANN001
+    import json
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from app.main import create_app
+    from tests.service.conftest import make_settings, run_pending
+    from worker.webhooks import sign
+
+    received: list[tuple[dict, bytes]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            received.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings = make_settings(tmp_path, webhook_url=f"http://127.0.0.1:{server.server_port}/hook",
+                             webhook_secret="s3cret")
+    large, small = tiny_anchors
+    with TestClient(create_app(settings)) as client:
+        client.post("/chains", json={"name": "ok", "source": str(large),
+                                     "anchors": [{"checkpoint": str(small), "distill": False}]})
+        client.post("/chains", json={"name": "bad", "source": str(small),  # ascending sizes: the job fails
+                                     "anchors": [{"checkpoint": str(large), "distill": False}]})
+        assert sorted(run_pending(settings)) == ["failed", "succeeded"]
+    server.shutdown()
+    events = []
+    for headers, body in received:
+        assert headers["X-CBD-Signature"] == sign("s3cret", headers["X-CBD-Timestamp"], body)
+        events.append(json.loads(body)["event"])
+    assert sorted(events) == ["job.failed", "job.succeeded"]
+    assert sign("other", "1", b"x") != sign("s3cret", "1", b"x")
+
+
+@pytest.mark.integration
+def test_sweeper_resends_jobs_whose_lease_expired(tmp_path, tiny_anchors, postgres_url: str) -> None:  # noqa: ANN001
+    """With a broker, the API re-sends a job whose worker stopped heartbeating, to the job's own queue."""
+    import redis
+
+    from app.main import create_app
+    from app.services.jobs import requeue_expired
+    from tests.service.conftest import make_settings
+
+    require_service("Redis", 6379)
+    broker = REDIS_URL.rsplit("/", 1)[0] + "/14"
+    queue = redis.Redis.from_url(broker)
+    queue.flushdb()
+    settings = make_settings(tmp_path, database_url=postgres_url, broker_url=broker)
+    large, small = tiny_anchors
+    with TestClient(create_app(settings)) as client:
+        anchors = [{"checkpoint": str(small), "distill": False}]
+        body = {"name": "s", "source": str(large), "device": "gpu", "anchors": anchors}
+        job_id = client.post("/chains", json=body).json()["job"]["id"]
+        assert queue.llen("gpu") == 1
+        factory = client.app.state.session_factory
+        with factory() as session:
+            assert claim(session, job_id, "dead-worker", 0.1)
+            assert requeue_expired(session, settings) == []  # the lease still runs
+        time.sleep(0.3)
+        with factory() as session:
+            assert requeue_expired(session, settings) == [job_id]
+        assert queue.llen("gpu") == 2
+    # a broker that is down when a job is created: the request still succeeds, and the sweeper sends the job later
+    down = settings.model_copy(update={"broker_url": "redis://127.0.0.1:9/0"})
+    with TestClient(create_app(down)) as client:
+        response = client.post("/chains", json={"name": "late", "source": str(large), "device": "gpu",
+                                                "anchors": [{"checkpoint": str(small), "distill": False}]})
+        assert response.status_code == 202
+        assert client.get("/readyz").status_code == 503
+        late = response.json()["job"]["id"]
+        with client.app.state.session_factory() as session:
+            assert session.get(Job, late).dispatched_at is None
+            first = requeue_expired(session, settings)  # also the dead worker's job again: its lease is still out
+            second = requeue_expired(session, settings)
+    assert late in first and late not in second  # sent once
+    assert queue.llen("gpu") == 2 + len(first) + len(second)
+    queue.flushdb()
+
+
+def test_shutdown_gives_a_running_job_back_at_once(factory, settings: Settings, client: TestClient,  # noqa: ANN001
+                                                   queued_job: str) -> None:
+    from worker.runner import SHUTDOWN
+    from worker.tasks import HANDLERS
+
+    started = threading.Event()
+
+    def slow(ctx: JobContext) -> None:
+        while True:
+            started.set()
+            if ctx.should_stop():
+                raise Cancelled()
+            time.sleep(0.02)
+
+    outcome: list[str] = []
+    worker = threading.Thread(target=lambda: outcome.append(
+        run_job(queued_job, settings, factory, {"materialize_model": slow}, "stopping-worker")))
+    worker.start()
+    assert started.wait(10)
+    SHUTDOWN.set()
+    try:
+        worker.join(10)
+    finally:
+        SHUTDOWN.clear()
+    assert outcome == ["released"]
+    assert client.get(f"/jobs/{queued_job}").json()["status"] == "queued"
+    assert run_job(queued_job, settings, factory, HANDLERS, "next-worker") == "succeeded"  # no lease to wait out
+    assert client.get(f"/jobs/{queued_job}").json()["attempts"] == 2
