@@ -9,12 +9,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import hashlib
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from cbd_engine.checkpoint import SafetensorsReader, read_config
+from cbd_engine.checkpoint import SafetensorsReader, folder_hashes, read_config
 from cbd_engine.families import FFN, GAIN, HEADS, RESIDUAL, SHIFT, ModelSpec, unit_rows
 
 
@@ -136,3 +139,22 @@ def magnitude_importance(model_dir: str | Path, spec: ModelSpec) -> Importance:
                 else:
                     ffn[layer] += per_unit
     return Importance("magnitude", residual.tolist(), None, heads.tolist(), ffn.tolist())
+
+
+IMPORTANCE_VERSION = 1  # bump when the measures change, so cached values are not reused
+
+
+def cached_activation_importance(model_dir: str | Path, texts: list[str], cache_dir: Path) -> Importance:
+    """activation_importance, remembered per (weights' sha256, calibration texts) in `cache_dir`: a chain's anchors
+    are materialized from many times with the same calibration set, and the forward pass is most of the cost."""
+    key = hashlib.sha256(json.dumps([IMPORTANCE_VERSION, folder_hashes(model_dir), texts]).encode()).hexdigest()
+    path = cache_dir / f"importance-{key[:32]}.json"
+    with contextlib.suppress(OSError, json.JSONDecodeError, TypeError):
+        return Importance(**json.loads(path.read_text()))
+    importance = activation_importance(model_dir, texts)
+    with contextlib.suppress(OSError):  # an unwritable cache only costs the next call the forward pass again
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(importance)))
+        tmp.replace(path)
+    return importance

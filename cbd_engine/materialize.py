@@ -35,7 +35,7 @@ from cbd_engine.checkpoint import (
 )
 from cbd_engine.data import calibration_texts
 from cbd_engine.families import POSITIONS, VOCAB, ModelSpec, TensorSpec
-from cbd_engine.importance import Importance, activation_importance, magnitude_importance
+from cbd_engine.importance import Importance, cached_activation_importance, magnitude_importance
 from cbd_engine.progress import Cancelled, ProgressCallback, StageTimer, no_progress
 from cbd_engine.shapes import FFN_MULTIPLE, Shape, ShapeError, check_same_chain, parse_size, solve_shape
 from cbd_engine.transforms import (
@@ -51,6 +51,7 @@ from cbd_engine.transforms import (
     select_units,
     transform_tensor,
 )
+from cbd_engine.zoo import cache_dir
 
 INITS = ("cbd", "random", "single", "learngene_auto", "learngene_van")
 ALIGNMENTS = ("auto", "lineage", "hungarian", "none")  # auto: lineage when recorded, else hungarian
@@ -245,7 +246,7 @@ def _resolve_alpha(alpha: float | str | None, small: Anchor, large: Anchor, targ
 
 def _importance(anchor: Anchor, texts: list[str] | None) -> Importance:
     if texts:
-        return activation_importance(anchor.path, texts)
+        return cached_activation_importance(anchor.path, texts, cache_dir() / "importance")
     return magnitude_importance(anchor.path, anchor.spec)
 
 

@@ -183,6 +183,26 @@ def test_align_none_is_a_positional_merge_and_lineage_must_exist(tiny_model, tmp
     _assert_nothing_written(tmp_path / "x")
 
 
+def test_activation_importance_is_computed_once_per_anchor_and_calibration(tiny_model, tmp_path, monkeypatch):
+    import cbd_engine.importance as importance
+
+    monkeypatch.setenv("CBD_CACHE_DIR", str(tmp_path / "cache"))
+    large = tiny_model("llama")
+    shape = {**spec_of(large).shape.to_dict(), "intermediate_size": 64}
+    texts = ["some calibration text", "and another one"]
+    first = materialize(tmp_path / "a", large=large, shape=shape, calibration=texts, dtype="float32")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the forward pass ran again")
+
+    monkeypatch.setattr(importance, "activation_importance", forbidden)
+    second = materialize(tmp_path / "b", large=large, shape=shape, calibration=texts, dtype="float32")
+    assert [f.sha256 for f in first.files if f.name == "model.safetensors"] == \
+        [f.sha256 for f in second.files if f.name == "model.safetensors"]
+    with pytest.raises(AssertionError, match="ran again"):  # other texts are another key
+        materialize(tmp_path / "c", large=large, shape=shape, calibration=texts[:1], dtype="float32")
+
+
 def test_default_alpha_and_mix(tiny_model, tmp_path):
     small, large = _two_anchors(tiny_model, tmp_path)
     p_small, p_large = spec_of(small).num_params, spec_of(large).num_params
