@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cbd_engine.shapes import Shape, ShapeError
+from cbd_engine.shapes import SHAPE_AXES, Shape, ShapeError
 
 # axis kinds
 RESIDUAL, HEADS, KV_HEADS, FFN, VOCAB, POSITIONS, HEAD_DIM = (
@@ -123,12 +123,35 @@ class Architecture:
 
 @dataclass(frozen=True)
 class Family:
+    """A family: its model types, its tensors (by config flags), and which config.json key holds each shape field."""
+
     name: str
     model_types: tuple[str, ...]
     architecture: Callable[[dict[str, Any], bool], Architecture]  # (config, tied) -> Architecture
-    read_shape: Callable[[dict[str, Any]], Shape]
-    write_shape: Callable[[dict[str, Any], Shape], dict[str, Any]]
+    keys: dict[str, str]  # Shape field -> config key; fields without a key are derived (see read_shape)
     eps_key: str
+    tied_by_default: bool
+
+    def read_shape(self, config: dict[str, Any]) -> Shape:
+        def value(field: str) -> Any:
+            return config.get(self.keys[field]) if field in self.keys else None
+
+        heads, hidden = value("num_heads"), value("hidden_size")
+        return Shape(
+            num_layers=value("num_layers"),
+            hidden_size=hidden,
+            num_heads=heads,
+            num_kv_heads=value("num_kv_heads") or heads,
+            head_dim=value("head_dim") or hidden // heads,
+            intermediate_size=value("intermediate_size") or 4 * hidden,  # GPT-2's n_inner: None means 4 x hidden
+            vocab_size=config["vocab_size"],
+            max_position_embeddings=value("max_position_embeddings"),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", self.tied_by_default)),
+        )
+
+    def write_shape(self, config: dict[str, Any], shape: Shape) -> dict[str, Any]:
+        resized = {key: getattr(shape, field) for field, key in self.keys.items() if field in SHAPE_AXES}
+        return {**config, **resized}
 
 
 # -------------------------------------------------------------- the Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM)
@@ -191,33 +214,6 @@ def _llama_architecture(config: dict[str, Any], tied: bool) -> Architecture:
     )
 
 
-def _llama_read_shape(config: dict[str, Any]) -> Shape:
-    heads = config["num_attention_heads"]
-    return Shape(
-        num_layers=config["num_hidden_layers"],
-        hidden_size=config["hidden_size"],
-        num_heads=heads,
-        num_kv_heads=config.get("num_key_value_heads") or heads,
-        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-        intermediate_size=config["intermediate_size"],
-        vocab_size=config["vocab_size"],
-        max_position_embeddings=config["max_position_embeddings"],
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-    )
-
-
-def _llama_write_shape(config: dict[str, Any], shape: Shape) -> dict[str, Any]:
-    return {
-        **config,
-        "num_hidden_layers": shape.num_layers,
-        "hidden_size": shape.hidden_size,
-        "num_attention_heads": shape.num_heads,
-        "num_key_value_heads": shape.num_kv_heads,
-        "head_dim": shape.head_dim,
-        "intermediate_size": shape.intermediate_size,
-    }
-
-
 # ---------------------------------------------------------------- GPT-2
 
 def _gpt2_architecture(config: dict[str, Any], tied: bool) -> Architecture:
@@ -255,31 +251,6 @@ def _gpt2_architecture(config: dict[str, Any], tied: bool) -> Architecture:
         layers_module="transformer.h",
         flags={"model_type": "gpt2"},
     )
-
-
-def _gpt2_read_shape(config: dict[str, Any]) -> Shape:
-    heads, hidden = config["n_head"], config["n_embd"]
-    return Shape(
-        num_layers=config["n_layer"],
-        hidden_size=hidden,
-        num_heads=heads,
-        num_kv_heads=heads,
-        head_dim=hidden // heads,
-        intermediate_size=config.get("n_inner") or 4 * hidden,
-        vocab_size=config["vocab_size"],
-        max_position_embeddings=config["n_positions"],
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
-    )
-
-
-def _gpt2_write_shape(config: dict[str, Any], shape: Shape) -> dict[str, Any]:
-    return {
-        **config,
-        "n_layer": shape.num_layers,
-        "n_embd": shape.hidden_size,
-        "n_head": shape.num_heads,
-        "n_inner": shape.intermediate_size,
-    }
 
 
 # ---------------------------------------------------------------- GPT-NeoX / Pythia
@@ -320,36 +291,16 @@ def _neox_architecture(config: dict[str, Any], tied: bool) -> Architecture:
     )
 
 
-def _neox_read_shape(config: dict[str, Any]) -> Shape:
-    heads, hidden = config["num_attention_heads"], config["hidden_size"]
-    return Shape(
-        num_layers=config["num_hidden_layers"],
-        hidden_size=hidden,
-        num_heads=heads,
-        num_kv_heads=heads,
-        head_dim=hidden // heads,
-        intermediate_size=config["intermediate_size"],
-        vocab_size=config["vocab_size"],
-        max_position_embeddings=config["max_position_embeddings"],
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-    )
-
-
-def _neox_write_shape(config: dict[str, Any], shape: Shape) -> dict[str, Any]:
-    return {
-        **config,
-        "num_hidden_layers": shape.num_layers,
-        "hidden_size": shape.hidden_size,
-        "num_attention_heads": shape.num_heads,
-        "intermediate_size": shape.intermediate_size,
-    }
-
-
+LLAMA_KEYS = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "num_heads": "num_attention_heads",
+              "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim", "intermediate_size": "intermediate_size",
+              "max_position_embeddings": "max_position_embeddings"}
 FAMILIES = (
-    Family("llama", ("llama", "mistral", "qwen2", "qwen3"), _llama_architecture, _llama_read_shape,
-           _llama_write_shape, "rms_norm_eps"),
-    Family("gpt2", ("gpt2",), _gpt2_architecture, _gpt2_read_shape, _gpt2_write_shape, "layer_norm_epsilon"),
-    Family("gpt_neox", ("gpt_neox",), _neox_architecture, _neox_read_shape, _neox_write_shape, "layer_norm_eps"),
+    Family("llama", ("llama", "mistral", "qwen2", "qwen3"), _llama_architecture, LLAMA_KEYS, "rms_norm_eps", False),
+    Family("gpt2", ("gpt2",), _gpt2_architecture,
+           {"num_layers": "n_layer", "hidden_size": "n_embd", "num_heads": "n_head", "intermediate_size": "n_inner",
+            "max_position_embeddings": "n_positions"}, "layer_norm_epsilon", True),
+    Family("gpt_neox", ("gpt_neox",), _neox_architecture,
+           {k: v for k, v in LLAMA_KEYS.items() if k not in ("num_kv_heads", "head_dim")}, "layer_norm_eps", False),
 )
 SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES for t in f.model_types)
 
