@@ -245,7 +245,10 @@ def _build_anchor(index: int, total: int, anchor: AnchorSpec, previous: AnchorRe
     label = f"anchor {index}/{total}"
     if anchor.checkpoint is not None:
         start = Path(anchor.checkpoint)
-        read_config(start)
+        vocab = ModelSpec.from_config(read_config(start)).shape.vocab_size
+        if vocab != previous.shape.vocab_size:
+            raise ValueError(f"anchors[{index - 1}].checkpoint has a vocabulary of {vocab}, the chain's is "
+                             f"{previous.shape.vocab_size}: anchors of a chain share the source's tokenizer")
         if not anchor.distill:
             _register(start, folder, config, data, {"role": "registered checkpoint", "checkpoint": str(start)})
             return _result(index, folder)
@@ -357,9 +360,10 @@ def read_chain(out: Path) -> ChainResult:
 
 # --- time estimate (torch-free) -------------------------------------------------------------------------------------
 
-# Sustained training FLOP/s by device, measured on this project's CPU runs (docs/DISTILLATION.md) and typical for
-# one modern accelerator; the estimate is for budgeting, within a factor of about two.
-FLOPS_PER_SECOND = {"cpu": 1.8e11, "gpu": 4e13, "npu": 3e13}
+# Sustained training FLOP/s by device: ~4.5 s per step of 135M teacher + 90M student at 4 x 256 tokens on an idle
+# core pair of this project's CPU, and a conservative figure for one modern accelerator. For budgeting only: a
+# shared or busy machine is slower (docs/DISTILLATION.md).
+FLOPS_PER_SECOND = {"cpu": 1e11, "gpu": 4e13, "npu": 3e13}
 DEFAULT_SOURCE_PARAMS = 1_000_000_000
 
 
@@ -377,12 +381,17 @@ def estimate_chain_seconds(spec: dict) -> float:
     if plan.sft_epochs:
         sft_steps = plan.sft_epochs * 15_000 / config["batch_size"]  # a Dolly-sized data set
         seconds += sft_steps * tokens_per_step * 6 * sizes[0] / speed
+    eval_every = config.get("eval_every") or steps
+    eval_tokens = config.get("eval_rows", 200) * config["max_length"] * 0.6
     for teacher, student, anchor in zip(sizes, sizes[1:], plan.anchors, strict=False):
         if anchor.checkpoint is not None and not anchor.distill:
             continue
         flops = steps * tokens_per_step * (6 * student + 2 * teacher)
         if config.get("mode") == "on_policy":  # token-by-token sampling runs far below peak throughput
             flops *= 2.0
+        flops += (steps // eval_every + 2) * eval_tokens * 2 * student  # validation passes
+        if anchor.checkpoint is None:
+            flops += 64 * 512 * 2 * teacher  # activation importance on the calibration rows
         seconds += flops / speed
     return float(seconds * 1.2 + 30 * len(plan.anchors))  # evaluation, checkpoints, loading
 

@@ -1,7 +1,7 @@
 """One distillation stage: a student learns from a frozen teacher on an instruction set.
 
 The recipe, top to bottom (`distill`):
-  1. load teacher and student, encode the training and validation examples
+  1. load teacher (frozen) and student; the examples come encoded (batches.encode_rows / encode_text)
   2. validation loss before training
   3. for each step: the global batch (the same for every world size), this rank's share split into micro-batches,
      on-policy responses sampled by the student where asked, the loss normalized by the global number of scored
@@ -44,7 +44,7 @@ from cbd_engine.batches import (
 from cbd_engine.checkpoint import atomic_output_dir, copy_side_files
 from cbd_engine.distill_config import DistillConfig
 from cbd_engine.losses import LossConfig, chunked_token_losses
-from cbd_engine.models import autocast_for, examples_loss, hidden_states, load_model, output_head, resolve_device
+from cbd_engine.models import autocast_for, hidden_states, load_model, output_head, resolve_device
 from cbd_engine.progress import Cancelled, ProgressCallback, StageTimer, no_progress
 
 
@@ -86,16 +86,16 @@ class StudentLoss(nn.Module):
     """forward(batch, teacher hidden states, teacher head) -> (sum of divergences, sum of cross-entropies) over the
     scored positions of the batch. The teacher is an argument, not a submodule: it is frozen and never wrapped."""
 
-    def __init__(self, student: nn.Module, config: LossConfig, need_ce: bool):
+    def __init__(self, student: nn.Module, config: LossConfig):
         super().__init__()
-        self.student, self.config, self.need_ce = student, config, need_ce
+        self.student, self.config = student, config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, scored: torch.Tensor,
                 targets: torch.Tensor, teacher_hidden: torch.Tensor | None, teacher_head: nn.Module | None,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                need_ce: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = hidden_states(self.student, input_ids, attention_mask)[scored]
         return chunked_token_losses(hidden, output_head(self.student), targets[scored], teacher_hidden, teacher_head,
-                                    self.config, self.need_ce)
+                                    self.config, need_ce)
 
 
 @torch.no_grad()
@@ -104,7 +104,7 @@ def teacher_hidden_states(teacher: nn.Module, batch: Batch, scored: torch.Tensor
 
 
 def batch_loss_sums(student_loss: nn.Module, teacher: nn.Module | None, batch: Batch, ce_only: bool,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    need_ce: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(divergence sum over all scored tokens, cross-entropy sum over reference-response tokens) of one batch."""
     targets = next_token_targets(batch.labels)
     scored = targets != IGNORE
@@ -112,7 +112,8 @@ def batch_loss_sums(student_loss: nn.Module, teacher: nn.Module | None, batch: B
     teacher_hidden, teacher_head = None, None
     if not ce_only and teacher is not None:
         teacher_hidden, teacher_head = teacher_hidden_states(teacher, batch, scored), output_head(teacher)
-    return student_loss(batch.input_ids, batch.attention_mask, scored, ce_targets, teacher_hidden, teacher_head)
+    return student_loss(batch.input_ids, batch.attention_mask, scored, ce_targets, teacher_hidden, teacher_head,
+                        need_ce or ce_only)
 
 
 def accumulate_gradients(student_loss: nn.Module, teacher: nn.Module | None, batches: list[Batch],
@@ -130,7 +131,7 @@ def accumulate_gradients(student_loss: nn.Module, teacher: nn.Module | None, bat
         batch = batch.to(device)
         defer_sync = world_size > 1 and index < len(batches) - 1 and hasattr(student_loss, "no_sync")
         with student_loss.no_sync() if defer_sync else contextlib.nullcontext(), autocast_for(device, bf16):
-            div_sum, ce_sum = batch_loss_sums(student_loss, teacher, batch, ce_only)
+            div_sum, ce_sum = batch_loss_sums(student_loss, teacher, batch, ce_only, need_ce=config.ce_weight > 0)
             if ce_only:
                 loss = ce_sum / max(global_reference, 1)
             else:
@@ -255,7 +256,7 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler) -> dic
 
 
 CURVE_FIELDS = ("step", "loss", "divergence", "cross_entropy", "learning_rate", "grad_norm", "tokens_per_second",
-                "validation_loss")
+                "validation_loss", "rouge_l")
 
 
 def write_curves(history: list[dict], folder: Path, title: str = "distillation") -> None:
@@ -314,6 +315,8 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
     from cbd_engine.models import load_tokenizer
 
     out, student_dir = Path(out), Path(student_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output folder {out} exists and is not empty")
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
     device = resolve_device(config.device)
     init_distributed(device)
@@ -337,12 +340,11 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     valid = valid[: config.eval_rows]
 
-    def validate(model: nn.Module) -> float:
-        with autocast_for(device, bf16):
-            return examples_loss(model, valid, pad_id, config.eval_batch_size, bf16)
-
-    student_loss: nn.Module = StudentLoss(student, config.loss_config, need_ce=ce_only or config.ce_weight > 0)
-    if config.fsdp and world_size > 1:
+    student_loss: nn.Module = StudentLoss(student, config.loss_config)
+    fsdp = config.fsdp and world_size > 1
+    if fsdp:
+        if config.mode == "on_policy" or config.checkpoint_every or config.select_by != "validation_loss":
+            raise ValueError("fsdp supports off_policy without intermediate checkpoints or Rouge-L for now")
         student_loss = _shard_fsdp(student_loss)
     elif world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -352,6 +354,16 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
                                   betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
 
+    rouge_set = rouge_prompts_and_references(tokenizer, valid[: config.rouge_rows])
+
+    def validate() -> dict:
+        result = {"validation_loss": validation_loss_of(student_loss, valid, pad_id, config.eval_batch_size, device,
+                                                        bf16)}
+        if config.select_by == "rouge_l":
+            with autocast_for(device, bf16):
+                result["rouge_l"] = rouge_l_of(student, tokenizer, *rouge_set, config)
+        return result
+
     lengths = [len(example) for example in train]
     plans: dict[int, list[list[int]]] = {}
 
@@ -360,7 +372,7 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
             plans[epoch] = bucketed_batches(lengths, config.batch_size, config.seed, epoch)
         return plans[epoch]
 
-    state = {"step": 0, "best_validation_loss": None, "best_step": None, "history": []}
+    state = {"step": 0, "best": None, "best_step": None, "history": []}
     checkpoint_dir, best_dir = work / "checkpoint", work / "best"
     found = _existing(checkpoint_dir) if resume else None
     if found is not None:
@@ -368,11 +380,11 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
     else:
         if work.exists() and rank == 0:
             shutil.rmtree(work)
-        before = validate(student)
-        state.update(validation_loss_before=before, best_validation_loss=before, best_step=0)
-        state["history"].append({"step": 0, "validation_loss": before})
-        if rank == 0:
-            save_weights(student, best_dir, {"step": 0, "validation_loss": before})
+        before = validate()
+        state.update(before=before, best=before, best_step=0)
+        state["history"].append({"step": 0, **before})
+        if rank == 0 and not fsdp:
+            save_weights(student, best_dir, {"step": 0, **before})
     if world_size > 1:
         dist.barrier()
 
@@ -385,14 +397,15 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
             raise Cancelled(f"{stage} cancelled at step {state['step']}")
         step = state["step"]
         tick = time.monotonic()
-        rng = _seed_everything(config.seed, step + 1)
+        rng = _seed_everything(config.seed + 7919 * rank, step + 1)  # ranks sample different responses
         examples = step_examples(train, batch_plan, step, rank, world_size)
         if config.mode == "on_policy":
             examples = sample_responses(student, examples, tokenizer, config, rng)
         batches = [collate(examples[i : i + micro], pad_id) for i in range(0, len(examples), micro)]
         div_total, ce_total, global_tokens, global_reference = accumulate_gradients(
             student_loss, teacher, batches, config, device, bf16, ce_only)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip or float("inf")))
+        norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip or float("inf"))
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         learning_rate = scheduler.get_last_lr()[0]
@@ -407,7 +420,7 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
                "cross_entropy": cross_entropy if (ce_only or config.ce_weight) else None,
                "learning_rate": learning_rate, "grad_norm": grad_norm, "tokens_per_second": tokens_per_second}
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
-            row["validation_loss"] = _evaluate_and_keep_best(student, validate, state, best_dir, rank)
+            row.update(_evaluate_and_keep_best(student, validate, config.select_by, state, best_dir, rank, not fsdp))
         state["history"].append(row)
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
             if rank == 0:
@@ -416,42 +429,94 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
                 dist.barrier()
         timer.update(step + 1, loss_value, tokens_per_second)
 
-    final = _evaluate_and_keep_best(student, validate, state, best_dir, rank)
-    state["history"][-1]["validation_loss"] = final
+    final = _evaluate_and_keep_best(student, validate, config.select_by, state, best_dir, rank, not fsdp)
+    state["history"][-1].update(final)
     if state["best_step"] != state["step"]:
         load_weights(student, best_dir)
+    # a sharded student is gathered to full tensors on every rank (a collective), then rank 0 writes them
+    full_weights = _gathered_state_dict(student) if fsdp else None
     metrics = {
-        "validation_loss_before": state["validation_loss_before"],
-        "validation_loss": state["best_validation_loss"],
-        "validation_loss_final_step": final,
+        "validation_loss_before": state["before"]["validation_loss"],
+        "validation_loss": state["best"]["validation_loss"],
+        "validation_loss_final_step": final["validation_loss"],
         "best_step": state["best_step"],
+        "selected_by": config.select_by,
+        **({"rouge_l_before": state["before"]["rouge_l"], "rouge_l": state["best"]["rouge_l"]}
+           if config.select_by == "rouge_l" else {}),
         "steps": config.steps,
         "train_loss_last": state["history"][-1].get("loss"),
         "seconds_this_run": time.monotonic() - started,
         "world_size": world_size,
     }
     if rank == 0:
-        _write_output(out, student, student_dir, teacher_dir, config, metrics, state["history"], provenance, stage)
+        _write_output(out, student, student_dir, teacher_dir, config, metrics, state["history"], provenance, stage,
+                      full_weights)
     if world_size > 1:
         dist.barrier()
     return DistillResult(out, metrics)
 
 
-def _evaluate_and_keep_best(student: nn.Module, validate: Callable[[nn.Module], float], state: dict, best_dir: Path,
-                            rank: int) -> float:
-    value = validate(student)
-    if value < state["best_validation_loss"]:
-        state["best_validation_loss"], state["best_step"] = value, state["step"]
-        if rank == 0:
-            save_weights(student, best_dir, {"step": state["step"], "validation_loss": value})
-    return value
+def _selection_key(result: dict, select_by: str) -> float:
+    """Lower is better: the validation loss, or minus Rouge-L."""
+    return -result["rouge_l"] if select_by == "rouge_l" else result["validation_loss"]
+
+
+def _evaluate_and_keep_best(student: nn.Module, validate: Callable[[], dict], select_by: str, state: dict,
+                            best_dir: Path, rank: int, keep_best: bool = True) -> dict:
+    result = validate()
+    if _selection_key(result, select_by) < _selection_key(state["best"], select_by) or not keep_best:
+        state["best"], state["best_step"] = result, state["step"]
+        if rank == 0 and keep_best:
+            save_weights(student, best_dir, {"step": state["step"], **result})
+    return result
+
+
+def rouge_prompts_and_references(tokenizer, examples: list[Example]) -> tuple[list[str], list[str]]:
+    prompts = [tokenizer.decode(e.input_ids[: e.prompt_length]) for e in examples]
+    references = [tokenizer.decode([t for t in e.labels if t != IGNORE], skip_special_tokens=True).strip()
+                  for e in examples]
+    return prompts, references
+
+
+def rouge_l_of(student: nn.Module, tokenizer, prompts: list[str], references: list[str],
+               config: DistillConfig) -> float:
+    """Mean Rouge-L F of greedy responses to validation prompts (the evaluation module's generation and scorer)."""
+    from cbd_engine.evaluation.scoring import greedy_generate, rouge_l
+
+    was_training = student.training
+    student.eval()
+    with torch.no_grad():
+        outputs = greedy_generate(student, tokenizer, prompts, max_new_tokens=config.rouge_max_new_tokens,
+                                  batch_size=config.eval_batch_size, max_length=config.max_length)
+    student.train(was_training)
+    scores = rouge_l(outputs, references)
+    return sum(scores) / max(len(scores), 1)
+
+
+@torch.no_grad()
+def validation_loss_of(student_loss: nn.Module, examples: list[Example], pad_id: int, batch_size: int,
+                       device: torch.device, bf16: bool) -> float:
+    """models.examples_loss, but through the (possibly DDP/FSDP-wrapped) loss module: a sharded student only
+    gathers its weights inside the wrapper's forward."""
+    was_training = student_loss.training
+    student_loss.eval()
+    total, count = 0.0, 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+    for start in range(0, len(order), batch_size):
+        batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id).to(device)
+        with autocast_for(device, bf16):
+            _, ce = batch_loss_sums(student_loss, None, batch, ce_only=True)
+        total += float(ce)
+        count += batch.num_response_tokens
+    student_loss.train(was_training)
+    return total / max(count, 1)
 
 
 def _write_output(out: Path, student: nn.Module, student_dir: Path, teacher_dir: str | Path | None,
                   config: DistillConfig, metrics: dict, history: list[dict], provenance: dict | None,
-                  stage: str) -> None:
+                  stage: str, state_dict: dict | None = None) -> None:
     with atomic_output_dir(out) as tmp:
-        student.save_pretrained(tmp)
+        student.save_pretrained(tmp, state_dict=state_dict)
         copy_side_files(student_dir, tmp)
         lineage = json.loads((student_dir / "cbd.json").read_text()) if (student_dir / "cbd.json").is_file() else {}
         lineage["distillation"] = {
@@ -469,14 +534,20 @@ def _write_output(out: Path, student: nn.Module, student_dir: Path, teacher_dir:
 
 def _shard_fsdp(module: StudentLoss) -> nn.Module:
     """FSDP2: each decoder layer is its own shard unit, the rest (embeddings, final norm, output layer) the root's.
-    Used when the student does not fit one device. Gradient accumulation runs without no_sync (FSDP2 reduces each
-    micro-batch); checkpoints of a sharded run are gathered to full tensors on save."""
+    For students that do not fit one device. Limits for now: off_policy only (sampling calls the model outside the
+    wrapper), no intermediate checkpoints, the final weights are kept (no best-checkpoint selection)."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in _decoder_layers(module.student):
         fully_shard(layer)
     fully_shard(module)
     return module
+
+
+def _gathered_state_dict(student: nn.Module) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
 
 MODES = ("off_policy", "on_policy")
+SELECT_BY = ("validation_loss", "rouge_l")
 
 
 @dataclass
@@ -34,6 +35,9 @@ class DistillConfig:
     eval_every: int = 0  # 0: validation before and after only
     eval_rows: int = 200
     eval_batch_size: int = 8
+    select_by: str = "validation_loss"  # or "rouge_l": the kept checkpoint (appendix B selects by Rouge-L)
+    rouge_rows: int = 50  # validation rows generated greedily for Rouge-L
+    rouge_max_new_tokens: int = 128
     checkpoint_every: int = 0  # 0: no intermediate checkpoints
     chunk_size: int | None = None  # scored positions per loss chunk; None: 8M logits / vocabulary size
     device: str = "auto"
@@ -48,6 +52,8 @@ class DistillConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.steps < 1 or self.batch_size < 1 or self.max_length < 2:
             raise ValueError("steps, batch_size must be >= 1 and max_length >= 2")
+        if self.select_by not in SELECT_BY:
+            raise ValueError(f"select_by must be one of {SELECT_BY}, got {self.select_by!r}")
         if not 0 <= self.data_mix <= 1:
             raise ValueError(f"data_mix must be in [0, 1], got {self.data_mix}")
 

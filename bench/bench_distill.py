@@ -1,0 +1,202 @@
+"""Speed and memory of the distillation step against bare PyTorch (run by hand; results in docs/DISTILLATION.md).
+
+    .venv/bin/python bench/bench_distill.py speed  [--device cpu|cuda] [--batch 4] [--length 256] [--steps 10]
+    .venv/bin/python bench/bench_distill.py memory [--device cpu|cuda] [--batch 4] [--length 512]
+
+speed: tokens/s of one engine step (accumulate_gradients + clip + AdamW, as `distill` runs it) against a bare loop
+that does the same forward/backward/loss with full logits (teacher and student forward, reverse KL over the
+response tokens, backward, clip, AdamW), SmolLM2-135M-Instruct as teacher and a 24-layer copy of it as student.
+memory: peak memory of the loss alone (forward + backward from hidden states, vocab 49152, SmolLM2's output layer)
+for the engine's chunked loss and a naive full-logits KL. On CUDA: torch.cuda.max_memory_allocated; on CPU: the
+growth of the process's peak RSS, each variant in a fresh process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cbd_engine.batches import IGNORE, Batch, response_positions
+from cbd_engine.distill import StudentLoss, accumulate_gradients
+from cbd_engine.distill_config import DistillConfig
+from cbd_engine.losses import LossConfig, chunked_token_losses
+from cbd_engine.models import load_model
+from cbd_engine.zoo import smollm2_135m_instruct
+
+
+def synthetic_batch(batch: int, length: int, vocab: int, seed: int = 0) -> Batch:
+    """Random tokens; the second half of each row is the scored response, as in a typical instruction row."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (batch, length), generator=generator)
+    labels = input_ids.clone()
+    labels[:, : length // 2] = IGNORE
+    return Batch(input_ids, torch.ones_like(input_ids), labels, torch.ones(batch, dtype=torch.bool))
+
+
+CONFIG = Path(__file__).with_name("configs") / "smollm2-135m.json"
+
+
+def smollm2(device: torch.device, random_weights: bool):
+    """SmolLM2-135M-Instruct, or its architecture with random weights (speed does not depend on the values; used
+    on machines without the checkpoint)."""
+    if not random_weights:
+        return load_model(smollm2_135m_instruct(), device)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**json.loads(CONFIG.read_text()))
+    return AutoModelForCausalLM.from_config(config).to(device)
+
+
+def models(device: torch.device, random_weights: bool = False):
+    teacher = smollm2(device, random_weights).eval().requires_grad_(False)
+    student = smollm2(device, random_weights).train()
+    student.model.layers = student.model.layers[:24]  # a smaller student, as in the chain's first step
+    student.config.num_hidden_layers = 24
+    return teacher, student
+
+
+def engine_step(student_loss, teacher, student, optimizer, batch, config, device, bf16) -> None:
+    accumulate_gradients(student_loss, teacher, [batch], config, device, bf16, ce_only=False)
+    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def bare_step(teacher, student, optimizer, batch, device, bf16) -> None:
+    """What one would write by hand: full logits of both models, reverse KL on the response tokens."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        student_logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        mask = response_positions(batch.labels)
+        log_q = F.log_softmax(student_logits[mask].float(), -1)
+        log_p = F.log_softmax(teacher_logits[mask].float(), -1)
+        loss = (log_q.exp() * (log_q - log_p)).sum(-1).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def speed(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    bf16 = device.type == "cuda"
+    teacher, student = models(device, args.random_weights)
+    batch = synthetic_batch(args.batch, args.length, teacher.config.vocab_size).to(device)
+    config = DistillConfig(device="cpu" if device.type == "cpu" else "gpu", chunk_size=args.chunk_size)
+    student_loss = StudentLoss(student, config.loss_config)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    runs = {
+        "engine": lambda: engine_step(student_loss, teacher, student, optimizer, batch, config, device, bf16),
+        "bare": lambda: bare_step(teacher, student, optimizer, batch, device, bf16),
+    }
+    result = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "batch": args.batch,
+              "length": args.length, "steps": args.steps, "chunk_size": args.chunk_size,
+              "random_weights": args.random_weights}
+    tokens = args.batch * args.length
+    for _ in range(2):  # alternate twice so that neither variant always runs on a colder or hotter machine
+        for name, step in runs.items():
+            for _ in range(args.warmup):
+                step()
+            _sync(device)
+            started = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            _sync(device)
+            rate = tokens * args.steps / (time.perf_counter() - started)
+            result[f"{name}_tokens_per_second"] = max(result.get(f"{name}_tokens_per_second", 0.0), rate)
+    result["engine_vs_bare"] = result["engine_tokens_per_second"] / result["bare_tokens_per_second"]
+    return result
+
+
+def loss_peak(variant: str, args: argparse.Namespace) -> int:
+    """Peak bytes of one loss forward + backward from hidden states (inputs excluded)."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    vocab, hidden = 49152, 576
+    s_head = torch.nn.Linear(hidden, vocab, bias=False).to(device)
+    t_head = torch.nn.Linear(hidden, vocab, bias=False).to(device).requires_grad_(False)
+    n = args.batch * args.length
+    s_hidden = torch.randn(n, hidden, device=device, requires_grad=True)
+    t_hidden = torch.randn(n, hidden, device=device)
+    targets = torch.randint(0, vocab, (n,), device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if variant == "chunked":
+        div, _ = chunked_token_losses(s_hidden, s_head, targets, t_hidden, t_head,
+                                      LossConfig(chunk_size=args.chunk_size), need_ce=False)
+        div.backward()
+    else:
+        log_q = F.log_softmax(s_head(s_hidden), -1)
+        with torch.no_grad():
+            log_p = F.log_softmax(t_head(t_hidden), -1)
+        (log_q.exp() * (log_q - log_p)).sum().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+
+
+def memory(args: argparse.Namespace) -> dict:
+    result = {"device": args.device, "batch": args.batch, "length": args.length, "vocab": 49152,
+              "chunk_size": args.chunk_size}
+    for variant in ("chunked", "naive"):
+        if args.device == "cuda":
+            result[f"{variant}_peak_mib"] = loss_peak(variant, args) / 2**20
+        else:  # a fresh process per variant: RSS peaks never go down
+            command = [sys.executable, __file__, "memory-one", variant, "--device", args.device, "--batch",
+                       str(args.batch), "--length", str(args.length)]
+            command += ["--chunk-size", str(args.chunk_size)] if args.chunk_size else []
+            # large blocks straight from mmap and back on free: RSS then follows live tensors instead of what glibc's
+            # arenas keep around, which otherwise makes CPU peaks depend on allocation order more than on the loss
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+            output = subprocess.check_output(command, text=True, env=env)
+            result[f"{variant}_peak_mib"] = float(output.split()[-1]) / 2**20
+    result["chunked_vs_naive"] = result["chunked_peak_mib"] / result["naive_peak_mib"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("what", choices=("speed", "memory", "memory-one"))
+    parser.add_argument("variant", nargs="?")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--random-weights", action="store_true", help="SmolLM2's architecture, random weights")
+    parser.add_argument("--chunk-size", type=int, default=LossConfig().chunk_size)
+    args = parser.parse_args()
+    if args.what == "memory-one":
+        args.length = args.length or 512
+        print(loss_peak(args.variant, args))
+        return
+    if args.what == "speed":
+        args.length = args.length or 256
+        print(json.dumps(speed(args), indent=1))
+    else:
+        args.length = args.length or 512
+        print(json.dumps(memory(args), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Chain recipe on tiny models: spec checks, prune-then-distill anchors, registered checkpoints, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import DOLLY
+from distill_helpers import tiny_with_tokenizer
+
+from cbd_engine.chain import build_chain, estimate_chain_seconds, parse_spec, read_chain
+from cbd_engine.progress import Cancelled
+
+SMALL_SHAPE = {"num_layers": 2, "hidden_size": 48, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16,
+               "intermediate_size": 64}
+FAST = {"steps": 4, "batch_size": 4, "max_length": 64, "learning_rate": 3e-3, "eval_rows": 6, "device": "cpu",
+        "checkpoint_every": 2}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return tiny_with_tokenizer(tmp_path_factory.mktemp("chain") / "source", seed=3, num_hidden_layers=3,
+                               hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+
+
+def _spec(source, anchors, **distillation):
+    return {"name": "tiny", "source": str(source), "bridge": None, "anchors": anchors,
+            "dataset": {"path": str(DOLLY), "prompt_format": "alpaca"},
+            "distillation": {**FAST, **distillation}, "device": "cpu"}
+
+
+def test_spec_errors_name_the_field(source):
+    with pytest.raises(ValueError, match="bridge"):
+        parse_spec({**_spec(source, [{"size": "1M"}]), "bridge": {"model": "x", "method": "seqkd"}})
+    with pytest.raises(ValueError, match="minillm"):
+        parse_spec(_spec(source, [{"size": "1M"}], mode="minillm"))
+    with pytest.raises(ValueError, match=r"anchors\[0\]"):
+        parse_spec(_spec(source, [{"size": "1M", "checkpoint": "/x"}]))
+    with pytest.raises(ValueError, match="distill=false"):
+        parse_spec(_spec(source, [{"size": "1M", "distill": False}]))
+    with pytest.raises(ValueError, match="unknown distillation"):
+        parse_spec(_spec(source, [{"size": "1M"}], lr=1))
+
+
+def test_estimate_grows_with_steps_and_is_torch_free(source):
+    short = estimate_chain_seconds(_spec(source, [{"shape": SMALL_SHAPE}], steps=100))
+    long = estimate_chain_seconds(_spec(source, [{"shape": SMALL_SHAPE}], steps=1000))
+    assert 0 < short < long
+    script = ("import json, sys; from cbd_engine.chain import estimate_chain_seconds; "
+              f"print(estimate_chain_seconds(json.loads({json.dumps(json.dumps(_spec(source, [{'size': '1M'}])))}))); "
+              "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+
+
+def test_chain_prunes_then_distills_each_anchor_and_resumes(source, tmp_path):
+    out = tmp_path / "chain"
+    anchors = [{"shape": SMALL_SHAPE}, {"shape": {**SMALL_SHAPE, "num_layers": 1, "intermediate_size": 32}}]
+    spec = _spec(source, anchors)
+    stages = []
+    calls = {"n": 0}
+
+    def stop_in_second_anchor() -> bool:
+        calls["n"] += 1
+        return stages.count("anchor 2/2: distill") >= 2  # after a step or two of the second distillation
+
+    with pytest.raises(Cancelled):
+        build_chain(spec, out, progress=lambda e: stages.append(e.stage), should_stop=stop_in_second_anchor)
+    assert (out / "anchor-01" / "metrics.json").is_file() and not (out / "anchor-02").exists()
+    assert "anchor 1/2: prune" in stages
+    result = build_chain(spec, out, resume=True)
+    assert [a.index for a in result.anchors] == [0, 1, 2]
+    assert [a.shape.num_layers for a in result.anchors] == [3, 2, 1]
+    assert result.anchors[0].params > result.anchors[1].params > result.anchors[2].params
+    for anchor in result.anchors[1:]:
+        lineage = json.loads((anchor.path / "cbd.json").read_text())
+        assert lineage["distillation"]["teacher"] == str(result.anchors[anchor.index - 1].path)
+        assert "terms" in lineage  # the materializer's index maps of the pruning
+        assert anchor.metrics["validation_loss"] <= anchor.metrics["validation_loss_before"]
+        assert (anchor.path / "loss_curve.png").is_file()
+    assert read_chain(out).anchors[2].metrics == result.anchors[2].metrics
+    assert sorted(p.name for p in out.iterdir()) == ["anchor-00", "anchor-01", "anchor-02", "chain.json", "spec.json"]
+
+
+def test_cli_registers_a_checkpoint_as_it_is(source, tmp_path):
+    from cbd_cli import main
+
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(_spec(source, [{"checkpoint": str(source), "distill": False}])))
+    assert main(["chain", "build", str(spec_path), "--out", str(tmp_path / "out")]) == 0
+    chain = read_chain(tmp_path / "out")
+    assert chain.family == "llama" and len(chain.anchors) == 2
+    assert chain.anchors[1].metrics["validation_loss"] == pytest.approx(chain.anchors[0].metrics["validation_loss"])
+    assert main(["chain", "build", str(spec_path), "--out", str(tmp_path / "out")]) == 2  # not empty, no --resume
+
+
+def test_validation_rows_never_reach_training_or_calibration(source):
+    from cbd_engine.chain import ChainData
+    from cbd_engine.distill_config import DistillConfig
+    from cbd_engine.models import load_tokenizer
+
+    data = ChainData.load({"path": str(DOLLY)}, source, DistillConfig(max_length=64))
+    tokenizer = load_tokenizer(source)
+    train_prompts = {tokenizer.decode(e.input_ids[: e.prompt_length]) for e in data.train}
+    valid_prompts = {tokenizer.decode(e.input_ids[: e.prompt_length]) for e in data.valid}
+    assert data.valid and data.train and not train_prompts & valid_prompts
+    assert 80 <= len(data.valid) <= 120  # ~1 in 10 of Dolly's 1000 rows

@@ -1,0 +1,111 @@
+"""Divergences: values, direction, gradients, masking, normalization, chunking, precision, padded vocabularies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cbd_engine.losses import DIVERGENCES, LossConfig, chunked_token_losses, divergence, eager_token_losses
+
+KINDS = [(kind, {}) for kind in DIVERGENCES] + [("jsd", {"beta": 0.1}), ("jsd", {"beta": 0.9})]
+
+
+@pytest.mark.parametrize("kind,extra", KINDS)
+def test_divergence_of_a_distribution_with_itself_is_exactly_zero(kind, extra):
+    torch.manual_seed(0)
+    logits = torch.randn(5, 7, 300) * 4
+    value = divergence(logits, logits.clone(), kind, **extra)
+    assert torch.equal(value, torch.zeros_like(value))
+
+
+@pytest.mark.parametrize("kind,extra", KINDS)
+def test_divergence_is_positive_and_finite_for_far_apart_distributions(kind, extra):
+    torch.manual_seed(1)
+    student, teacher = torch.randn(64, 50) * 30, torch.randn(64, 50) * 30  # log-ratio far past exp's fp32 range
+    value = divergence(student, teacher, kind, **extra)
+    assert torch.isfinite(value).all() and (value > 0).all()
+
+
+def _kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * (a.log() - b.log())).sum(-1)
+
+
+def test_direction_on_an_asymmetric_pair_in_float64():
+    # teacher p is bimodal, student q sits on one mode: KL(p||q) and KL(q||p) differ a lot
+    p = torch.tensor([[0.49, 0.49, 0.02]], dtype=torch.float64)
+    q = torch.tensor([[0.96, 0.02, 0.02]], dtype=torch.float64)
+    s, t = q.log(), p.log()
+    forward, reverse = _kl(p, q), _kl(q, p)
+    assert not torch.allclose(forward, reverse)
+    assert torch.allclose(divergence(s, t, "forward_kl"), forward, atol=1e-12)
+    assert torch.allclose(divergence(s, t, "reverse_kl"), reverse, atol=1e-12)
+    beta = 0.3
+    m = beta * p + (1 - beta) * q
+    assert torch.allclose(divergence(s, t, "jsd", beta=beta), beta * _kl(p, m) + (1 - beta) * _kl(q, m), atol=1e-12)
+    a = 0.1
+    assert torch.allclose(divergence(s, t, "skew_forward_kl", skew=a), _kl(p, a * p + (1 - a) * q), atol=1e-12)
+    assert torch.allclose(divergence(s, t, "skew_reverse_kl", skew=a), _kl(q, a * q + (1 - a) * p), atol=1e-12)
+
+
+def test_temperature_applies_to_both_models():
+    torch.manual_seed(2)
+    s, t = torch.randn(4, 20, dtype=torch.float64), torch.randn(4, 20, dtype=torch.float64)
+    assert torch.allclose(divergence(s, t, "reverse_kl", temperature=2.0), divergence(s / 2, t / 2, "reverse_kl"))
+
+
+@pytest.mark.parametrize("kind,extra", KINDS)
+def test_gradcheck(kind, extra):
+    torch.manual_seed(3)
+    s = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 6, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: divergence(x, t, kind, **extra), (s,))
+
+
+def test_padded_teacher_vocabulary_is_cut_to_the_student():
+    torch.manual_seed(4)
+    s, t = torch.randn(6, 100), torch.randn(6, 100)
+    padded = torch.cat([t, torch.full((6, 28), 5.0)], dim=-1)  # junk rows past the tokenizer (Qwen 151936 vs 152064)
+    assert torch.allclose(divergence(s, padded), divergence(s, t))
+
+
+def _heads(hidden: int = 16, vocab: int = 40, seed: int = 5):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(hidden, vocab, bias=False), torch.nn.Linear(hidden, vocab, bias=False)
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_chunked_equals_eager_in_value_and_gradient(kind):
+    s_head, t_head = _heads()
+    h = torch.randn(37, 16, requires_grad=True)
+    th = torch.randn(37, 16)
+    targets = torch.randint(0, 40, (37,))
+    config = LossConfig(kind=kind, chunk_size=8)
+    div, ce = chunked_token_losses(h, s_head, targets, th, t_head, config)
+    (div + ce).backward()
+    assert t_head.weight.grad is None  # the teacher never receives gradients
+    grads = h.grad.clone(), s_head.weight.grad.clone()
+    h.grad, s_head.weight.grad = None, None
+    e_div, e_ce = eager_token_losses(s_head(h), targets, t_head(th).detach(), config)
+    (e_div + e_ce).backward()
+    assert torch.allclose(div, e_div, atol=1e-5) and torch.allclose(ce, e_ce, atol=1e-5)
+    assert torch.allclose(grads[0], h.grad, atol=1e-6) and torch.allclose(grads[1], s_head.weight.grad, atol=1e-6)
+
+
+def test_nothing_scored_gives_zero_with_finite_gradients():
+    s_head, t_head = _heads()
+    h = torch.randn(0, 16, requires_grad=True)
+    div, ce = chunked_token_losses(h, s_head, torch.zeros(0, dtype=torch.long), torch.randn(0, 16), t_head)
+    (div + ce).backward()
+    assert div.item() == 0 and ce.item() == 0
+    assert s_head.weight.grad is None or torch.isfinite(s_head.weight.grad).all()
+
+
+def test_bf16_is_close_to_fp32():
+    s_head, t_head = _heads(hidden=32, vocab=512)
+    h, th = torch.randn(64, 32), torch.randn(64, 32)
+    targets = torch.randint(0, 512, (64,))
+    fp32, _ = chunked_token_losses(h, s_head, targets, th, t_head)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16, _ = chunked_token_losses(h, s_head, targets, th, t_head)
+    assert s_head(h.bfloat16().float()).dtype == torch.float32
+    assert abs(bf16.item() - fp32.item()) / fp32.item() < 0.02
