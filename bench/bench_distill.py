@@ -56,11 +56,11 @@ def smollm2(device: torch.device, random_weights: bool):
     return AutoModelForCausalLM.from_config(config).to(device)
 
 
-def models(device: torch.device, random_weights: bool = False):
+def models(device: torch.device, random_weights: bool = False, student_layers: int = 24):
     teacher = smollm2(device, random_weights).eval().requires_grad_(False)
     student = smollm2(device, random_weights).train()
-    student.model.layers = student.model.layers[:24]  # a smaller student, as in the chain's first step
-    student.config.num_hidden_layers = 24
+    student.model.layers = student.model.layers[:student_layers]  # 24: a smaller student, as a chain's first step
+    student.config.num_hidden_layers = student_layers
     return teacher, student
 
 
@@ -95,7 +95,7 @@ def _sync(device: torch.device) -> None:
 def speed(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     bf16 = device.type == "cuda"
-    teacher, student = models(device, args.random_weights)
+    teacher, student = models(device, args.random_weights, args.student_layers)
     batch = synthetic_batch(args.batch, args.length, teacher.config.vocab_size).to(device)
     config = DistillConfig(device="cpu" if device.type == "cpu" else "gpu", chunk_size=args.chunk_size)
     student_loss = StudentLoss(student, config.loss_config)
@@ -113,12 +113,16 @@ def speed(args: argparse.Namespace) -> dict:
             for _ in range(args.warmup):
                 step()
             _sync(device)
+            if device.type == "cuda":  # the whole step's peak: weights, optimizer state, activations, logits
+                torch.cuda.reset_peak_memory_stats()
             started = time.perf_counter()
             for _ in range(args.steps):
                 step()
             _sync(device)
             rate = tokens * args.steps / (time.perf_counter() - started)
             result[f"{name}_tokens_per_second"] = max(result.get(f"{name}_tokens_per_second", 0.0), rate)
+            if device.type == "cuda":
+                result[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     result["engine_vs_bare"] = result["engine_tokens_per_second"] / result["bare_tokens_per_second"]
     return result
 
@@ -185,6 +189,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--random-weights", action="store_true", help="SmolLM2's architecture, random weights")
     parser.add_argument("--chunk-size", type=int, default=LossConfig().chunk_size)
+    parser.add_argument("--student-layers", type=int, default=24, help="30: a student of the teacher's shape")
     args = parser.parse_args()
     if args.what == "memory-one":
         args.length = args.length or 512
