@@ -39,7 +39,7 @@ class DistillConfig:
     rouge_rows: int = 50  # validation rows generated greedily for Rouge-L
     rouge_max_new_tokens: int = 128
     checkpoint_every: int = 0  # 0: no intermediate checkpoints
-    chunk_size: int | None = None  # scored positions per loss chunk; None: 8M logits / vocabulary size
+    chunk_size: int | None = None  # scored positions per loss chunk; None: losses.default_chunk (by device)
     device: str = "auto"
     bf16: bool | None = None  # None: bf16 autocast on accelerators, float32 on CPU
     gradient_checkpointing: bool | None = None  # None: on accelerators

@@ -109,3 +109,13 @@ def test_bf16_is_close_to_fp32():
         bf16, _ = chunked_token_losses(h, s_head, targets, th, t_head)
     assert s_head(h.bfloat16().float()).dtype == torch.float32
     assert abs(bf16.item() - fp32.item()) / fp32.item() < 0.02
+
+
+def test_default_chunk_is_larger_on_accelerators():
+    """CPU chunks bound the loss's memory; accelerator chunks are ~12x larger because each one costs a launch and a
+    recomputation (measured on an H200, docs/DISTILLATION.md)."""
+    from cbd_engine.losses import default_chunk
+
+    cpu, gpu = default_chunk(torch.device("cpu"), 49152), default_chunk(torch.device("cuda"), 49152)
+    assert cpu * 49152 <= 2**23 < (cpu + 1) * 49152
+    assert gpu > 10 * cpu and default_chunk(torch.device("cpu"), 10**9) == 1
