@@ -15,7 +15,6 @@ The unit features come from the family's axis declarations, so every family is a
 from __future__ import annotations
 
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from cbd_engine.families import FFN, HEADS, KV_HEADS, POSITIONS, RESIDUAL, VOCAB, TensorSpec, unit_rows
 from cbd_engine.shapes import Shape
@@ -24,6 +23,8 @@ from cbd_engine.transforms import NEW, LayerMap, Plan, fill_fresh_sources, layer
 
 def _assign(similarity: torch.Tensor) -> list[int]:
     """For each column (target position), the row (source unit) assigned to it, NEW where none: maximal total."""
+    from scipy.optimize import linear_sum_assignment  # 0.3 s to import; only this path needs it
+
     rows, cols = linear_sum_assignment(similarity.double().numpy(), maximize=True)
     placed = [NEW] * similarity.shape[1]
     for row, col in zip(rows.tolist(), cols.tolist(), strict=True):
