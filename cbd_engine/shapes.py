@@ -54,7 +54,9 @@ class Shape:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], chain: Shape | None = None) -> Shape:
-        """Build a shape from API/CLI JSON; chain-fixed fields default to (and must equal) the chain's."""
+        """Build a shape from API/CLI JSON; chain-fixed fields default to (and must equal) the chain's. A null field
+        counts as absent (the API's optional fields arrive as null)."""
+        data = {key: value for key, value in data.items() if value is not None}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

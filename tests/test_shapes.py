@@ -91,6 +91,11 @@ def test_shape_validation_messages():
         Shape.from_dict({**small.to_dict(), "vocab_size": 100}, chain=spec.shape)
     with pytest.raises(ShapeError, match="unknown fields"):
         Shape.from_dict({**small.to_dict(), "layers": 3})
+    axes = {k: v for k, v in small.to_dict().items() if k not in ("vocab_size", "max_position_embeddings",
+                                                                    "tie_word_embeddings")}
+    assert Shape.from_dict({**axes, "vocab_size": None}, chain=spec.shape).vocab_size == spec.shape.vocab_size
+    with pytest.raises(ShapeError, match="missing"):
+        Shape.from_dict({**axes, "num_layers": None}, chain=spec.shape)
 
 
 def test_shapes_module_does_not_import_torch():
