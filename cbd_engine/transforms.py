@@ -28,10 +28,12 @@ from cbd_engine.families import (
     KV_HEADS,
     OUT,
     RESIDUAL,
+    RESIZABLE,
     SHIFT,
     Architecture,
     Axis,
     TensorSpec,
+    axis_units,
     unit_rows,
 )
 from cbd_engine.shapes import Shape, ShapeError
@@ -179,24 +181,21 @@ def _unit_map(axis: Axis, plan: Plan, layer: LayerMap | None) -> list[int] | Non
 
 def _row_index(dim: tuple[Axis, ...], plan: Plan, layer: LayerMap | None, source: Shape) -> torch.Tensor | None:
     """Source row for each target row along one dimension (NEW for new rows), or None when the dimension is kept."""
+    if dim[0].kind not in RESIZABLE:  # vocabulary, positions and head_dim are fixed within a chain
+        return None
     parts, offset, changed = [], 0, False
     for axis in dim:
-        rows = unit_rows(source, axis)
+        rows, n_units = unit_rows(source, axis), axis_units(source, axis.kind)
         units = _unit_map(axis, plan, layer)
-        n_units = {RESIDUAL: source.hidden_size, HEADS: source.num_heads, KV_HEADS: source.num_kv_heads,
-                   FFN: source.intermediate_size}.get(axis.kind)
         if units is None or units == list(range(n_units)):
-            count = (n_units or 0) * rows
-            parts.append(torch.arange(offset, offset + count) if n_units else None)
+            parts.append(torch.arange(offset, offset + n_units * rows))
         else:
             changed = True
             unit = torch.tensor(units, dtype=torch.long)
             index = (unit[:, None] * rows + torch.arange(rows)[None, :] + offset).reshape(-1)
             parts.append(torch.where(unit.repeat_interleave(rows) == NEW, NEW, index))
-        offset += (n_units or 0) * rows
-    if not changed:
-        return None
-    return torch.cat(parts)
+        offset += n_units * rows
+    return torch.cat(parts) if changed else None
 
 
 def _seeded_generator(seed: int, name: str) -> torch.Generator:
@@ -255,14 +254,6 @@ def grown_eps(eps: float, plan: Plan, target: Shape) -> float:
     must too (and gains by sqrt(d/d')) for the normalized values to stay the same."""
     kept = sum(1 for u in plan.residual if u != NEW)
     return eps * kept / target.hidden_size if kept < target.hidden_size else eps
-
-
-def source_layer(plan: Plan, spec: TensorSpec, layer_index: int | None) -> LayerMap | None:
-    return plan.layers[layer_index] if spec.per_layer and layer_index is not None else None
-
-
-def source_name(spec: TensorSpec, layer: LayerMap | None) -> str:
-    return spec.name.format(layer=layer.source) if layer is not None else spec.name
 
 
 def check_architecture_match(a: Architecture, b: Architecture) -> None:
