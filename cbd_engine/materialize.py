@@ -150,9 +150,7 @@ def materialize(
     if init in ("random", "learngene_auto", "learngene_van"):
         return _materialize_baseline(out, init, large_anchor, target, seed, out_dtype, progress, should_stop)
 
-    if init == "single":
-        terms, alpha_used = [Term(small_anchor, _plan_single(small_anchor, target, texts, grow), 1.0)], None
-    elif len(anchors) == 1:
+    if init == "single" or len(anchors) == 1:  # expand (or subset) one anchor
         terms, alpha_used = [Term(small_anchor, _plan_single(small_anchor, target, texts, grow), 1.0)], None
     else:
         plan_e, plan_s, alignment = plan_pair(small_anchor, large_anchor, target, texts, grow, align)
