@@ -10,7 +10,7 @@ from app.models import Anchor, Chain
 from app.schemas import AnchorOut, ChainAccepted, ChainCreate, ChainOut, Page
 from app.services import jobs, sources
 from app.services.files import artifacts, files_out
-from app.services.pagination import paginate
+from app.services.pagination import paginate, where_given
 from app.settings import Settings
 
 
@@ -90,11 +90,7 @@ def chain_out(session: Session, chain: Chain) -> ChainOut:
 
 
 def list_chains(session: Session, limit: int, page_token: str | None, source: str | None, status: str | None) -> Page:
-    query = select(Chain)
-    if source:
-        query = query.where(Chain.source == source)
-    if status:
-        query = query.where(Chain.status == status)
+    query = where_given(select(Chain), (Chain.source, source), (Chain.status, status))
     rows, token = paginate(session, query, Chain.id, limit, page_token)
     return Page[ChainOut](items=[chain_out(session, c) for c in rows], next_page_token=token)
 

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from app.errors import ApiError, not_found
 from app.models import Job, utcnow
 from app.schemas import JobOut, JobRef, Page, Progress
-from app.services.pagination import paginate
+from app.services.pagination import paginate, where_given
 from app.services.subjects import mark_subject
 from app.settings import Settings
 
@@ -90,11 +90,7 @@ def get_job(session: Session, job_id: str) -> Job:
 
 
 def list_jobs(session: Session, limit: int, page_token: str | None, status: str | None, kind: str | None) -> Page:
-    query = select(Job)
-    if status:
-        query = query.where(Job.status == status)
-    if kind:
-        query = query.where(Job.kind == kind)
+    query = where_given(select(Job), (Job.status, status), (Job.kind, kind))
     rows, token = paginate(session, query, Job.id, limit, page_token)
     return Page[JobOut](items=[job_out(j) for j in rows], next_page_token=token)
 

@@ -17,7 +17,7 @@ from app.models import Anchor, Artifact, Chain, Job, Model
 from app.schemas import EvaluationCreate, ModelCreate, ModelOut, Page
 from app.services import jobs
 from app.services.files import artifacts, files_out
-from app.services.pagination import paginate
+from app.services.pagination import paginate, where_given
 from app.services.sources import dataset_file, invalid
 from app.settings import Settings
 from app.storage import ArtifactStore
@@ -208,10 +208,7 @@ def model_out(session: Session, model: Model) -> ModelOut:
 
 def list_models(session: Session, limit: int, page_token: str | None, chain: str | None, source: str | None,
                 status: str | None) -> Page:
-    query = select(Model)
-    for column, value in ((Model.chain_id, chain), (Model.source, source), (Model.status, status)):
-        if value:
-            query = query.where(column == value)
+    query = where_given(select(Model), (Model.chain_id, chain), (Model.source, source), (Model.status, status))
     rows, token = paginate(session, query, Model.id, limit, page_token)
     return Page[ModelOut](items=[model_out(session, m) for m in rows], next_page_token=token)
 

@@ -29,6 +29,14 @@ def decode_token(token: str) -> str:
     return value
 
 
+def where_given(query: Select[Any], *filters: tuple[Any, str | None]) -> Select[Any]:
+    """The list filters: `column == value` for every (column, value) whose value was given."""
+    for column, value in filters:
+        if value:
+            query = query.where(column == value)
+    return query
+
+
 def paginate(session: Session, query: Select[Any], id_column: Any, limit: int, page_token: str | None) -> tuple[
         list[Any], str | None]:
     """Rows newest first, at most `limit`, and the token of the next page (None on the last)."""
