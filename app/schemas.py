@@ -86,11 +86,32 @@ class AnchorIn(Strict):
         return self
 
 
+class BridgeShapeIn(ShapeIn):
+    family: Literal["gpt2", "llama", "gpt_neox"] = "gpt2"
+
+
+class GenerationIn(Strict):
+    """How the source answers the prompts (cbd_engine.bridge.GenerationParams); null: the engine's default."""
+
+    do_sample: bool | None = None
+    temperature: float | None = Field(default=None, gt=0, le=100)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_new_tokens: int | None = Field(default=None, ge=1, le=131072)
+    responses_per_prompt: int | None = Field(default=None, ge=1, le=100)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    batch_size: int | None = Field(default=None, ge=1, le=4096)
+    max_length: int | None = Field(default=None, ge=8, le=131072)
+
+
 class BridgeIn(Strict):
-    model: str | ShapeIn
+    model: str | BridgeShapeIn = Field(description="a checkpoint (as for source), or a shape with a family: fresh init")
+    tokenizer: str | None = Field(default=None, max_length=1000,
+                                  description="with a shape: a tokenizer folder (gpt2's default: GPT-2's own)")
     method: Literal["seqkd"] = "seqkd"
-    num_samples: int = Field(default=1000, ge=1, le=10**7)
+    num_samples: int = Field(default=1000, ge=1, le=10**7, description="training prompts the source answers")
     epochs: int = Field(default=1, ge=1, le=1000)
+    learning_rate: float | None = Field(default=None, gt=0, le=1)
+    generation: GenerationIn | None = None
 
 
 class DatasetIn(Strict):
@@ -108,13 +129,20 @@ class DatasetIn(Strict):
 
 class DistillationIn(Strict):
     loss: Literal["forward_kl", "reverse_kl", "js", "tvd", "sft"] = "reverse_kl"
-    mode: Literal["on_policy", "off_policy"] = "on_policy"
+    mode: Literal["on_policy", "off_policy", "minillm"] = "on_policy"
     steps: int = Field(default=5000, ge=0, le=10**7)
     batch_size: int = Field(default=8, ge=1, le=4096)
     learning_rate: float = Field(default=5e-5, gt=0, le=1)
     max_length: int = Field(default=512, ge=8, le=131072)
     sft_epochs: int = Field(default=0, ge=0, le=100)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    teacher_cache: int | None = Field(default=None, ge=1, le=4096,
+                                      description="off_policy: keep the teacher's top-k per token, computed once")
+    teacher_cache_tail: Literal["bucket", "uniform"] = Field(
+        default="bucket", description="teacher_cache: the teacher's mass outside its top-k as one bucket, or uniform")
+    ppo_epochs: int = Field(default=4, ge=1, le=64, description="minillm: policy updates per batch of rollouts")
+    ppo_clip: float = Field(default=0.2, gt=0, le=1, description="minillm: PPO clipping")
+    teacher_mix: float = Field(default=0.2, ge=0, lt=1, description="minillm: teacher share of the sampling mixture")
 
 
 class ChainCreate(Strict):

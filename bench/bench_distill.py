@@ -92,38 +92,70 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def speed(args: argparse.Namespace) -> dict:
+VARIANTS = ("naive", "engine", "engine-compiled", "engine-ckpt", "engine-compiled-ckpt")
+
+
+def speed_one(variant: str, args: argparse.Namespace) -> dict:
+    """tokens/s and the whole step's peak memory of one variant, in this process: `naive` is bare_step; `engine` is
+    the project's step, optionally with the decoders compiled (DistillConfig.compile) and activation checkpointing
+    (DistillConfig.gradient_checkpointing), as `distill` sets them up."""
+    from cbd_engine.models import compile_decoders
+
     device = torch.device(args.device)
     bf16 = device.type == "cuda"
     teacher, student = models(device, args.random_weights, args.student_layers)
     batch = synthetic_batch(args.batch, args.length, teacher.config.vocab_size).to(device)
     config = DistillConfig(device="cpu" if device.type == "cpu" else "gpu", chunk_size=args.chunk_size)
-    student_loss = StudentLoss(student, config.loss_config)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
-    runs = {
-        "engine": lambda: engine_step(student_loss, teacher, student, optimizer, batch, config, device, bf16),
-        "bare": lambda: bare_step(teacher, student, optimizer, batch, device, bf16),
-    }
-    result = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "batch": args.batch,
+    if variant == "naive":
+        step = lambda: bare_step(teacher, student, optimizer, batch, device, bf16)  # noqa: E731
+    else:
+        if "ckpt" in variant:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if "compiled" in variant:
+            compile_decoders(student, teacher)
+        student_loss = StudentLoss(student, config.loss_config)
+        step = lambda: engine_step(student_loss, teacher, student, optimizer, batch, config, device, bf16)  # noqa: E731
+    started = time.perf_counter()
+    for _ in range(args.warmup):  # includes compilation
+        step()
+    _sync(device)
+    warmup_seconds = time.perf_counter() - started
+    if device.type == "cuda":  # the whole step's peak: weights, optimizer state, activations, logits
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    _sync(device)
+    result = {"tokens_per_second": args.batch * args.length * args.steps / (time.perf_counter() - started),
+              "warmup_seconds": warmup_seconds}
+    if device.type == "cuda":
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+def speed(args: argparse.Namespace) -> dict:
+    """Each variant in a fresh process (clean memory peaks, no compiled code shared), naive first."""
+    result = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "batch": args.batch,
               "length": args.length, "steps": args.steps, "chunk_size": args.chunk_size,
-              "random_weights": args.random_weights}
-    tokens = args.batch * args.length
-    for _ in range(2):  # alternate twice so that neither variant always runs on a colder or hotter machine
-        for name, step in runs.items():
-            for _ in range(args.warmup):
-                step()
-            _sync(device)
-            if device.type == "cuda":  # the whole step's peak: weights, optimizer state, activations, logits
-                torch.cuda.reset_peak_memory_stats()
-            started = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            _sync(device)
-            rate = tokens * args.steps / (time.perf_counter() - started)
-            result[f"{name}_tokens_per_second"] = max(result.get(f"{name}_tokens_per_second", 0.0), rate)
-            if device.type == "cuda":
-                result[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    result["engine_vs_bare"] = result["engine_tokens_per_second"] / result["bare_tokens_per_second"]
+              "student_layers": args.student_layers, "random_weights": args.random_weights}
+    for variant in args.variants.split(","):
+        command = [sys.executable, __file__, "speed-one", variant, "--device", args.device, "--batch",
+                   str(args.batch), "--length", str(args.length), "--steps", str(args.steps), "--warmup",
+                   str(args.warmup), "--student-layers", str(args.student_layers)]
+        command += ["--chunk-size", str(args.chunk_size)] if args.chunk_size else []
+        command += ["--random-weights"] if args.random_weights else []
+        output = subprocess.run(command, text=True, capture_output=True)
+        if output.returncode:
+            result[variant] = {"error": output.stderr[-2000:]}
+            continue
+        result[variant] = json.loads(output.stdout.strip().splitlines()[-1])
+        naive = result.get("naive", {})
+        if "tokens_per_second" in naive and variant != "naive":
+            result[variant]["speed_vs_naive"] = result[variant]["tokens_per_second"] / naive["tokens_per_second"]
+            if "peak_gib" in naive:
+                result[variant]["memory_vs_naive"] = result[variant]["peak_gib"] / naive["peak_gib"]
+        print(json.dumps({variant: result[variant]}), flush=True)
     return result
 
 
@@ -180,7 +212,7 @@ def memory(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=("speed", "memory", "memory-one"))
+    parser.add_argument("what", choices=("speed", "speed-one", "memory", "memory-one"))
     parser.add_argument("variant", nargs="?")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=4)
@@ -190,7 +222,12 @@ def main() -> None:
     parser.add_argument("--random-weights", action="store_true", help="SmolLM2's architecture, random weights")
     parser.add_argument("--chunk-size", type=int, default=LossConfig().chunk_size)
     parser.add_argument("--student-layers", type=int, default=24, help="30: a student of the teacher's shape")
+    parser.add_argument("--variants", default="naive,engine", help=f"speed: comma-separated, of {', '.join(VARIANTS)}")
     args = parser.parse_args()
+    if args.what == "speed-one":
+        args.length = args.length or 256
+        print(json.dumps(speed_one(args.variant, args)))
+        return
     if args.what == "memory-one":
         args.length = args.length or 512
         print(loss_peak(args.variant, args))

@@ -23,11 +23,17 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     distill.add_argument("--data", type=Path, required=True, help="instruction JSONL or plain text file")
     distill.add_argument("--out", type=Path, required=True, help="folder for the distilled student")
     distill.add_argument("--resume", action="store_true", help="continue from the last checkpoint of --out")
-    distill.add_argument("--config", type=Path, help="JSON or YAML file of distillation settings")
-    for name, kind, default, help_text in _OPTIONS:
-        distill.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
-                             help=f"{help_text} (default {default})")
+    add_config_options(distill)
     distill.set_defaults(func=run_distill)
+
+
+def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """--config FILE plus one flag per DistillConfig setting (numbers and strings), except `skip`."""
+    parser.add_argument("--config", type=Path, help="JSON or YAML file of settings (flags override it)")
+    for name, kind, default, help_text in _OPTIONS:
+        if name not in skip:
+            parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
+                                help=f"{help_text} (default {default})")
 
 
 def _options() -> list[tuple[str, type, object, str]]:
@@ -36,7 +42,7 @@ def _options() -> list[tuple[str, type, object, str]]:
     from cbd_engine.distill_config import DistillConfig
 
     helps = {"loss": "forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl or ce",
-             "mode": "off_policy or on_policy", "device": "auto, cpu, gpu or npu"}
+             "mode": "off_policy, on_policy or minillm", "device": "auto, cpu, gpu or npu"}
     result = []
     for item in fields(DistillConfig):
         kind = {"int": int, "float": float, "str": str}.get(str(item.type).split(" ")[0])
@@ -60,6 +66,14 @@ def read_spec(path: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
 
 
+def config_from_args(args: argparse.Namespace):  # -> DistillConfig (imported late: the CLI starts fast)
+    from cbd_engine.distill_config import DistillConfig
+
+    settings = read_spec(args.config) if args.config else {}
+    settings.update({name: getattr(args, name) for name, *_ in _OPTIONS if getattr(args, name, None) is not None})
+    return DistillConfig.from_dict(settings)
+
+
 def run_chain_build(args: argparse.Namespace) -> int:
     from cbd_engine.chain import build_chain, spec_summary
     from cbd_engine.progress import TqdmProgress
@@ -80,23 +94,13 @@ def run_chain_build(args: argparse.Namespace) -> int:
 
 
 def run_distill(args: argparse.Namespace) -> int:
-    from cbd_engine.batches import encode_rows, encode_text
-    from cbd_engine.data import is_instruction_file, read_instruction_rows, split_rows
+    from cbd_engine.batches import encode_file
     from cbd_engine.distill import distill
-    from cbd_engine.distill_config import DistillConfig
     from cbd_engine.models import load_tokenizer
     from cbd_engine.progress import TqdmProgress
 
-    settings = read_spec(args.config) if args.config else {}
-    settings.update({name: getattr(args, name) for name, *_ in _OPTIONS if getattr(args, name) is not None})
-    config = DistillConfig.from_dict(settings)
-    tokenizer = load_tokenizer(args.student)
-    if is_instruction_file(args.data):
-        train_rows, valid_rows = split_rows(read_instruction_rows(args.data))
-        train = encode_rows(tokenizer, train_rows, config.prompt_format, config.max_length)
-        valid = encode_rows(tokenizer, valid_rows, config.prompt_format, config.max_length)
-    else:
-        train, valid = encode_text(tokenizer, args.data.read_text(encoding="utf-8"), config.max_length)
+    config = config_from_args(args)
+    train, valid = encode_file(load_tokenizer(args.student), args.data, config.prompt_format, config.max_length)
     bar = TqdmProgress()
     try:
         result = distill(args.teacher, args.student, train, valid, args.out, config, resume=args.resume,

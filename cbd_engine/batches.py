@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from cbd_engine.data import PROMPT_FORMATS, InstructionRow
+from cbd_engine.data import PROMPT_FORMATS, InstructionRow, is_instruction_file, read_instruction_rows, split_rows
 
 IGNORE = -100
 
@@ -24,6 +25,7 @@ class Example:
     labels: list[int]  # IGNORE where no loss applies
     prompt_length: int  # tokens before the response (the prompt on-policy sampling starts from)
     reference: bool = True  # the response is the data set's (False: sampled by the student, on-policy)
+    index: int | None = None  # position in the training list (distill.step_examples): the teacher cache's row
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -39,10 +41,11 @@ class Batch:
     attention_mask: torch.Tensor  # [batch, seq] 1 on real tokens
     labels: torch.Tensor  # [batch, seq] IGNORE on prompt and padding
     reference: torch.Tensor  # [batch] bool: the response is the data set's (the cross-entropy term applies)
+    index: list[int] | None = None  # the examples' Example.index, where every example has one
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
-                     self.reference.to(device))
+                     self.reference.to(device), self.index)
 
     @property
     def num_response_tokens(self) -> int:
@@ -131,6 +134,17 @@ def encode_text(tokenizer, text: str, max_length: int = 512) -> tuple[list[Examp
     return train, valid
 
 
+def encode_file(tokenizer, path: str | Path, prompt_format: str = "alpaca", max_length: int = 512,
+                ) -> tuple[list[Example], list[Example]]:
+    """(training, validation) examples of an instruction JSONL file (response tokens scored, the contract's
+    validation rows apart) or of a plain text file (max_length blocks, every token scored)."""
+    if is_instruction_file(path):
+        train_rows, valid_rows = split_rows(read_instruction_rows(path))
+        return (encode_rows(tokenizer, train_rows, prompt_format, max_length),
+                encode_rows(tokenizer, valid_rows, prompt_format, max_length))
+    return encode_text(tokenizer, Path(path).read_text(encoding="utf-8"), max_length)
+
+
 def collate(examples: list[Example], pad_id: int) -> Batch:
     """Right-padded tensors; padding is unattended and unscored."""
     length = max(len(example) for example in examples)
@@ -143,7 +157,8 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         labels[i, :n] = torch.tensor(example.labels)
         attention[i, :n] = 1
     reference = torch.tensor([example.reference for example in examples], dtype=torch.bool)
-    return Batch(input_ids, attention, labels, reference)
+    index = [example.index for example in examples]
+    return Batch(input_ids, attention, labels, reference, None if None in index else index)
 
 
 def pad_id_of(tokenizer) -> int:

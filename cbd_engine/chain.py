@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cbd_engine.bridge import BridgeSpec, generate_responses, generation_cache_dir, init_bridge, planned_spec
 from cbd_engine.distill_config import DistillConfig
 from cbd_engine.families import ModelSpec
 from cbd_engine.progress import Cancelled, ProgressCallback, no_progress
@@ -93,14 +94,13 @@ class ChainPlan:
     distillation: dict  # DistillConfig fields
     sft_epochs: float
     sft_learning_rate: float
+    bridge: BridgeSpec | None = None  # a SeqKD bridge replaces the source as anchor 0
 
 
 def parse_spec(spec: dict) -> ChainPlan:
     """Check a POST /chains body; every error names the field."""
     if not isinstance(spec, dict):
         raise ValueError("the chain spec must be a JSON object")
-    if spec.get("bridge"):
-        raise ValueError("bridge (seqkd distillation from another family) is not supported yet; give bridge: null")
     if not spec.get("source"):
         raise ValueError("source is required: a Hugging Face id, a local model folder or a .gguf file")
     anchors = spec.get("anchors")
@@ -110,9 +110,6 @@ def parse_spec(spec: dict) -> ChainPlan:
     if not (dataset.get("path") or dataset.get("hf")):
         raise ValueError("dataset needs path (JSONL or text file) or hf (a data set id)")
     distillation = {**CHAIN_DEFAULTS, **(spec.get("distillation") or {})}
-    if distillation.get("mode") == "minillm":
-        raise ValueError("distillation.mode 'minillm' (policy-gradient distillation) is not supported yet; "
-                         "use off_policy or on_policy")
     chain_only = {key: distillation.pop(key) for key in CHAIN_ONLY_KEYS if key in distillation}
     if spec.get("device"):
         distillation["device"] = spec["device"]
@@ -121,8 +118,12 @@ def parse_spec(spec: dict) -> ChainPlan:
     sft_epochs = float(chain_only.get("sft_epochs", 0) or 0)
     if sft_epochs < 0:
         raise ValueError(f"distillation.sft_epochs must be >= 0, got {sft_epochs}")
+    bridge = BridgeSpec.parse(spec["bridge"], distillation["max_length"]) if spec.get("bridge") is not None else None
+    if bridge is not None and sft_epochs:
+        raise ValueError("distillation.sft_epochs fine-tunes the source, which the bridge replaces as anchor 0: "
+                         "fine-tune the source beforehand (as appendix B does) and give sft_epochs 0")
     return ChainPlan(str(spec["source"]), [AnchorSpec.parse(i, a) for i, a in enumerate(anchors)], dataset,
-                     distillation, sft_epochs, float(chain_only.get("sft_learning_rate", SFT_LEARNING_RATE)))
+                     distillation, sft_epochs, float(chain_only.get("sft_learning_rate", SFT_LEARNING_RATE)), bridge)
 
 
 # --- the recipe -----------------------------------------------------------------------------------------------------
@@ -140,9 +141,10 @@ def build_chain(spec: dict, out: Path, *, resume: bool = False, progress: Progre
     config = DistillConfig.from_dict(plan.distillation)
 
     source_dir = resolve_source(plan.source, out / "source")
-    family = ModelSpec.from_config(read_config(source_dir)).family.name
-    data = ChainData.load(plan.dataset, source_dir, config)
-    results = [_anchor_zero(plan, config, data, source_dir, out, resume, progress, should_stop)]
+    start = source_dir if plan.bridge is None else _bridge_start(plan.bridge, config, out)
+    family = ModelSpec.from_config(read_config(start)).family.name
+    data = ChainData.load(plan.dataset, start, config)  # the chain's tokenizer: the bridge's, when there is one
+    results = [_anchor_zero(plan, config, data, source_dir, start, out, resume, progress, should_stop)]
     total = len(plan.anchors)
     for index, anchor in enumerate(plan.anchors, 1):
         _check_stop(should_stop)
@@ -195,9 +197,14 @@ class ChainData:
 
 
 def resolve_source(source: str, cache: Path) -> Path:
-    """A local folder as it is; a .gguf file or a Hugging Face id converted once into `cache`."""
+    """A local folder as it is; "zoo:<name>" from cbd_engine.zoo; a .gguf file or a Hugging Face id converted once
+    into `cache`."""
     from cbd_engine.checkpoint import atomic_output_dir
 
+    if source.startswith("zoo:"):
+        from cbd_engine.zoo import zoo_model
+
+        return zoo_model(source.removeprefix("zoo:"))
     path = Path(source)
     if path.is_dir():
         read_config(path)
@@ -221,13 +228,30 @@ def resolve_source(source: str, cache: Path) -> Path:
     return cache
 
 
-def _anchor_zero(plan: ChainPlan, config, data: ChainData, source_dir: Path, out: Path, resume: bool,
+def _bridge_start(bridge: BridgeSpec, config, out: Path) -> Path:
+    """Where the bridge starts, and the chain's tokenizer comes from: its checkpoint, or a fresh init of its shape
+    in anchor-00.init; once anchor 0 is built, the bridge itself."""
+    if (out / "anchor-00" / "metrics.json").is_file():
+        return out / "anchor-00"
+    if not bridge.is_shape:
+        return resolve_source(bridge.model, out / "bridge")
+    init = out / "anchor-00.init"
+    if not (init / "config.json").is_file():
+        init_bridge(bridge, init, config.seed)
+    return init
+
+
+def _anchor_zero(plan: ChainPlan, config, data: ChainData, source_dir: Path, start: Path, out: Path, resume: bool,
                  progress: ProgressCallback, should_stop) -> AnchorResult:
-    """The source as anchor 0: fine-tuned on the data set when sft_epochs > 0, else linked as it is."""
+    """The bridge, trained on the source's answers from `start`; or the source, fine-tuned on the data set when
+    sft_epochs > 0, else linked as it is."""
     folder = out / "anchor-00"
     if (folder / "metrics.json").is_file():
         return _result(0, folder)
-    if plan.sft_epochs > 0:
+    if plan.bridge is not None:
+        _train_bridge(plan, config, source_dir, start, folder, resume, progress, should_stop)
+        shutil.rmtree(out / "anchor-00.init", ignore_errors=True)
+    elif plan.sft_epochs > 0:
         _fine_tune(source_dir, folder, plan, config, data, resume, "anchor 0: sft", progress, should_stop)
     else:
         _register(source_dir, folder, config, data, {"role": "source", "source": plan.source})
@@ -288,19 +312,54 @@ def _renamed(progress: ProgressCallback, stage: str) -> ProgressCallback:
     return lambda event: progress(replace(event, stage=stage))
 
 
+def _train_bridge(plan: ChainPlan, config, source_dir: Path, start: Path, out: Path, resume: bool,
+                  progress: ProgressCallback, should_stop) -> None:
+    """SeqKD (bridge.py): the source answers the training prompts, and the validation rows' prompts for held-out
+    answers; the bridge learns the answers, in its own tokenizer, by plain cross-entropy."""
+    from cbd_engine.batches import encode_rows
+    from cbd_engine.data import read_dataset_spec, split_rows
+    from cbd_engine.models import load_tokenizer
+
+    bridge = plan.bridge
+    rows, _ = read_dataset_spec(plan.dataset)
+    if rows is None:
+        raise ValueError("bridge: the source answers the data set's prompts, so dataset must hold instruction rows")
+    train_rows, valid_rows = split_rows(rows)
+    asked = {"train": train_rows[: bridge.num_samples], "valid": valid_rows[: config.eval_rows]}
+    answers = {name: generate_responses(source_dir, asked[name], bridge.generation, generation_cache_dir(),
+                                        config.prompt_format, device=config.device,
+                                        stage=f"anchor 0: generate ({name})", progress=progress,
+                                        should_stop=should_stop)
+               for name in asked}
+    tokenizer = load_tokenizer(start)
+    train, valid = (encode_rows(tokenizer, answers[name].rows, config.prompt_format, config.max_length)
+                    for name in ("train", "valid"))
+    provenance = {"role": "bridge", "method": "seqkd", "source": plan.source, "bridge_model": bridge.model,
+                  "epochs": bridge.epochs, "generation": asdict(bridge.generation),
+                  "generations": {name: {"cache_key": found.key, **found.stats} for name, found in answers.items()},
+                  "validation_set": "the source's answers to the validation rows' prompts"}
+    _train_on_responses(start, out, config, train, valid, bridge.epochs, bridge.learning_rate or config.learning_rate,
+                        resume, "anchor 0: bridge", provenance, progress, should_stop)
+
+
 def _fine_tune(start: Path, out: Path, plan: ChainPlan, config, data: ChainData, resume: bool, stage: str,
                progress: ProgressCallback, should_stop) -> None:
-    """Plain cross-entropy on the data set's responses for `sft_epochs` epochs (the paper: 3, lr 1e-5)."""
+    """SFT on the data set's responses for `sft_epochs` epochs (the paper: 3, lr 1e-5)."""
+    _train_on_responses(start, out, config, data.train, data.valid, plan.sft_epochs, plan.sft_learning_rate, resume,
+                        stage, {"role": "sft", "epochs": plan.sft_epochs}, progress, should_stop)
+
+
+def _train_on_responses(start: Path, out: Path, config, train: list, valid: list, epochs: float, learning_rate: float,
+                        resume: bool, stage: str, provenance: dict, progress: ProgressCallback, should_stop) -> None:
+    """Plain cross-entropy on the responses of `train` for `epochs` epochs, the best by loss on `valid` kept."""
     from dataclasses import replace
 
     from cbd_engine.distill import distill
 
-    steps = max(1, math.ceil(plan.sft_epochs * len(data.train) / config.batch_size))
-    sft_config = replace(config, loss="ce", mode="off_policy", ce_weight=0.0, steps=steps,
-                         learning_rate=plan.sft_learning_rate)
-    distill(None, start, data.train, data.valid, out, sft_config, work_dir=out.with_name(out.name + ".work"),
-            resume=resume, stage=stage, provenance={"role": "sft", "epochs": plan.sft_epochs}, progress=progress,
-            should_stop=should_stop)
+    steps = max(1, math.ceil(epochs * len(train) / config.batch_size))
+    ce_config = replace(config, loss="ce", mode="off_policy", ce_weight=0.0, steps=steps, learning_rate=learning_rate)
+    distill(None, start, train, valid, out, ce_config, work_dir=out.with_name(out.name + ".work"), resume=resume,
+            stage=stage, provenance=provenance, progress=progress, should_stop=should_stop)
     shutil.rmtree(out.with_name(out.name + ".work"), ignore_errors=True)
 
 
@@ -365,6 +424,8 @@ def read_chain(out: Path) -> ChainResult:
 # shared or busy machine is slower (docs/DISTILLATION.md).
 FLOPS_PER_SECOND = {"cpu": 1e11, "gpu": 4e13, "npu": 3e13}
 DEFAULT_SOURCE_PARAMS = 1_000_000_000
+DATASET_ROWS = 15_000  # a Dolly-sized data set, where the estimate needs its size
+DECODING_SLOWDOWN = 10.0  # token-by-token generation against training throughput (measured: docs/DISTILLATION.md)
 
 
 def estimate_chain_seconds(spec: dict) -> float:
@@ -379,15 +440,17 @@ def estimate_chain_seconds(spec: dict) -> float:
     seconds = 0.0
     steps = config["steps"]
     if plan.sft_epochs:
-        sft_steps = plan.sft_epochs * 15_000 / config["batch_size"]  # a Dolly-sized data set
+        sft_steps = plan.sft_epochs * DATASET_ROWS / config["batch_size"]
         seconds += sft_steps * tokens_per_step * 6 * sizes[0] / speed
+    if plan.bridge is not None:
+        seconds += _bridge_flops(plan, sizes[0], tokens_per_step) / speed
     eval_every = config.get("eval_every") or steps
     eval_tokens = config.get("eval_rows", 200) * config["max_length"] * 0.6
     for teacher, student, anchor in zip(sizes, sizes[1:], plan.anchors, strict=False):
         if anchor.checkpoint is not None and not anchor.distill:
             continue
         flops = steps * tokens_per_step * (6 * student + 2 * teacher)
-        if config.get("mode") == "on_policy":  # token-by-token sampling runs far below peak throughput
+        if config.get("mode") in ("on_policy", "minillm"):  # token-by-token sampling runs far below peak throughput
             flops *= 2.0
         flops += (steps // eval_every + 2) * eval_tokens * 2 * student  # validation passes
         if anchor.checkpoint is None:
@@ -396,9 +459,23 @@ def estimate_chain_seconds(spec: dict) -> float:
     return float(seconds * 1.2 + 30 * len(plan.anchors))  # evaluation, checkpoints, loading
 
 
+def _bridge_flops(plan: ChainPlan, bridge_params: int, tokens_per_step: float) -> float:
+    """The source's answers (2 N FLOPs a token, token by token far below peak), then the bridge's epochs on them."""
+    bridge, config = plan.bridge, plan.distillation
+    source = _local_spec(plan.source)
+    source_params = source.num_params if source else _gguf_guess(plan.source)
+    per_prompt = bridge.generation.responses_per_prompt
+    train, valid = (bridge.num_samples or DATASET_ROWS) * per_prompt, config.get("eval_rows", 200) * per_prompt
+    generation = (train + valid) * bridge.generation.max_new_tokens * 2 * source_params * DECODING_SLOWDOWN
+    training = bridge.epochs * train / config["batch_size"] * tokens_per_step * 6 * bridge_params
+    return generation + training
+
+
 def _estimated_sizes(plan: ChainPlan) -> list[int]:
-    source_spec = _local_spec(plan.source)
-    sizes = [source_spec.num_params if source_spec else _gguf_guess(plan.source)]
+    """Parameters of anchor 0 (the source, or the bridge) and of every anchor after it."""
+    zero = plan.source if plan.bridge is None else plan.bridge.model
+    source_spec = planned_spec(zero) if isinstance(zero, dict) else _local_spec(zero)
+    sizes = [source_spec.num_params if source_spec else _gguf_guess(zero)]
     for anchor in plan.anchors:
         if anchor.size is not None:
             sizes.append(anchor.size)

@@ -1,11 +1,13 @@
 """One distillation stage: a student learns from a frozen teacher on an instruction set.
 
 The recipe, top to bottom (`distill`):
-  1. load teacher (frozen) and student; the examples come encoded (batches.encode_rows / encode_text)
+  1. load teacher (frozen; or, with `teacher_cache`, its top-k outputs built once, cbd_engine.teacher_cache) and
+     student; the examples come encoded (batches.encode_rows / encode_text)
   2. validation loss before training
   3. for each step: the global batch (the same for every world size), this rank's share split into micro-batches,
      on-policy responses sampled by the student where asked, the loss normalized by the global number of scored
-     tokens, gradients accumulated, clipped, one AdamW step, the learning-rate schedule
+     tokens, gradients accumulated, clipped, one AdamW step, the learning-rate schedule (mode minillm: the
+     gradients of one policy update on the student's rollouts instead, cbd_engine.minillm)
   4. every `eval_every` steps the validation loss, and the best weights kept; every `checkpoint_every` steps a
      resumable checkpoint (weights as safetensors, optimizer/schedule/step as a weights_only torch file)
   5. the best weights written as a Hugging Face folder with metrics, loss curves (CSV and PNG) and provenance
@@ -25,7 +27,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -44,8 +46,17 @@ from cbd_engine.batches import (
 from cbd_engine.checkpoint import atomic_output_dir, copy_side_files
 from cbd_engine.distill_config import DistillConfig
 from cbd_engine.losses import LossConfig, chunked_token_losses
-from cbd_engine.models import autocast_for, hidden_states, load_model, output_head, resolve_device
+from cbd_engine.minillm import PolicyDistillation
+from cbd_engine.models import (
+    autocast_for,
+    compile_decoders,
+    hidden_states,
+    load_model,
+    output_head,
+    resolve_device,
+)
 from cbd_engine.progress import Cancelled, ProgressCallback, StageTimer, no_progress
+from cbd_engine.teacher_cache import CacheSettings, TeacherCache, build_teacher_cache, teacher_cache_folder
 
 
 @dataclass
@@ -103,20 +114,22 @@ def teacher_hidden_states(teacher: nn.Module, batch: Batch, scored: torch.Tensor
     return hidden_states(teacher, batch.input_ids, batch.attention_mask)[scored]
 
 
-def batch_loss_sums(student_loss: nn.Module, teacher: nn.Module | None, batch: Batch, ce_only: bool,
+def batch_loss_sums(student_loss: nn.Module, teacher: nn.Module | TeacherCache | None, batch: Batch, ce_only: bool,
                     need_ce: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(divergence sum over all scored tokens, cross-entropy sum over reference-response tokens) of one batch."""
     targets = next_token_targets(batch.labels)
     scored = targets != IGNORE
     ce_targets = torch.where(batch.reference[:, None], targets, torch.full_like(targets, IGNORE))
     teacher_hidden, teacher_head = None, None
-    if not ce_only and teacher is not None:
+    if not ce_only and isinstance(teacher, TeacherCache):
+        teacher_hidden = teacher.for_batch(batch)  # the teacher's top-k, cached: no teacher forward
+    elif not ce_only and teacher is not None:
         teacher_hidden, teacher_head = teacher_hidden_states(teacher, batch, scored), output_head(teacher)
     return student_loss(batch.input_ids, batch.attention_mask, scored, ce_targets, teacher_hidden, teacher_head,
                         need_ce or ce_only)
 
 
-def accumulate_gradients(student_loss: nn.Module, teacher: nn.Module | None, batches: list[Batch],
+def accumulate_gradients(student_loss: nn.Module, teacher: nn.Module | TeacherCache | None, batches: list[Batch],
                          config: DistillConfig, device: torch.device, bf16: bool, ce_only: bool,
                          ) -> tuple[float, float, float, float]:
     """Backward over this rank's micro-batches of one step. Each micro-batch contributes its loss *sums* divided by
@@ -255,8 +268,8 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler) -> dic
     return state
 
 
-CURVE_FIELDS = ("step", "loss", "divergence", "cross_entropy", "learning_rate", "grad_norm", "tokens_per_second",
-                "validation_loss", "rouge_l")
+CURVE_FIELDS = ("step", "tokens", "loss", "divergence", "cross_entropy", "learning_rate", "grad_norm",
+                "tokens_per_second", "validation_loss", "rouge_l")
 
 
 def write_curves(history: list[dict], folder: Path, title: str = "distillation") -> None:
@@ -298,11 +311,11 @@ def _seed_everything(seed: int, step: int) -> random.Random:
 
 def step_examples(train: list[Example], batch_plan: Callable[[int], list[list[int]]], step: int, rank: int,
                   world_size: int) -> list[Example]:
-    """This rank's contiguous share of the global batch of `step`."""
+    """This rank's contiguous share of the global batch of `step`, each example carrying its index in `train`."""
     plan = batch_plan(step // len(batch_plan(0)))
     indices = plan[step % len(plan)]
     share = len(indices) // world_size
-    return [train[i] for i in indices[rank * share : (rank + 1) * share]]
+    return [replace(train[i], index=i) for i in indices[rank * share : (rank + 1) * share]]
 
 
 def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list[Example], valid: list[Example],
@@ -330,20 +343,33 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
     accelerated = device.type != "cpu"
     bf16 = accelerated if config.bf16 is None else config.bf16
     ce_only = config.loss == "ce" or teacher_dir is None
+    if config.mode == "minillm" and (ce_only or world_size > 1):
+        raise ValueError("mode minillm needs a teacher and runs in one process for now (no DDP or FSDP)")
 
     tokenizer = load_tokenizer(student_dir)
     pad_id = pad_id_of(tokenizer)
     _seed_everything(config.seed, 0)
     student = load_model(student_dir, device).train()
-    teacher = None if ce_only else load_model(teacher_dir, device).eval().requires_grad_(False)
+    if ce_only:
+        teacher = None
+    elif config.teacher_cache:
+        teacher = open_teacher_cache(teacher_dir, train, config, device, bf16, f"{stage}: teacher cache", progress)
+        if teacher.vocab != output_head(student).weight.shape[0]:
+            raise ValueError(f"the teacher's output layer has {teacher.vocab} rows, the student's "
+                             f"{output_head(student).weight.shape[0]}: the teacher cache needs the same vocabulary")
+    else:
+        teacher = load_model(teacher_dir, device).eval().requires_grad_(False)
     if config.gradient_checkpointing if config.gradient_checkpointing is not None else accelerated:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.compile:
+        compile_decoders(student, teacher)
     valid = valid[: config.eval_rows]
+    policy = PolicyDistillation(student, teacher, tokenizer, config, device, bf16) if config.mode == "minillm" else None
 
     student_loss: nn.Module = StudentLoss(student, config.loss_config)
     fsdp = config.fsdp and world_size > 1
     if fsdp:
-        if config.mode == "on_policy" or config.checkpoint_every or config.select_by != "validation_loss":
+        if config.mode != "off_policy" or config.checkpoint_every or config.select_by != "validation_loss":
             raise ValueError("fsdp supports off_policy without intermediate checkpoints or Rouge-L for now")
         student_loss = _shard_fsdp(student_loss)
     elif world_size > 1:
@@ -372,7 +398,7 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
             plans[epoch] = bucketed_batches(lengths, config.batch_size, config.seed, epoch)
         return plans[epoch]
 
-    state = {"step": 0, "best": None, "best_step": None, "history": []}
+    state = {"step": 0, "tokens": 0, "best": None, "best_step": None, "history": []}
     checkpoint_dir, best_dir = work / "checkpoint", work / "best"
     found = _existing(checkpoint_dir) if resume else None
     if found is not None:
@@ -382,7 +408,7 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
             shutil.rmtree(work)
         before = validate()
         state.update(before=before, best=before, best_step=0)
-        state["history"].append({"step": 0, **before})
+        state["history"].append({"step": 0, "tokens": 0, **before})
         if rank == 0 and not fsdp:
             save_weights(student, best_dir, {"step": 0, **before})
     if world_size > 1:
@@ -398,12 +424,23 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
         step = state["step"]
         tick = time.monotonic()
         rng = _seed_everything(config.seed + 7919 * rank, step + 1)  # ranks sample different responses
-        examples = step_examples(train, batch_plan, step, rank, world_size)
-        if config.mode == "on_policy":
-            examples = sample_responses(student, examples, tokenizer, config, rng)
-        batches = [collate(examples[i : i + micro], pad_id) for i in range(0, len(examples), micro)]
-        div_total, ce_total, global_tokens, global_reference = accumulate_gradients(
-            student_loss, teacher, batches, config, device, bf16, ce_only)
+        if policy is not None:  # minillm: update step % ppo_epochs on the rollouts of prompt batch step // ppo_epochs
+            stats = policy.update(step, step_examples(train, batch_plan, step // config.ppo_epochs, rank, world_size),
+                                  rng)
+            step_tokens = stats["sequence_tokens"]
+        else:
+            examples = step_examples(train, batch_plan, step, rank, world_size)
+            if config.mode == "on_policy":
+                examples = sample_responses(student, examples, tokenizer, config, rng)
+            batches = [collate(examples[i : i + micro], pad_id) for i in range(0, len(examples), micro)]
+            div_total, ce_total, global_tokens, global_reference = accumulate_gradients(
+                student_loss, teacher, batches, config, device, bf16, ce_only)
+            divergence = div_total / max(global_tokens, 1)
+            cross_entropy = ce_total / max(global_reference, 1)
+            stats = {"loss": cross_entropy if ce_only else divergence + config.ce_weight * cross_entropy,
+                     "divergence": None if ce_only else divergence,
+                     "cross_entropy": cross_entropy if (ce_only or config.ce_weight) else None}
+            step_tokens = sum(b.num_tokens for b in batches) * world_size
         norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip or float("inf"))
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
         optimizer.step()
@@ -411,14 +448,11 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
         learning_rate = scheduler.get_last_lr()[0]
         scheduler.step()
 
-        divergence = div_total / max(global_tokens, 1)
-        cross_entropy = ce_total / max(global_reference, 1)
-        loss_value = cross_entropy if ce_only else divergence + config.ce_weight * cross_entropy
-        tokens_per_second = sum(b.num_tokens for b in batches) * world_size / max(time.monotonic() - tick, 1e-9)
+        seconds = time.monotonic() - tick
         state["step"] = step + 1
-        row = {"step": step + 1, "loss": loss_value, "divergence": None if ce_only else divergence,
-               "cross_entropy": cross_entropy if (ce_only or config.ce_weight) else None,
-               "learning_rate": learning_rate, "grad_norm": grad_norm, "tokens_per_second": tokens_per_second}
+        state["tokens"] = state.get("tokens", 0) + step_tokens
+        row = {"step": step + 1, "tokens": state["tokens"], **stats, "learning_rate": learning_rate,
+               "grad_norm": grad_norm, "tokens_per_second": step_tokens / max(seconds, 1e-9), "seconds": seconds}
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
             row.update(_evaluate_and_keep_best(student, validate, config.select_by, state, best_dir, rank, not fsdp))
         state["history"].append(row)
@@ -427,7 +461,7 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
                 save_checkpoint(checkpoint_dir, student, optimizer, scheduler, state)
             if world_size > 1:
                 dist.barrier()
-        timer.update(step + 1, loss_value, tokens_per_second)
+        timer.update(step + 1, row["loss"], row["tokens_per_second"])
 
     final = _evaluate_and_keep_best(student, validate, config.select_by, state, best_dir, rank, not fsdp)
     state["history"][-1].update(final)
@@ -447,6 +481,7 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
         "train_loss_last": state["history"][-1].get("loss"),
         "seconds_this_run": time.monotonic() - started,
         "world_size": world_size,
+        **(policy.summary(state["history"]) if policy is not None else {}),
     }
     if rank == 0:
         _write_output(out, student, student_dir, teacher_dir, config, metrics, state["history"], provenance, stage,
@@ -454,6 +489,19 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
     if world_size > 1:
         dist.barrier()
     return DistillResult(out, metrics)
+
+
+def open_teacher_cache(teacher_dir: str | Path, train: list[Example], config: DistillConfig, device: torch.device,
+                       bf16: bool, stage: str, progress: ProgressCallback) -> TeacherCache:
+    """The teacher's cached top-k over `train`: built by rank 0 unless it exists (the other ranks wait), then read
+    by every rank."""
+    settings = CacheSettings(config.teacher_cache, config.temperature, bf16)
+    if world()[0] == 0:
+        build_teacher_cache(teacher_dir, train, settings, config.teacher_cache_dir, device=device,
+                            batch_size=config.eval_batch_size, stage=stage, progress=progress)
+    if world()[1] > 1:
+        dist.barrier()
+    return TeacherCache(teacher_cache_folder(teacher_dir, train, settings, config.teacher_cache_dir))
 
 
 def _selection_key(result: dict, select_by: str) -> float:

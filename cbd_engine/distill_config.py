@@ -6,8 +6,10 @@ from dataclasses import dataclass, fields
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
 
-MODES = ("off_policy", "on_policy")
+MODES = ("off_policy", "on_policy", "minillm")
 SELECT_BY = ("validation_loss", "rouge_l")
+# How a teacher cache models the teacher outside its top k (losses.sparse_divergence; measured in docs/DISTILLATION.md)
+TEACHER_CACHE_TAILS = ("bucket", "uniform")
 
 
 @dataclass
@@ -16,7 +18,7 @@ class DistillConfig:
     beta: float = 0.5  # jsd
     skew: float = 0.1  # skew_forward_kl / skew_reverse_kl
     temperature: float = 1.0  # on both models' logits
-    mode: str = "off_policy"  # teacher-forced on the data set's responses, or on_policy (student samples)
+    mode: str = "off_policy"  # teacher-forced on the data set's responses, on_policy (student samples) or minillm
     data_mix: float = 0.5  # on_policy: fraction of examples that keep the data set's response
     ce_weight: float = 0.0  # weight of cross-entropy on the reference (data set) responses
     steps: int = 100
@@ -30,6 +32,13 @@ class DistillConfig:
     max_length: int = 512
     max_new_tokens: int = 128  # on_policy sampling
     sample_temperature: float = 1.0
+    # minillm (policy-gradient reverse KL, cbd_engine.minillm): `batch_size` prompts per batch of rollouts, and each
+    # step is one policy update (optimizer step) on all of them; the paper: 4 updates per batch, clipping 0.2
+    ppo_epochs: int = 4  # minillm: policy updates on each batch of rollouts
+    ppo_clip: float = 0.2  # minillm: the PPO ratio q_theta / q_old is clipped to [1 - ppo_clip, 1 + ppo_clip]
+    teacher_mix: float = 0.2  # minillm: rollouts sample from teacher_mix p + (1 - teacher_mix) q (MiniLLM: 0.2)
+    lm_data: str | None = None  # minillm: plain-text file for a language-modeling term (MiniLLM's pre-training loss)
+    lm_weight: float = 1.0  # minillm: weight of that term
     prompt_format: str = "alpaca"
     seed: int = 0
     eval_every: int = 0  # 0: validation before and after only
@@ -44,6 +53,14 @@ class DistillConfig:
     bf16: bool | None = None  # None: bf16 autocast on accelerators, float32 on CPU
     gradient_checkpointing: bool | None = None  # None: on accelerators
     fsdp: bool = False  # shard the student with FSDP2 (fully_shard) under torchrun; see docs/DISTILLATION.md
+    compile: bool = False  # torch.compile the decoder stacks of student and teacher (docs/DISTILLATION.md)
+    # off_policy: keep the teacher's top-k (this k, e.g. 64) per scored position in a cache built once per (teacher,
+    # data, k, temperature) and reused; the teacher is then not loaded at all (cbd_engine.teacher_cache)
+    teacher_cache: int | None = None
+    teacher_cache_dir: str | None = None  # None: $CBD_CACHE_DIR/teacher-outputs (~/.cache/cbd/teacher-outputs)
+    # the tail outside the cached top-k: "bucket" (one token for both models) or "uniform" (spread evenly over the
+    # other tokens, compared with the student's full distribution); read at loss time, not part of the cache key
+    teacher_cache_tail: str = "bucket"
 
     def __post_init__(self) -> None:
         if self.loss not in DIVERGENCES + ("ce",):
@@ -56,6 +73,31 @@ class DistillConfig:
             raise ValueError(f"select_by must be one of {SELECT_BY}, got {self.select_by!r}")
         if not 0 <= self.data_mix <= 1:
             raise ValueError(f"data_mix must be in [0, 1], got {self.data_mix}")
+        if self.teacher_cache_tail not in TEACHER_CACHE_TAILS:
+            raise ValueError(f"teacher_cache_tail must be one of {TEACHER_CACHE_TAILS}, "
+                             f"got {self.teacher_cache_tail!r}")
+        if self.teacher_cache is not None:
+            if isinstance(self.teacher_cache, bool) or not isinstance(self.teacher_cache, int) \
+                    or self.teacher_cache < 1:
+                raise ValueError("teacher_cache is the number of teacher tokens kept per position (top-k, e.g. 64), "
+                                 f"got {self.teacher_cache!r}")
+            if self.mode != "off_policy":
+                raise ValueError(f"teacher_cache needs mode off_policy: {self.mode} scores the student's own "
+                                 "samples, which the teacher must see anew at every step")
+        if self.mode == "minillm":
+            self._check_minillm()
+
+    def _check_minillm(self) -> None:
+        if self.loss != "reverse_kl" or self.temperature != 1 or self.sample_temperature != 1 or self.ce_weight:
+            raise ValueError("mode minillm is reverse KL sampled and scored at temperature 1: it needs loss "
+                             "reverse_kl, temperature 1, sample_temperature 1 and ce_weight 0 (see lm_data)")
+        if self.ppo_epochs < 1 or self.ppo_clip <= 0 or not 0 <= self.teacher_mix < 1 or self.lm_weight < 0:
+            raise ValueError("minillm needs ppo_epochs >= 1, ppo_clip > 0, teacher_mix in [0, 1) and lm_weight >= 0")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"minillm needs max_new_tokens >= 1, got {self.max_new_tokens}")
+        if self.checkpoint_every % self.ppo_epochs:
+            raise ValueError(f"minillm: checkpoint_every ({self.checkpoint_every}) must be a multiple of ppo_epochs "
+                             f"({self.ppo_epochs}), so that checkpoints fall between batches of rollouts")
 
     @classmethod
     def from_dict(cls, data: dict) -> DistillConfig:
@@ -70,4 +112,4 @@ class DistillConfig:
         from cbd_engine.losses import LossConfig
 
         kind = "reverse_kl" if self.loss == "ce" else self.loss
-        return LossConfig(kind, self.beta, self.skew, self.temperature, self.chunk_size)
+        return LossConfig(kind, self.beta, self.skew, self.temperature, self.chunk_size, self.teacher_cache_tail)

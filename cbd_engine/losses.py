@@ -15,10 +15,20 @@ merely a zero gradient), and large |d| never overflows.
 Memory: `chunked_token_losses` takes hidden states of the scored positions only and applies each model's output
 layer to `chunk_size` positions at a time under activation checkpointing, so logits exist for one chunk at a time
 and are recomputed in backward. Full [batch, sequence, vocabulary] logits of both models never exist.
+
+Sparse teacher (`TeacherTopK`, from `cbd_engine.teacher_cache`): the teacher's distribution kept as its k most likely
+tokens and the log of the remaining (tail) mass; `sparse_divergence` compares the student with it under one of two
+tail models (DistillConfig.teacher_cache_tail), both equal to the full divergence when k covers the vocabulary:
+    bucket   the tail is one token for both models (k + 1 buckets). Merging tokens never increases a divergence (data
+             processing inequality): a lower bound, exact when the teacher's tail has the student's shape.
+    uniform  the teacher's tail mass is spread evenly over the other V - k tokens and compared with the student's
+             full distribution (its spread inside the tail counts); exact when the teacher's tail is uniform.
+Which one is closer depends on the loss and k (docs/DISTILLATION.md, "Teacher-output cache").
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from cbd_engine.distill_config import DIVERGENCES
+from cbd_engine.distill_config import DIVERGENCES, TEACHER_CACHE_TAILS
 
 
 def _log_mixture_minus_log_q(d: torch.Tensor, beta: float) -> torch.Tensor:
@@ -77,6 +87,70 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind:
     return -(log_q.exp() * _log_mixture_minus_log_q(d, 1 - skew)).sum(-1)
 
 
+# The log-mass of an empty tail (top-k covering the whole vocabulary): finite, so log-ratios stay defined, and
+# e^-10000 is 0 in every float format.
+EMPTY_TAIL = -1e4
+
+
+@dataclass(frozen=True)
+class TeacherTopK:
+    """The teacher's distribution at N positions: its k most likely tokens, and the mass of all others (the tail)."""
+
+    ids: torch.Tensor  # [N, k] token ids
+    log_probs: torch.Tensor  # [N, k] their log-probabilities (at the distillation temperature)
+    tail: torch.Tensor  # [N] log of the probability of all other tokens
+
+    def __getitem__(self, rows: slice) -> TeacherTopK:
+        return TeacherTopK(self.ids[rows], self.log_probs[rows], self.tail[rows])
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def to(self, device: torch.device | str) -> TeacherTopK:
+        return TeacherTopK(self.ids.to(device), self.log_probs.to(device), self.tail.to(device))
+
+    def uniform_tail_logits(self, vocab: int, temperature: float = 1.0, dtype: torch.dtype = torch.float32,
+                            ) -> torch.Tensor:
+        """Logits [N, vocab] whose softmax at `temperature` is the teacher with its tail mass spread evenly over the
+        vocab - k tokens outside its top k. Scaled by the temperature at the k + 1 values, not the [N, vocab] row."""
+        spread = (self.tail.to(dtype) - math.log(max(vocab - self.ids.shape[-1], 1))) * temperature
+        logits = spread[:, None].repeat(1, vocab)
+        return logits.scatter_(-1, self.ids.long(), self.log_probs.to(dtype) * temperature)
+
+
+def bucket_log_probs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probabilities [N, k] of tokens `ids`, log of the remaining mass [N]) of softmax(logits / temperature).
+    The tail is a log-sum-exp over the other tokens rather than log(1 - sum of the top k): exact even when the top k
+    hold all but 1e-9 of the mass, where 1 - sum would cancel to noise."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    log_probs = _log_softmax(logits, dtype, temperature)
+    tail = log_probs.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    return log_probs.gather(-1, ids), tail.clamp(min=EMPTY_TAIL)
+
+
+def sparse_divergence(student_logits: torch.Tensor, teacher: TeacherTopK, kind: str = "reverse_kl",
+                      beta: float = 0.5, skew: float = 0.1, temperature: float = 1.0, tail: str = "bucket",
+                      ) -> torch.Tensor:
+    """Per-position divergence [N] between the student and a top-k teacher, its tail modelled as `tail` says:
+    "bucket": over the teacher's k + 1 buckets, the student's being its probabilities of the teacher's top-k tokens
+    and the rest of its mass, e.g. forward KL = sum_topk p (log p - log q) + p_tail (log p_tail - log q_tail);
+    "uniform": over the whole vocabulary against `TeacherTopK.uniform_tail_logits` (one more [N, V] tensor, as the
+    teacher's logits are in the full path). The teacher's log-probabilities were taken at `temperature` when cached;
+    the student's are taken at it here. Student logits [N, V] must span the teacher's vocabulary (the cache is
+    refused for another width)."""
+    if tail not in TEACHER_CACHE_TAILS:
+        raise ValueError(f"tail must be one of {TEACHER_CACHE_TAILS}, got {tail!r}")
+    if tail == "uniform":
+        dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+        teacher_logits = teacher.uniform_tail_logits(student_logits.shape[-1], temperature, dtype)
+        return divergence(student_logits, teacher_logits, kind, beta, skew, temperature)
+    student_top, student_tail = bucket_log_probs(student_logits, teacher.ids.long(), temperature)
+    log_q = torch.cat([student_top, student_tail[:, None]], dim=-1)
+    log_p = torch.cat([teacher.log_probs, teacher.tail[:, None]], dim=-1).to(log_q.dtype)
+    return divergence(log_q, log_p, kind, beta, skew)
+
+
 @dataclass(frozen=True)
 class LossConfig:
     kind: str = "reverse_kl"
@@ -84,6 +158,7 @@ class LossConfig:
     skew: float = 0.1  # skew_*_kl
     temperature: float = 1.0
     chunk_size: int | None = None  # scored positions whose logits exist at once; None: default_chunk()
+    teacher_cache_tail: str = "bucket"  # sparse_divergence's tail model, when the teacher is a TeacherTopK
 
 
 # Logit elements per chunk: 8M (32 MiB in float32) keeps the loss's peak well under a quarter of full logits at
@@ -104,13 +179,14 @@ Head = Callable[[torch.Tensor], torch.Tensor]
 
 
 def chunked_token_losses(student_hidden: torch.Tensor, student_head: Head, targets: torch.Tensor,
-                         teacher_hidden: torch.Tensor | None = None, teacher_head: Head | None = None,
+                         teacher_hidden: torch.Tensor | TeacherTopK | None = None, teacher_head: Head | None = None,
                          config: LossConfig = LossConfig(), need_ce: bool = True,
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of divergences, sum of cross-entropies) over N scored positions.
 
     student_hidden [N, H] (requires grad), targets [N] (the reference next tokens; used by the cross-entropy term),
-    teacher_hidden [N, H'] (no grad) or None for cross-entropy only. Sums, not means: the caller divides by the
+    teacher_hidden [N, H'] (no grad), or the teacher's cached top-k at the N positions (TeacherTopK: no teacher_head,
+    `sparse_divergence`), or None for cross-entropy only. Sums, not means: the caller divides by the
     global number of scored tokens so that micro-batching and data parallelism do not change the gradient.
     """
     zero = student_hidden.sum() * 0.0  # keeps the graph (and finite zero gradients) when nothing is scored
@@ -130,11 +206,15 @@ def _vocab_size(head: Head) -> int:
     return int(weight.shape[0]) if weight is not None else 65536
 
 
-def _chunk_losses(s_hidden: torch.Tensor, targets: torch.Tensor, t_hidden: torch.Tensor | None,
+def _chunk_losses(s_hidden: torch.Tensor, targets: torch.Tensor, t_hidden: torch.Tensor | TeacherTopK | None,
                   student_head: Head, teacher_head: Head | None, config: LossConfig, need_ce: bool,
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     s_logits = student_head(s_hidden)
     ce = F.cross_entropy(s_logits.float(), targets, reduction="sum") if need_ce else s_logits.sum() * 0.0
+    if isinstance(t_hidden, TeacherTopK):
+        div = sparse_divergence(s_logits, t_hidden, config.kind, config.beta, config.skew, config.temperature,
+                                config.teacher_cache_tail)
+        return div.sum(), ce
     if t_hidden is None or teacher_head is None:
         return s_logits.sum() * 0.0, ce
     with torch.no_grad():

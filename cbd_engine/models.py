@@ -55,6 +55,15 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     return model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
+def compile_decoders(*models, backend: str = "inductor") -> None:
+    """torch.compile each model's decoder stack (embeddings, layers, final norm) in place: the state dict keeps its
+    keys, so checkpoints and save_pretrained are unchanged. The output layers stay eager: the losses apply them
+    chunk by chunk with varying chunk lengths. (A teacher cache is not a module and is left as it is.)"""
+    for model in models:
+        if isinstance(model, torch.nn.Module):
+            model.base_model.compile(backend=backend)
+
+
 def output_head(model) -> torch.nn.Module:
     return model.get_output_embeddings()
 

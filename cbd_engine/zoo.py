@@ -76,3 +76,13 @@ def gpt2_tokenizer(cache: Path | None = None) -> Path:
         with atomic_output_dir(target) as out:
             tokenizer.save_pretrained(out)
     return target
+
+
+ZOO_MODELS = {"smollm2-135m-instruct": smollm2_135m_instruct}  # offline models by name: "zoo:<name>" as a source
+
+
+def zoo_model(name: str) -> Path:
+    """The local folder of a zoo model (fetched once), for sources written "zoo:<name>"."""
+    if name not in ZOO_MODELS:
+        raise ValueError(f"unknown zoo model {name!r}; known: {', '.join(ZOO_MODELS)}")
+    return ZOO_MODELS[name]()

@@ -42,3 +42,41 @@ def tiny_with_tokenizer(folder: Path, seed: int = 0, **overrides) -> Path:
     make_tiny_model(folder, "llama", seed, **settings)
     copy_side_files(small_tokenizer(), folder)
     return folder
+
+
+def dolly_examples(tokenizer_dir: Path, train_rows: int = 64, valid_rows: int = 6, max_length: int = 64):
+    """(training, validation) examples: the first rows of Dolly's training and validation splits, encoded."""
+    from cbd_engine.batches import encode_rows
+    from cbd_engine.data import read_instruction_rows, split_rows
+    from cbd_engine.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    train, valid = split_rows(read_instruction_rows(DOLLY))
+    return encode_rows(tokenizer, train[:train_rows], max_length=max_length), \
+        encode_rows(tokenizer, valid[:valid_rows], max_length=max_length)
+
+
+def assert_resumes_to_the_same_weights(run, root: Path):
+    """`run(out, **kwargs)` (a distill call) cancelled after its third step, then resumed, ends with the weights and
+    validation loss of an uninterrupted run; the cancelled run leaves no output folder. Returns the whole run."""
+    import pytest
+    import torch
+
+    from cbd_engine.models import load_model
+    from cbd_engine.progress import Cancelled
+
+    whole = run(root / "whole")
+    calls = {"n": 0}
+
+    def stop_after_step_3() -> bool:  # the last checkpoint is step 2's: step 3 is done again after resuming
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    with pytest.raises(Cancelled):
+        run(root / "resumed", should_stop=stop_after_step_3)
+    assert not (root / "resumed").exists()  # nothing half-written
+    resumed = run(root / "resumed", resume=True)
+    a, b = load_model(whole.path).state_dict(), load_model(resumed.path).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert whole.metrics["validation_loss"] == resumed.metrics["validation_loss"]
+    return whole

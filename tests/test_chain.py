@@ -32,10 +32,11 @@ def _spec(source, anchors, **distillation):
 
 
 def test_spec_errors_name_the_field(source):
-    with pytest.raises(ValueError, match="bridge"):
-        parse_spec({**_spec(source, [{"size": "1M"}]), "bridge": {"model": "x", "method": "seqkd"}})
-    with pytest.raises(ValueError, match="minillm"):
-        parse_spec(_spec(source, [{"size": "1M"}], mode="minillm"))
+    with pytest.raises(ValueError, match=r"bridge\.method"):
+        parse_spec({**_spec(source, [{"size": "1M"}]), "bridge": {"model": "x", "method": "distill"}})
+    assert parse_spec(_spec(source, [{"size": "1M"}], mode="minillm", ppo_epochs=2)).distillation["mode"] == "minillm"
+    with pytest.raises(ValueError, match="multiple of ppo_epochs"):  # FAST checkpoints every 2 steps
+        parse_spec(_spec(source, [{"size": "1M"}], mode="minillm", ppo_epochs=4))
     with pytest.raises(ValueError, match=r"anchors\[0\]"):
         parse_spec(_spec(source, [{"size": "1M", "checkpoint": "/x"}]))
     with pytest.raises(ValueError, match="distill=false"):

@@ -7,13 +7,12 @@ import json
 import pytest
 import torch
 from conftest import DOLLY
-from distill_helpers import tiny_with_tokenizer
+from distill_helpers import assert_resumes_to_the_same_weights, dolly_examples, tiny_with_tokenizer
 
-from cbd_engine.batches import IGNORE, Batch, collate, encode_rows
+from cbd_engine.batches import IGNORE, Batch, collate
 from cbd_engine.data import read_instruction_rows, split_rows
 from cbd_engine.distill import DistillConfig, StudentLoss, accumulate_gradients, batch_loss_sums, distill
-from cbd_engine.models import load_model, load_tokenizer, response_loss
-from cbd_engine.progress import Cancelled
+from cbd_engine.models import compile_decoders, load_model, load_tokenizer, response_loss
 
 MAX_LENGTH = 64
 
@@ -28,10 +27,7 @@ def pair(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(pair):
-    tokenizer = load_tokenizer(pair[1])
-    train_rows, valid_rows = split_rows(read_instruction_rows(DOLLY))
-    return encode_rows(tokenizer, train_rows[:64], max_length=MAX_LENGTH), \
-        encode_rows(tokenizer, valid_rows[:6], max_length=MAX_LENGTH)
+    return dolly_examples(pair[1], max_length=MAX_LENGTH)
 
 
 def _models(pair):
@@ -81,6 +77,26 @@ def test_cross_entropy_matches_transformers_shifted_loss(pair, data):
     assert torch.allclose(ce / batch.num_response_tokens, reference, atol=1e-5)
 
 
+def test_compiled_decoders_keep_state_dict_keys_losses_and_gradients(pair, data):
+    """DistillConfig.compile: the traced decoders (dynamo with the eager backend, fast enough for a test; inductor on
+    accelerators) give the eager losses and gradients, and the weights keep their names for checkpoints."""
+    batch = collate(data[0][:3], pad_id=0)
+    results = []
+    for compiled in (False, True):
+        teacher, student = _models(pair)
+        keys = list(student.state_dict())
+        if compiled:
+            compile_decoders(student, teacher, backend="eager")
+            assert all(m.base_model._compiled_call_impl is not None for m in (student, teacher))
+        div, ce = batch_loss_sums(StudentLoss(student, DistillConfig().loss_config), teacher, batch, ce_only=False)
+        (div + ce).backward()
+        assert list(student.state_dict()) == keys
+        results.append((div.detach(), ce.detach(), _grads(student)))
+    (div, ce, grads), (div_c, ce_c, grads_c) = results
+    assert torch.allclose(div, div_c, atol=1e-5) and torch.allclose(ce, ce_c, atol=1e-4)
+    assert all(torch.allclose(g, g_c, atol=1e-5) for g, g_c in zip(grads, grads_c, strict=True))
+
+
 @pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl"])
 def test_same_global_batch_gives_same_gradients_for_any_micro_batch_split(pair, data, kind):
     teacher, student = _models(pair)
@@ -111,7 +127,8 @@ def test_off_policy_distillation_lowers_the_divergence_and_writes_a_model_folder
             "loss_curve.png"} <= {p.name for p in out.iterdir()}
     curve = (out / "loss_curve.csv").read_text().splitlines()
     assert len(curve) == 1 + 1 + 12  # header, step 0 (validation before), one row per step
-    losses = [float(line.split(",")[1]) for line in curve[2:]]
+    column = curve[0].split(",").index("loss")
+    losses = [float(line.split(",")[column]) for line in curve[2:]]
     assert sum(losses[-3:]) < sum(losses[:3])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["validation_loss"] <= metrics["validation_loss_before"]
@@ -128,20 +145,7 @@ def test_killed_run_resumes_to_the_same_weights(pair, data, tmp_path, mode):
     config = DistillConfig(steps=5, batch_size=4, micro_batch_size=2, learning_rate=3e-3, max_length=MAX_LENGTH,
                            checkpoint_every=2, eval_every=3, device="cpu", mode=mode, max_new_tokens=8,
                            ce_weight=0.2)
-    whole = _run(pair, data, tmp_path / "whole", config)
-    calls = {"n": 0}
-
-    def stop_after_step_3() -> bool:  # the last checkpoint is step 2's: step 3 is done again after resuming
-        calls["n"] += 1
-        return calls["n"] > 3
-
-    with pytest.raises(Cancelled):
-        _run(pair, data, tmp_path / "resumed", config, should_stop=stop_after_step_3)
-    assert not (tmp_path / "resumed").exists()  # nothing half-written
-    resumed = _run(pair, data, tmp_path / "resumed", config, resume=True)
-    a, b = load_model(whole.path).state_dict(), load_model(resumed.path).state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert whole.metrics["validation_loss"] == resumed.metrics["validation_loss"]
+    assert_resumes_to_the_same_weights(lambda out, **kwargs: _run(pair, data, out, config, **kwargs), tmp_path)
 
 
 def test_sampled_responses_keep_the_prompt_and_skip_cross_entropy(pair, data):

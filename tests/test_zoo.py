@@ -26,3 +26,12 @@ def test_smollm2_is_the_real_model(smollm2):
     spec = ModelSpec.from_config(read_config(smollm2))
     assert spec.num_params == 134_515_008 and spec.shape.num_layers == 30 and spec.shape.num_kv_heads == 3
     assert (smollm2 / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_zoo_names_resolve_as_chain_sources(smollm2, tmp_path):
+    from cbd_engine.chain import resolve_source
+
+    assert resolve_source("zoo:smollm2-135m-instruct", tmp_path / "cache") == smollm2
+    with pytest.raises(ValueError, match="unknown zoo model"):
+        resolve_source("zoo:gpt-5", tmp_path / "cache")

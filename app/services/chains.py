@@ -24,6 +24,8 @@ def resolve_spec(settings: Settings, body: ChainCreate) -> dict:
             spec["anchors"][i]["checkpoint"] = sources.checkpoint(settings, field, anchor.checkpoint)
     if body.bridge is not None and isinstance(body.bridge.model, str):
         spec["bridge"]["model"] = sources.checkpoint(settings, "bridge.model", body.bridge.model)
+    if body.bridge is not None and body.bridge.tokenizer is not None:
+        spec["bridge"]["tokenizer"] = str(sources.local_path(settings, "bridge.tokenizer", body.bridge.tokenizer))
     if body.dataset is not None and body.dataset.path is not None:
         spec["dataset"]["path"] = sources.dataset_file(settings, "dataset.path", body.dataset.path)
     needs_data = any(a.distill for a in body.anchors) or body.bridge is not None

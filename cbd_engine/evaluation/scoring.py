@@ -78,8 +78,9 @@ def loglikelihoods(model, requests: list[TokenRequest], batch_size: int = 16, ma
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 16,
                     max_length: int = 2048, stop: tuple[str, ...] = (), on_batch: OnBatch | None = None,
-                    add_special_tokens: bool = True) -> list[str]:
-    """Greedy continuations of `prompts` (special tokens dropped, cut at the first `stop` string, stripped).
+                    add_special_tokens: bool = True, temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
+    """Greedy continuations of `prompts` (special tokens dropped, cut at the first `stop` string, stripped); with
+    `temperature` > 0 sampled ones instead, from the nucleus `top_p` (seed torch first for repeatable samples).
 
     Prompts are left-padded in batches of similar length and lose their start when longer than
     max_length - max_new_tokens. `add_special_tokens=False` for prompts that carry their own (chat templates).
@@ -92,6 +93,8 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     encoded = [tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"][-budget:] for prompt in prompts]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     outputs = [""] * len(prompts)
+    decoding = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         width = len(encoded[chunk[0]])
@@ -100,9 +103,9 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
         for row, index in enumerate(chunk):
             ids[row, width - len(encoded[index]) :] = torch.tensor(encoded[index])
             mask[row, width - len(encoded[index]) :] = 1
-        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                    max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                   eos_token_id=tokenizer.eos_token_id, temperature=None, top_p=None, top_k=None)
+                                   eos_token_id=tokenizer.eos_token_id, **decoding)
         texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
         for index, text in zip(chunk, texts, strict=True):
             outputs[index] = _cut(text, stop)

@@ -1,0 +1,112 @@
+"""`cbd experiment`: a tiny grid end to end (chains, interpolated models, a training run, evaluation, report),
+resumed in stages without redoing finished units."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import DOLLY, SHARED_DATA
+from distill_helpers import tiny_with_tokenizer
+
+from cbd_engine.experiment import plan_experiment, run_experiment
+
+SHAPE = {"num_layers": 2, "hidden_size": 48, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16,
+         "intermediate_size": 64}
+SMALLER = {**SHAPE, "num_layers": 1, "intermediate_size": 32}
+FAST = {"steps": 3, "batch_size": 4, "max_length": 64, "learning_rate": 3e-3, "eval_rows": 6, "device": "cpu"}
+ARC = SHARED_DATA / "multiple_choice" / "arc_easy_test.jsonl"
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return tiny_with_tokenizer(tmp_path_factory.mktemp("experiment") / "source", seed=3, num_hidden_layers=3,
+                               hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+
+
+def _chain(source, anchors: list[dict]) -> dict:
+    return {"source": str(source), "bridge": None, "anchors": anchors, "device": "cpu",
+            "dataset": {"path": str(DOLLY), "prompt_format": "alpaca"}, "distillation": FAST}
+
+
+def _chains(source) -> dict:
+    return {"stepwise": _chain(source, [{"shape": SHAPE}, {"shape": SMALLER}]),
+            "direct": _chain(source, [{"shape": SMALLER}])}
+
+
+def _grid(source, out) -> dict:
+    anchors = json.loads((out / "chains" / "stepwise" / "chain.json").read_text())["anchors"]
+    small, large = anchors[2]["params"], anchors[1]["params"]
+    middle = (small + large) // 2
+    return {
+        "name": "tiny", "seed": 0, "chains": _chains(source),
+        "interpolate": {"chain": "stepwise", "between": [1, 2], "sizes": [middle, (middle + large) // 2],
+                        "inits": ["cbd", "random", "single"], "calibration": str(DOLLY),
+                        "alpha_sweep": {"size": middle, "alphas": [0, 0.5, 1]}},
+        "training": {"data": str(DOLLY), "budgets": [1500], "runs": [{"model": "random-" + f"{middle / 1e6:g}M"}],
+                     "settings": {"batch_size": 4, "max_length": 64, "learning_rate": 3e-3, "eval_every": 2,
+                                  "eval_rows": 6, "device": "cpu"}},
+        "evaluation": {"tasks": [f"multiple_choice={ARC}"], "limit": 4, "batch_size": 4, "max_length": 128,
+                       "validation_max_length": 64, "device": "cpu"},
+    }
+
+
+def test_plan_names_every_model_and_rejects_bad_fields(source, tmp_path):
+    with pytest.raises(ValueError, match="unknown experiment fields"):
+        plan_experiment({"chains": _chains(source), "grid": {}}, tmp_path)
+    with pytest.raises(ValueError, match="interpolate.chain"):
+        plan_experiment({"chains": _chains(source), "interpolate": {"chain": "other", "sizes": [1]}}, tmp_path)
+    spec = {"chains": _chains(source), "interpolate": {"chain": "stepwise", "sizes": ["1M"], "inits": ["cbd", "random"],
+                                                      "alpha_sweep": {"size": "1M", "alphas": [0.5]}},
+            "training": {"data": str(DOLLY), "budgets": [100, 200], "runs": [{"model": "random-1M"}]}}
+    ids = [unit.id for unit in plan_experiment(spec, tmp_path).models]
+    assert ids == ["stepwise-anchor0", "stepwise-anchor1", "stepwise-anchor2", "direct-anchor0", "direct-anchor1",
+                   "cbd-1M-adefault", "random-1M", "cbd-1M-a0.5", "random-1M+100tok", "random-1M+200tok"]
+    with pytest.raises(ValueError, match="training.runs"):
+        plan_experiment({**spec, "training": {**spec["training"], "runs": [{"model": "nope"}]}}, tmp_path)
+
+
+def test_grid_runs_reports_and_resumes(source, tmp_path):
+    out = tmp_path / "experiment"
+    run_experiment({"name": "tiny", "chains": _chains(source)}, out, log=lambda _: None)  # stage 1: chains only
+    anchor = out / "chains" / "stepwise" / "anchor-02" / "model.safetensors"
+    built = anchor.stat().st_mtime_ns
+    spec = _grid(source, out)
+    (out / "spec.json").write_text(json.dumps(spec))
+    subprocess.run([sys.executable, "-m", "cbd_cli", "experiment", str(out / "spec.json"), "--out", str(out)],
+                   check=True, capture_output=True)
+    assert anchor.stat().st_mtime_ns == built  # the finished chain was not rebuilt
+
+    with open(out / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    plan = plan_experiment(spec, out)
+    assert {row["model"] for row in rows} == {unit.id for unit in plan.models}
+    losses = {row["model"]: float(row["value"]) for row in rows if row["task"] == "validation_loss"}
+    accuracy = [row for row in rows if row["metric"] == "acc_norm"]
+    assert len(accuracy) == len(plan.models) and all(0 <= float(r["value"]) <= 1 for r in accuracy)
+    trained = next(unit for unit in plan.models if unit.kind == "trained")
+    assert losses[trained.id] < losses[trained.base]  # training lowered the random init's loss
+    alphas = {row["model"]: row["alpha"] for row in rows if row["task"] == "validation_loss"}
+    middle_cbd = [unit.id for unit in plan.models if unit.init == "cbd" and unit.kind == "materialized"]
+    assert {float(alphas[m]) for m in middle_cbd if not m.endswith("adefault")} == {0.0, 0.5, 1.0}
+
+    report = (out / "results.md").read_text()
+    for heading in ("Table 1 analogue", "Table 3 analogue", "Table 5 analogue", "Figure 4 analogue",
+                    "Figure 6 analogue"):
+        assert heading in report
+    assert "cbd experiment" in report  # the exact command is recorded
+    for plot in ("figure4_loss_curves.png", "figure6_alpha_sweep.png", "score_vs_size.png"):
+        assert (out / plot).stat().st_size > 1000
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["versions"]["torch"] and f"train {trained.id}" in manifest["units"]
+
+    evaluated = (out / "evals" / f"{trained.id}.json").stat().st_mtime_ns
+    missing = plan.models[6].id
+    (out / "evals" / f"{missing}.json").unlink()
+    messages = []
+    run_experiment(spec, out, log=messages.append)
+    assert [message.split(":")[0] for message in messages] == [f"evaluate {missing}"]  # only the missing unit
+    assert (out / "evals" / f"{trained.id}.json").stat().st_mtime_ns == evaluated
