@@ -101,7 +101,7 @@ def activation_importance(model_dir: str | Path, texts: list[str], max_length: i
     try:
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True,
-                              max_length=max_length)
+                              max_length=min(max_length, shape.max_position_embeddings))  # GPT-2: learned positions
             state["mask"] = batch["attention_mask"]
             model(**batch, use_cache=False)
     finally:

@@ -203,6 +203,14 @@ def test_activation_importance_is_computed_once_per_anchor_and_calibration(tiny_
         materialize(tmp_path / "c", large=large, shape=shape, calibration=texts[:1], dtype="float32")
 
 
+def test_calibration_longer_than_the_models_positions_is_cut_to_them(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("CBD_CACHE_DIR", str(tmp_path / "cache"))
+    large = tiny_model("gpt2")  # learned position embeddings: 64 positions, no more
+    shape = {**spec_of(large).shape.to_dict(), "intermediate_size": 64}
+    result = materialize(tmp_path / "small", large=large, shape=shape, calibration=["x" * 500], dtype="float32")
+    assert result.provenance["importance"] == "activation"
+
+
 def test_default_alpha_and_mix(tiny_model, tmp_path):
     small, large = _two_anchors(tiny_model, tmp_path)
     p_small, p_large = spec_of(small).num_params, spec_of(large).num_params
