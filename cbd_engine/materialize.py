@@ -483,18 +483,25 @@ def _auto_alpha(small: Anchor, large: Anchor, target: Shape, plan_e: Plan, plan_
 # ---------------------------------------------------------------- baselines that need a fresh initialization
 
 
+def learngene_shape(large: Anchor, params: int) -> Shape:
+    """LearnGene keeps the anchor's width and changes depth only: the depth (at least the three inherited layers)
+    whose parameter count is closest to `params`."""
+    arch = large.spec.architecture
+    depths = range(LEARNGENE_LAYERS, 2 * large.shape.num_layers + 1)
+    return min((replace(large.shape, num_layers=depth) for depth in depths),
+               key=lambda shape: abs(arch.num_params(shape) - params))
+
+
 def _materialize_baseline(out: str | Path, init: str, large: Anchor, target: Shape, seed: int, dtype: torch.dtype,
                           progress: ProgressCallback, should_stop: Callable[[], bool] | None) -> MaterializeResult:
     """random: the target shape with the family's standard init. learngene_auto / learngene_van (paper appendix I):
     the first / last three layers of the larger anchor at its own width, random layers after / before them up to
-    the requested depth; embeddings and final norm from the anchor."""
+    the depth whose size is closest to the target's; embeddings and final norm from the anchor."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     arch = large.spec.architecture
     if init != "random":
-        if target.num_layers < LEARNGENE_LAYERS:
-            raise ShapeError(f"{init} needs at least {LEARNGENE_LAYERS} layers, target has {target.num_layers}")
-        target = replace(large.shape, num_layers=target.num_layers)
+        target = learngene_shape(large, arch.num_params(target))
     torch.manual_seed(seed)
     config = AutoConfig.for_model(**large.spec.config_for(target))
     model = AutoModelForCausalLM.from_config(config)

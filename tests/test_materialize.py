@@ -299,6 +299,18 @@ def test_random_and_learngene_baselines(tiny_model, tmp_path):
     assert (tmp_path / "r1/model.safetensors").read_bytes() == (tmp_path / "r2/model.safetensors").read_bytes()
 
 
+def test_learngene_reaches_a_size_by_depth_at_the_anchors_width(tiny_model, tmp_path):
+    large = tiny_model("llama", num_hidden_layers=6)
+    spec = spec_of(large)
+    size = int(0.8 * spec.num_params)  # the size solver reaches it by width only
+    assert materialize(tmp_path / "cbd", large=large, size=size, dtype="float32").shape.num_layers == 6
+    result = materialize(tmp_path / "lg", large=large, size=size, init="learngene_auto", dtype="float32")
+    assert result.shape.hidden_size == spec.shape.hidden_size and result.shape.num_layers < 6
+    per_layer = spec.architecture.num_params(replace(spec.shape, num_layers=2)) - \
+        spec.architecture.num_params(replace(spec.shape, num_layers=1))
+    assert abs(result.params - size) <= per_layer / 2
+
+
 def test_sharded_output_and_dtypes(tiny_model, tmp_path):
     source = tiny_model("llama")
     shape = spec_of(source).shape.to_dict()
