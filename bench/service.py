@@ -53,20 +53,21 @@ def start_service(data: Path, roots: list[Path]) -> tuple[subprocess.Popen, str]
     raise RuntimeError("cbd serve did not start")
 
 
-def wait_job(client: httpx.Client, job_id: str, interval: float = 0.02) -> dict:
+def wait_for(client: httpx.Client, path: str, finished: tuple[str, ...], interval: float = 0.02) -> dict:
+    """GET `path` until its status is one of `finished`; the last body."""
     while True:
-        job = client.get(f"/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
+        body = client.get(path).json()
+        if body["status"] in finished:
+            return body
         time.sleep(interval)
+
+
+def wait_job(client: httpx.Client, job_id: str, interval: float = 0.02) -> dict:
+    return wait_for(client, f"/jobs/{job_id}", ("succeeded", "failed", "cancelled"), interval)
 
 
 def wait_ready(client: httpx.Client, model_id: str, interval: float = 0.02) -> dict:
-    while True:
-        model = client.get(f"/models/{model_id}").json()
-        if model["status"] in ("ready", "failed", "cancelled"):
-            return model
-        time.sleep(interval)
+    return wait_for(client, f"/models/{model_id}", ("ready", "failed", "cancelled"), interval)
 
 
 def bench_materialize(client: httpx.Client) -> dict:
