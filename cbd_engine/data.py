@@ -109,13 +109,27 @@ def rows_from_records(records: list[dict], source: str = "data set") -> list[Ins
 
 
 def read_hf_rows(dataset_id: str, split: str = "train") -> list[InstructionRow]:
-    """Rows of a Hugging Face data set by id (needs the `datasets` package and a reachable hub or local cache)."""
+    """Rows of a Hugging Face data set: a hub id, a local folder of data files (JSON lines, CSV, Parquet; splits
+    named by the files, as `datasets.load_dataset` reads them) or a folder written by `save_to_disk`. Needs the
+    optional `datasets` package (`pip install 'cbd-factory[data]'`); a data set that cannot be read is a ValueError
+    naming it."""
     try:
         import datasets
     except ImportError:
         raise ValueError(f"dataset.hf={dataset_id!r} needs the `datasets` package: pip install datasets") from None
-    table = datasets.load_dataset(dataset_id, split=split)
+    try:
+        if _is_saved_to_disk(Path(dataset_id)):
+            table = datasets.load_from_disk(dataset_id)
+            table = table[split] if isinstance(table, datasets.DatasetDict) else table
+        else:
+            table = datasets.load_dataset(dataset_id, split=split)
+    except (OSError, ValueError, KeyError) as error:  # not found, offline hub, unknown split
+        raise ValueError(f"dataset.hf={dataset_id!r} split {split!r} cannot be read: {error}") from None
     return rows_from_records(list(table), source=f"{dataset_id}[{split}]")
+
+
+def _is_saved_to_disk(folder: Path) -> bool:
+    return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
 
 
 def read_dataset_spec(dataset: dict) -> tuple[list[InstructionRow] | None, str | None]:

@@ -26,13 +26,21 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from cbd_engine.batches import (
     IGNORE,
@@ -161,15 +169,18 @@ def accumulate_gradients(student_loss: nn.Module, teacher: nn.Module | TeacherCa
 
 @torch.no_grad()
 def sample_responses(student: nn.Module, examples: list[Example], tokenizer, config: DistillConfig,
-                     rng: random.Random) -> list[Example]:
+                     rng: random.Random, synced: bool = False) -> list[Example]:
     """Replace the response of each example by one the student samples, except a `data_mix` fraction that keeps
-    the data set's response. Sampled responses are scored by the divergence only, never by cross-entropy."""
+    the data set's response. Sampled responses are scored by the divergence only, never by cross-entropy.
+    `synced` (FSDP): every rank runs the same number of forwards, as each one gathers weights with the others
+    (transformers' `synced_gpus`); a rank with nothing to sample samples one response and drops it."""
     chosen = [i for i in range(len(examples)) if rng.random() >= config.data_mix]
-    if not chosen:
+    sampled = chosen or ([0] if synced else [])
+    if not sampled:
         return examples
     device = next(student.parameters()).device
     pad_id, eos = pad_id_of(tokenizer), tokenizer.eos_token_id
-    prompts = [examples[i].input_ids[: examples[i].prompt_length] for i in chosen]
+    prompts = [examples[i].input_ids[: examples[i].prompt_length] for i in sampled]
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attention = torch.zeros_like(input_ids)
@@ -182,11 +193,11 @@ def sample_responses(student: nn.Module, examples: list[Example], tokenizer, con
     generated = student.generate(
         input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=True,
         temperature=config.sample_temperature, top_k=0, top_p=1.0, max_new_tokens=min(config.max_new_tokens, room),
-        pad_token_id=pad_id, eos_token_id=eos,
+        pad_token_id=pad_id, eos_token_id=eos, synced_gpus=synced,
     )[:, width:].tolist()
     student.train(was_training)
     result = list(examples)
-    for i, response in zip(chosen, generated, strict=True):
+    for i, response in zip(chosen, generated[: len(chosen)], strict=True):  # a lone synced sample is dropped
         if eos is not None and eos in response:
             response = response[: response.index(eos) + 1]
         prompt = examples[i].input_ids[: examples[i].prompt_length]
@@ -227,45 +238,73 @@ def _existing(target: Path) -> Path | None:
     return None
 
 
-def save_weights(model: nn.Module, folder: Path, state: dict) -> None:
-    """Weights (safetensors, shared tensors handled) plus a small JSON state, swapped in atomically."""
-    from safetensors.torch import save_model
+# Full (unsharded) state dicts on the CPU. Under FSDP, taking one is a collective (every rank calls it) and setting one
+# gives each rank its shard; in one process or under DDP they are the model's own tensors.
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    _swap_in(tmp, folder)
+
+def save_weights(model: nn.Module, folder: Path, state: dict) -> None:
+    """Weights (safetensors) plus a small JSON state, swapped in atomically by rank 0. Every rank calls it (under FSDP
+    the weights are gathered first) and it returns when the folder is complete."""
+    _save(folder, get_model_state_dict(model, options=FULL_STATE), model, state)
 
 
 def load_weights(model: nn.Module, folder: Path) -> dict:
-    from safetensors.torch import load_model
-
-    load_model(model, str(folder / "model.safetensors"), device=str(next(model.parameters()).device))
+    weights = load_file(folder / "model.safetensors")
+    set_model_state_dict(model, _with_aliases(weights, model), options=StateDictOptions(full_state_dict=True))
     return json.loads((folder / "state.json").read_text())
 
 
 def save_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, state: dict) -> None:
-    """A resumable checkpoint. Tensors go to safetensors; the optimizer's state dict (tensors, numbers) to a torch
-    file that is read back with weights_only=True."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    from safetensors.torch import save_model
-
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    _swap_in(tmp, folder)
+    """A resumable checkpoint, saved as save_weights does. Tensors go to safetensors; the optimizer's full state dict
+    (tensors and numbers, keyed by parameter name) and the schedule's to a torch file read back with
+    weights_only=True."""
+    weights = get_model_state_dict(model, options=FULL_STATE)
+    resume_state = {"optimizer": get_optimizer_state_dict(model, optimizer, options=FULL_STATE),
+                    "scheduler": scheduler.state_dict()}
+    _save(folder, weights, model, state, lambda tmp: torch.save(resume_state, tmp / "optimizer.pt"))
 
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler) -> dict:
     state = load_weights(model, folder)
-    saved = torch.load(folder / "optimizer.pt", map_location=next(model.parameters()).device, weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
+    saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(saved["scheduler"])
     return state
+
+
+def _save(folder: Path, weights: dict, model: nn.Module, state: dict,
+          write_more: Callable[[Path], None] | None = None) -> None:
+    if world()[0] == 0:
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(_without_aliases(weights, model), str(tmp / "model.safetensors"))
+        if write_more is not None:
+            write_more(tmp)
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        _swap_in(tmp, folder)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """Tied parameters: {second name: first name} (a tied output layer's weight is the embedding's)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        aliases.update({name: first[id(parameter)]} if id(parameter) in first else {})
+        first.setdefault(id(parameter), name)
+    return aliases
+
+
+def _without_aliases(weights: dict, model: nn.Module) -> dict:
+    aliases = _aliases(model)  # safetensors stores a tensor once: drop the names that only repeat one
+    return {name: tensor for name, tensor in weights.items() if name not in aliases}
+
+
+def _with_aliases(weights: dict, model: nn.Module) -> dict:
+    return {**weights, **{name: weights[first] for name, first in _aliases(model).items() if first in weights}}
 
 
 CURVE_FIELDS = ("step", "tokens", "loss", "divergence", "cross_entropy", "learning_rate", "grad_norm",
@@ -369,8 +408,6 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
     student_loss: nn.Module = StudentLoss(student, config.loss_config)
     fsdp = config.fsdp and world_size > 1
     if fsdp:
-        if config.mode != "off_policy" or config.checkpoint_every or config.select_by != "validation_loss":
-            raise ValueError("fsdp supports off_policy without intermediate checkpoints or Rouge-L for now")
         student_loss = _shard_fsdp(student_loss)
     elif world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -386,7 +423,7 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
         result = {"validation_loss": validation_loss_of(student_loss, valid, pad_id, config.eval_batch_size, device,
                                                         bf16)}
         if config.select_by == "rouge_l":
-            with autocast_for(device, bf16):
+            with autocast_for(device, bf16), unsharded_root(student_loss):
                 result["rouge_l"] = rouge_l_of(student, tokenizer, *rouge_set, config)
         return result
 
@@ -409,10 +446,7 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
         before = validate()
         state.update(before=before, best=before, best_step=0)
         state["history"].append({"step": 0, "tokens": 0, **before})
-        if rank == 0 and not fsdp:
-            save_weights(student, best_dir, {"step": 0, **before})
-    if world_size > 1:
-        dist.barrier()
+        save_weights(student, best_dir, {"step": 0, **before})
 
     timer = StageTimer(stage, config.steps, progress)
     timer.update(state["step"], state["history"][-1].get("loss") if state["history"] else None)
@@ -431,7 +465,8 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
         else:
             examples = step_examples(train, batch_plan, step, rank, world_size)
             if config.mode == "on_policy":
-                examples = sample_responses(student, examples, tokenizer, config, rng)
+                with unsharded_root(student_loss):
+                    examples = sample_responses(student, examples, tokenizer, config, rng, synced=fsdp)
             batches = [collate(examples[i : i + micro], pad_id) for i in range(0, len(examples), micro)]
             div_total, ce_total, global_tokens, global_reference = accumulate_gradients(
                 student_loss, teacher, batches, config, device, bf16, ce_only)
@@ -454,21 +489,18 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
         row = {"step": step + 1, "tokens": state["tokens"], **stats, "learning_rate": learning_rate,
                "grad_norm": grad_norm, "tokens_per_second": step_tokens / max(seconds, 1e-9), "seconds": seconds}
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
-            row.update(_evaluate_and_keep_best(student, validate, config.select_by, state, best_dir, rank, not fsdp))
+            row.update(_evaluate_and_keep_best(student, validate, config.select_by, state, best_dir))
         state["history"].append(row)
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            if rank == 0:
-                save_checkpoint(checkpoint_dir, student, optimizer, scheduler, state)
-            if world_size > 1:
-                dist.barrier()
+            save_checkpoint(checkpoint_dir, student, optimizer, scheduler, state)
         timer.update(step + 1, row["loss"], row["tokens_per_second"])
 
-    final = _evaluate_and_keep_best(student, validate, config.select_by, state, best_dir, rank, not fsdp)
+    final = _evaluate_and_keep_best(student, validate, config.select_by, state, best_dir)
     state["history"][-1].update(final)
     if state["best_step"] != state["step"]:
         load_weights(student, best_dir)
-    # a sharded student is gathered to full tensors on every rank (a collective), then rank 0 writes them
-    full_weights = _gathered_state_dict(student) if fsdp else None
+    # a sharded student is gathered to full tensors (a collective: every rank), then rank 0 writes them
+    full_weights = get_model_state_dict(student, options=FULL_STATE) if fsdp else None
     metrics = {
         "validation_loss_before": state["before"]["validation_loss"],
         "validation_loss": state["best"]["validation_loss"],
@@ -510,12 +542,11 @@ def _selection_key(result: dict, select_by: str) -> float:
 
 
 def _evaluate_and_keep_best(student: nn.Module, validate: Callable[[], dict], select_by: str, state: dict,
-                            best_dir: Path, rank: int, keep_best: bool = True) -> dict:
+                            best_dir: Path) -> dict:
     result = validate()
-    if _selection_key(result, select_by) < _selection_key(state["best"], select_by) or not keep_best:
+    if _selection_key(result, select_by) < _selection_key(state["best"], select_by):
         state["best"], state["best_step"] = result, state["step"]
-        if rank == 0 and keep_best:
-            save_weights(student, best_dir, {"step": state["step"], **result})
+        save_weights(student, best_dir, {"step": state["step"], **result})
     return result
 
 
@@ -582,8 +613,8 @@ def _write_output(out: Path, student: nn.Module, student_dir: Path, teacher_dir:
 
 def _shard_fsdp(module: StudentLoss) -> nn.Module:
     """FSDP2: each decoder layer is its own shard unit, the rest (embeddings, final norm, output layer) the root's.
-    For students that do not fit one device. Limits for now: off_policy only (sampling calls the model outside the
-    wrapper), no intermediate checkpoints, the final weights are kept (no best-checkpoint selection)."""
+    For students that do not fit one device. Checkpoints and the best weights are gathered to full tensors on the
+    CPU (save_weights); generation runs under `unsharded_root`."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in _decoder_layers(module.student):
@@ -592,10 +623,21 @@ def _shard_fsdp(module: StudentLoss) -> nn.Module:
     return module
 
 
-def _gathered_state_dict(student: nn.Module) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+@contextlib.contextmanager
+def unsharded_root(module: nn.Module) -> Iterator[None]:
+    """Generation calls the model outside the FSDP wrapper's forward, where the root's own weights (embeddings,
+    final norm, output layer) stay sharded: gather them for its duration (each decoder layer gathers its own in its
+    forward). Nothing to do without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
 
-    return get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -115,8 +115,9 @@ def token_terms(student_hidden: torch.Tensor, student_head: nn.Module, actions: 
                 teacher_hidden: torch.Tensor, teacher_head: nn.Module, chunk_size: int | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log q(y_t), log p(y_t), KL(q || p) at t), each [N], at N positions given both models' final hidden states
-    [N, H] and the sampled tokens y_t [N]. As losses.chunked_token_losses: the output layers run on a chunk of
-    positions at a time, under activation checkpointing when gradients are on, so [N, vocab] logits never exist."""
+    [N, H] and the sampled tokens y_t [N]. The output layers run on a chunk of positions at a time, so [N, vocab]
+    logits never exist; under activation checkpointing when gradients are on (not with gradients taken in forward,
+    as losses.chunked_token_losses does: the PPO objective weighs each position only after this returns)."""
     chunk = chunk_size or default_chunk(student_hidden.device, int(student_head.weight.shape[0]))
     parts = []
     for start in range(0, max(student_hidden.shape[0], 1), chunk):  # one (empty) chunk when N = 0

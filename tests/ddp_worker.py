@@ -1,9 +1,9 @@
-"""Run one tiny distillation under torchrun (used by test_ddp.py): teacher student data out [fsdp]."""
+"""Run one tiny distillation under torchrun (used by test_ddp.py):
+teacher student data out [--fsdp] [--stop-after N] [--resume] [--on-policy --rouge]."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
 
 import torch.distributed as dist
 
@@ -11,18 +11,39 @@ from cbd_engine.batches import encode_rows
 from cbd_engine.data import read_instruction_rows, split_rows
 from cbd_engine.distill import DistillConfig, distill
 from cbd_engine.models import load_tokenizer
+from cbd_engine.progress import Cancelled
 
 
 def main() -> None:
-    teacher, student, data, out = (Path(arg) for arg in sys.argv[1:5])
-    fsdp = len(sys.argv) > 5 and sys.argv[5] == "fsdp"
-    tokenizer = load_tokenizer(student)
-    train_rows, valid_rows = split_rows(read_instruction_rows(data))
+    parser = argparse.ArgumentParser()
+    for name in ("teacher", "student", "data", "out"):
+        parser.add_argument(name)
+    parser.add_argument("--fsdp", action="store_true")
+    parser.add_argument("--stop-after", type=int, help="cancel the run after this many steps")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--on-policy", action="store_true", help="sample half of the responses (data_mix 0.5)")
+    parser.add_argument("--rouge", action="store_true", help="keep the best checkpoint by Rouge-L")
+    args = parser.parse_args()
+    tokenizer = load_tokenizer(args.student)
+    train_rows, valid_rows = split_rows(read_instruction_rows(args.data))
     train = encode_rows(tokenizer, train_rows[:32], max_length=64)
     valid = encode_rows(tokenizer, valid_rows[:4], max_length=64)
-    config = DistillConfig(steps=3, batch_size=4, micro_batch_size=1, learning_rate=3e-3, max_length=64,
-                           device="cpu", ce_weight=0.3, fsdp=fsdp)
-    distill(teacher, student, train, valid, out, config)
+    # best-checkpoint selection and checkpoints every step, so that both run under every world size
+    config = DistillConfig(steps=4, batch_size=4, micro_batch_size=1, learning_rate=3e-3, max_length=64,
+                           device="cpu", ce_weight=0.3, fsdp=args.fsdp, eval_every=1, checkpoint_every=1,
+                           **(dict(mode="on_policy", data_mix=0.5, max_new_tokens=8) if args.on_policy else {}),
+                           **(dict(select_by="rouge_l", rouge_rows=2, rouge_max_new_tokens=4) if args.rouge else {}))
+    steps_seen = {"n": 0}
+
+    def should_stop() -> bool:
+        steps_seen["n"] += 1
+        return args.stop_after is not None and steps_seen["n"] > args.stop_after
+
+    try:
+        distill(args.teacher, args.student, train, valid, args.out, config, resume=args.resume,
+                should_stop=should_stop)
+    except Cancelled:
+        pass
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -97,3 +97,28 @@ def test_dataset_spec_reads_jsonl_text_and_dolly_style_records(tmp_path):
     with pytest.raises(ValueError, match="path"):
         read_dataset_spec({})
     assert json.loads(DOLLY.read_text().splitlines()[0])["output"]
+
+
+def test_dataset_spec_reads_hugging_face_data_sets_from_local_folders(tmp_path):
+    """dataset.hf goes through `datasets`: a folder of data files (splits named by the files, Dolly's own columns)
+    and a `save_to_disk` folder give the rows of the chosen split; what cannot be read is a ValueError naming it."""
+    import datasets
+
+    source = [json.loads(line) for line in DOLLY.read_text().splitlines()[:30]]
+    expected = [InstructionRow(r["instruction"], r["input"], r["output"]) for r in source]
+    as_dolly = [{"instruction": r["instruction"], "context": r["input"], "response": r["output"]} for r in source]
+    files = tmp_path / "files"
+    files.mkdir()
+    for name, records in (("train", as_dolly[:20]), ("test", as_dolly[20:])):
+        (files / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert read_dataset_spec({"hf": str(files)}) == (expected[:20], None)
+    assert read_dataset_spec({"hf": str(files), "split": "test"}) == (expected[20:], None)
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(source[:25]),
+                          "validation": datasets.Dataset.from_list(source[25:])}).save_to_disk(saved)
+    assert read_dataset_spec({"hf": str(saved), "split": "validation"}) == (expected[25:], None)
+    with pytest.raises(ValueError, match="split 'nope'"):
+        read_dataset_spec({"hf": str(saved), "split": "nope"})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        read_dataset_spec({"hf": str(tmp_path / "empty")})

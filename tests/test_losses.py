@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cbd_engine.losses import DIVERGENCES, LossConfig, chunked_token_losses, divergence, eager_token_losses
 
@@ -91,6 +92,53 @@ def test_chunked_equals_eager_in_value_and_gradient(kind):
     assert torch.allclose(grads[0], h.grad, atol=1e-6) and torch.allclose(grads[1], s_head.weight.grad, atol=1e-6)
 
 
+def test_weighted_sums_through_a_biased_tied_head_match_eager_gradients():
+    """Different weights on the two sums reach the hidden states, the output layer's weight (tied to an embedding that
+    also gets gradient) and its bias exactly as through full logits."""
+    torch.manual_seed(6)
+    embedding = torch.nn.Embedding(40, 16)
+    s_head, t_head = torch.nn.Linear(16, 40), torch.nn.Linear(16, 40)
+    s_head.weight = embedding.weight
+    ids, targets = torch.randint(0, 40, (29,)), torch.randint(0, 40, (29,))
+    th = torch.randn(29, 16)
+
+    def gradients(losses) -> list[torch.Tensor]:
+        embedding.zero_grad(), s_head.zero_grad()
+        div, ce = losses(torch.tanh(embedding(ids)))
+        (2.5 * div + 0.3 * ce + embedding(ids).sum()).backward()
+        return [embedding.weight.grad.clone(), s_head.bias.grad.clone()]
+
+    config = LossConfig(chunk_size=6)
+    chunked = gradients(lambda h: chunked_token_losses(h, s_head, targets, th, t_head, config))
+    eager = gradients(lambda h: eager_token_losses(s_head(h), targets, t_head(th).detach(), config))
+    for got, want in zip(chunked, eager, strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_each_output_layer_runs_once_per_chunk_forward_and_backward():
+    """The logits of both models are computed once: backward scales the gradients taken in forward instead of
+    recomputing the chunk (activation checkpointing would run both heads twice)."""
+    s_head, t_head = _heads()
+    calls = {"student": 0, "teacher": 0}
+    s_head.register_forward_hook(lambda *_: calls.__setitem__("student", calls["student"] + 1))
+    t_head.register_forward_hook(lambda *_: calls.__setitem__("teacher", calls["teacher"] + 1))
+    h = torch.randn(37, 16, requires_grad=True)
+    div, _ = chunked_token_losses(h, s_head, torch.randint(0, 40, (37,)), torch.randn(37, 16), t_head,
+                                  LossConfig(chunk_size=8), need_ce=False)
+    div.backward()
+    assert calls == {"student": 5, "teacher": 5} and h.grad.abs().sum() > 0
+
+
+def test_no_gradients_are_taken_without_grad_mode():
+    s_head, t_head = _heads()
+    h = torch.randn(37, 16, requires_grad=True)
+    with torch.no_grad():
+        div, ce = chunked_token_losses(h, s_head, torch.randint(0, 40, (37,)), torch.randn(37, 16), t_head,
+                                       LossConfig(chunk_size=8))
+    assert not div.requires_grad and not ce.requires_grad and div > 0 and ce > 0
+    assert s_head.weight.grad is None and h.grad is None
+
+
 def test_nothing_scored_gives_zero_with_finite_gradients():
     s_head, t_head = _heads()
     h = torch.randn(0, 16, requires_grad=True)
@@ -100,15 +148,22 @@ def test_nothing_scored_gives_zero_with_finite_gradients():
     assert s_head.weight.grad is None or torch.isfinite(s_head.weight.grad).all()
 
 
-def test_bf16_is_close_to_fp32():
+def test_bf16_is_close_to_fp32_in_value_and_gradient():
     s_head, t_head = _heads(hidden=32, vocab=512)
-    h, th = torch.randn(64, 32), torch.randn(64, 32)
-    targets = torch.randint(0, 512, (64,))
-    fp32, _ = chunked_token_losses(h, s_head, targets, th, t_head)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16, _ = chunked_token_losses(h, s_head, targets, th, t_head)
-    assert s_head(h.bfloat16().float()).dtype == torch.float32
-    assert abs(bf16.item() - fp32.item()) / fp32.item() < 0.02
+    th, targets = torch.randn(64, 32), torch.randint(0, 512, (64,))
+
+    def value_and_gradients(bf16: bool) -> tuple[float, torch.Tensor, torch.Tensor]:
+        h = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        s_head.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            div, _ = chunked_token_losses(h, s_head, targets, th, t_head, LossConfig(chunk_size=16))
+        div.backward()
+        return div.item(), h.grad.flatten(), s_head.weight.grad.flatten()
+
+    fp32, bf16 = value_and_gradients(False), value_and_gradients(True)
+    assert abs(bf16[0] - fp32[0]) / fp32[0] < 0.02
+    for low, high in zip(bf16[1:], fp32[1:], strict=True):
+        assert low.dtype == torch.float32 and F.cosine_similarity(low, high, dim=0) > 0.99
 
 
 def test_default_chunk_is_larger_on_accelerators():
