@@ -247,8 +247,9 @@ class _ChunkedHeadLosses(torch.autograd.Function):
 
 
 def _zero_grads(hidden: torch.Tensor, params: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-    # parameter gradients summed over chunks in float32 even for a bf16 model; cast back once in backward
-    return [torch.zeros_like(hidden)] + [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    # parameter gradients summed over chunks in at least float32 (a bf16 model too); cast back once in backward
+    return [torch.zeros_like(hidden)] + [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+                                         for p in params]
 
 
 def _add_chunk_grads(grads: list[torch.Tensor], value: torch.Tensor, leaf: torch.Tensor,
@@ -271,7 +272,7 @@ def _vocab_size(head: Head) -> int:
 
 def _chunk_losses(s_logits: torch.Tensor, targets: torch.Tensor, t_hidden: torch.Tensor | TeacherTopK | None,
                   teacher_head: Head | None, config: LossConfig, need_ce: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    ce = F.cross_entropy(s_logits.float(), targets, reduction="sum") if need_ce else s_logits.sum() * 0.0
+    ce = _cross_entropy_sum(s_logits, targets) if need_ce else s_logits.sum() * 0.0
     if isinstance(t_hidden, TeacherTopK):
         div = sparse_divergence(s_logits, t_hidden, config.kind, config.beta, config.skew, config.temperature,
                                 config.teacher_cache_tail)
@@ -283,10 +284,15 @@ def _chunk_losses(s_logits: torch.Tensor, targets: torch.Tensor, t_hidden: torch
     return divergence(s_logits, t_logits, config.kind, config.beta, config.skew, config.temperature).sum(), ce
 
 
+def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """In float32 at least (bf16 logits are upcast; float64 stays float64, as the divergences do)."""
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="sum")
+
+
 def eager_token_losses(student_logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None,
                        config: LossConfig = LossConfig()) -> tuple[torch.Tensor, torch.Tensor]:
     """The same sums from full logits [N, V]: the reference the chunked path is tested (and benchmarked) against."""
-    ce = F.cross_entropy(student_logits.float(), targets, reduction="sum")
+    ce = _cross_entropy_sum(student_logits, targets)
     if teacher_logits is None:
         return student_logits.sum() * 0.0, ce
     div = divergence(student_logits, teacher_logits, config.kind, config.beta, config.skew, config.temperature)

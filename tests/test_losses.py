@@ -115,6 +115,19 @@ def test_weighted_sums_through_a_biased_tied_head_match_eager_gradients():
         assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_chunked_losses_pass_gradcheck_through_hidden_states_in_float64():
+    torch.manual_seed(7)
+    s_head, t_head = torch.nn.Linear(6, 11).double(), torch.nn.Linear(6, 11).double()
+    th, targets = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 11, (7,))
+    h = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+
+    def weighted(hidden: torch.Tensor) -> torch.Tensor:
+        div, ce = chunked_token_losses(hidden, s_head, targets, th, t_head, LossConfig(kind="jsd", chunk_size=3))
+        return div + 0.5 * ce
+
+    assert torch.autograd.gradcheck(weighted, (h,))
+
+
 def test_each_output_layer_runs_once_per_chunk_forward_and_backward():
     """The logits of both models are computed once: backward scales the gradients taken in forward instead of
     recomputing the chunk (activation checkpointing would run both heads twice)."""
