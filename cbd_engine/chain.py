@@ -176,7 +176,7 @@ class ChainData:
     @classmethod
     def load(cls, dataset: dict, tokenizer_dir: Path, config) -> ChainData:
         from cbd_engine.batches import encode_rows, encode_text
-        from cbd_engine.data import is_instruction_file, read_dataset_spec, split_rows
+        from cbd_engine.data import is_instruction_file, read_dataset_spec, rows_calibration_texts, split_rows
         from cbd_engine.models import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_dir)
@@ -186,8 +186,7 @@ class ChainData:
             train = encode_rows(tokenizer, train_rows, config.prompt_format, config.max_length)
             valid = encode_rows(tokenizer, valid_rows, config.prompt_format, config.max_length)
             path = dataset.get("path")
-            calibration = path if path and is_instruction_file(path) else \
-                [(row.alpaca_prompt() + row.output)[:2048] for row in train_rows[:64]]
+            calibration = path if path and is_instruction_file(path) else rows_calibration_texts(rows)
         else:
             train, valid = encode_text(tokenizer, text, config.max_length)
             calibration = [tokenizer.decode(example.input_ids) for example in train[:64]]

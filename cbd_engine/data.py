@@ -72,9 +72,14 @@ def calibration_texts(path: str | Path, count: int = 64, max_chars: int = 2048) 
     Validation rows are never used, so importance never sees rows that later score a model.
     """
     if is_instruction_file(path):
-        train, _ = split_rows(read_instruction_rows(path))
-        return [(row.alpaca_prompt() + row.output)[:max_chars] for row in train[:count]]
+        return rows_calibration_texts(read_instruction_rows(path), count, max_chars)
     return list(_text_chunks(Path(path), count, max_chars))
+
+
+def rows_calibration_texts(rows: list[InstructionRow], count: int = 64, max_chars: int = 2048) -> list[str]:
+    """calibration_texts of instruction rows: the first `count` training rows, prompt + response."""
+    train, _ = split_rows(rows)
+    return [(row.alpaca_prompt() + row.output)[:max_chars] for row in train[:count]]
 
 
 def _text_chunks(path: Path, count: int, max_chars: int) -> Iterator[str]:

@@ -107,3 +107,27 @@ def test_validation_rows_never_reach_training_or_calibration(source):
     valid_prompts = {tokenizer.decode(e.input_ids[: e.prompt_length]) for e in data.valid}
     assert data.valid and data.train and not train_prompts & valid_prompts
     assert 80 <= len(data.valid) <= 120  # ~1 in 10 of Dolly's 1000 rows
+
+
+def test_chain_data_from_a_hugging_face_folder_matches_the_jsonl_file(tmp_path):
+    """dataset.hf (here a local folder of the same rows in Dolly's own column names) encodes the same training and
+    validation examples as dataset.path, and calibrates on the same training texts."""
+    from distill_helpers import small_tokenizer
+
+    from cbd_engine.chain import ChainData
+    from cbd_engine.data import calibration_texts
+    from cbd_engine.distill_config import DistillConfig
+
+    lines = DOLLY.read_text().splitlines()[:200]
+    (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    records = [json.loads(line) for line in lines]
+    (folder / "train.jsonl").write_text("".join(
+        json.dumps({"instruction": r["instruction"], "context": r["input"], "response": r["output"]}) + "\n"
+        for r in records))
+    config = DistillConfig(max_length=64)
+    from_file = ChainData.load({"path": str(tmp_path / "rows.jsonl")}, small_tokenizer(), config)
+    from_hf = ChainData.load({"hf": str(folder), "split": "train"}, small_tokenizer(), config)
+    assert from_hf.train == from_file.train and from_hf.valid == from_file.valid and from_hf.valid
+    assert from_hf.calibration == calibration_texts(from_file.calibration)
