@@ -22,13 +22,13 @@ import contextlib
 import csv
 import json
 import math
-import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -53,6 +53,7 @@ from cbd_engine.batches import (
 )
 from cbd_engine.checkpoint import atomic_output_dir, copy_side_files
 from cbd_engine.distill_config import DistillConfig
+from cbd_engine.distributed import all_reduce_sum, init_distributed, unsharded_root, world
 from cbd_engine.losses import LossConfig, chunked_token_losses
 from cbd_engine.minillm import PolicyDistillation
 from cbd_engine.models import (
@@ -73,48 +74,21 @@ class DistillResult:
     metrics: dict = field(default_factory=dict)
 
 
-# --- distributed helpers --------------------------------------------------------------------------------------------
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) outside torchrun."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed(device: torch.device) -> None:
-    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA, hccl on Ascend)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = {"cuda": "nccl", "npu": "hccl"}.get(device.type, "gloo")
-        dist.init_process_group(backend)
-
-
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    if world()[1] == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
 # --- the student's loss as one module, so DDP/FSDP see every student computation inside forward --------------------
 
 
 class StudentLoss(nn.Module):
-    """forward(batch, teacher hidden states, teacher head) -> (sum of divergences, sum of cross-entropies) over the
-    scored positions of the batch. The teacher is an argument, not a submodule: it is frozen and never wrapped."""
+    """The student as the one module that DDP or FSDP wraps: forward(compute) returns compute(student, loss config),
+    so every computation of the student that carries gradients runs inside the wrapper's forward (DDP readies its
+    gradient reduction there, FSDP gathers the weights). The teacher is an argument of `compute`, not a submodule:
+    it is frozen and never wrapped."""
 
     def __init__(self, student: nn.Module, config: LossConfig):
         super().__init__()
         self.student, self.config = student, config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, scored: torch.Tensor,
-                targets: torch.Tensor, teacher_hidden: torch.Tensor | None, teacher_head: nn.Module | None,
-                need_ce: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = hidden_states(self.student, input_ids, attention_mask)[scored]
-        return chunked_token_losses(hidden, output_head(self.student), targets[scored], teacher_hidden, teacher_head,
-                                    self.config, need_ce)
+    def forward(self, compute: Callable[[nn.Module, LossConfig], Any]) -> Any:
+        return compute(self.student, self.config)
 
 
 @torch.no_grad()
@@ -133,8 +107,13 @@ def batch_loss_sums(student_loss: nn.Module, teacher: nn.Module | TeacherCache |
         teacher_hidden = teacher.for_batch(batch)  # the teacher's top-k, cached: no teacher forward
     elif not ce_only and teacher is not None:
         teacher_hidden, teacher_head = teacher_hidden_states(teacher, batch, scored), output_head(teacher)
-    return student_loss(batch.input_ids, batch.attention_mask, scored, ce_targets, teacher_hidden, teacher_head,
-                        need_ce or ce_only)
+
+    def sums(student: nn.Module, config: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = hidden_states(student, batch.input_ids, batch.attention_mask)[scored]
+        return chunked_token_losses(hidden, output_head(student), ce_targets[scored], teacher_hidden, teacher_head,
+                                    config, need_ce or ce_only)
+
+    return student_loss(sums)
 
 
 def accumulate_gradients(student_loss: nn.Module, teacher: nn.Module | TeacherCache | None, batches: list[Batch],
@@ -382,8 +361,8 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
     accelerated = device.type != "cpu"
     bf16 = accelerated if config.bf16 is None else config.bf16
     ce_only = config.loss == "ce" or teacher_dir is None
-    if config.mode == "minillm" and (ce_only or world_size > 1):
-        raise ValueError("mode minillm needs a teacher and runs in one process for now (no DDP or FSDP)")
+    if config.mode == "minillm" and ce_only:
+        raise ValueError("mode minillm needs a teacher")
 
     tokenizer = load_tokenizer(student_dir)
     pad_id = pad_id_of(tokenizer)
@@ -403,7 +382,6 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
     if config.compile:
         compile_decoders(student, teacher)
     valid = valid[: config.eval_rows]
-    policy = PolicyDistillation(student, teacher, tokenizer, config, device, bf16) if config.mode == "minillm" else None
 
     student_loss: nn.Module = StudentLoss(student, config.loss_config)
     fsdp = config.fsdp and world_size > 1
@@ -413,6 +391,8 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
         from torch.nn.parallel import DistributedDataParallel
 
         student_loss = DistributedDataParallel(student_loss, device_ids=[device.index] if accelerated else None)
+    policy = PolicyDistillation(student, student_loss, teacher, tokenizer, config, device, bf16, synced=fsdp) \
+        if config.mode == "minillm" else None
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
@@ -621,23 +601,6 @@ def _shard_fsdp(module: StudentLoss) -> nn.Module:
         fully_shard(layer)
     fully_shard(module)
     return module
-
-
-@contextlib.contextmanager
-def unsharded_root(module: nn.Module) -> Iterator[None]:
-    """Generation calls the model outside the FSDP wrapper's forward, where the root's own weights (embeddings,
-    final norm, output layer) stay sharded: gather them for its duration (each decoder layer gathers its own in its
-    forward). Nothing to do without FSDP."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if not isinstance(module, FSDPModule):
-        yield
-        return
-    module.unshard()
-    try:
-        yield
-    finally:
-        module.reshard()
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:

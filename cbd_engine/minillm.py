@@ -48,6 +48,7 @@ from cbd_engine.batches import (
     response_positions,
 )
 from cbd_engine.distill_config import DistillConfig
+from cbd_engine.distributed import all_reduce_sum, over_ranks, unsharded_root, world
 from cbd_engine.losses import chunked_token_losses, default_chunk, divergence
 from cbd_engine.models import autocast_for, hidden_states, output_head
 
@@ -144,10 +145,13 @@ def decode_step(model: nn.Module, input_ids: torch.Tensor, attention: torch.Tens
 
 @torch.no_grad()
 def mixture_rollouts(student: nn.Module, teacher: nn.Module, prompts: list[list[int]], alpha: float,
-                     max_new_tokens: int, eos_id: int | None, pad_id: int) -> list[list[int]]:
+                     max_new_tokens: int, eos_id: int | None, pad_id: int, synced: bool = False) -> list[list[int]]:
     """Responses to `prompts` sampled token by token from alpha p + (1 - alpha) q; each ends with its EOS (kept) or
-    after max_new_tokens. Prompts are left-padded, with position ids counted from each prompt's first token."""
+    after max_new_tokens. Prompts are left-padded, with position ids counted from each prompt's first token.
+    `synced` (FSDP, where every forward gathers weights with the other ranks): every rank decodes until all ranks
+    are done, padding what it samples past its own end."""
     device = next(student.parameters()).device
+    steps = int(over_ranks(max_new_tokens, device)) if synced else max_new_tokens
     width = max(len(prompt) for prompt in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attention = torch.zeros_like(input_ids)
@@ -159,23 +163,25 @@ def mixture_rollouts(student: nn.Module, teacher: nn.Module, prompts: list[list[
     caches: list = [None, None]
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     sampled = []
-    for _ in range(max_new_tokens):
+    for index in range(steps):
         student_logits, caches[0] = decode_step(student, input_ids, attention, positions, caches[0])
         teacher_logits, caches[1] = decode_step(teacher, input_ids, attention, positions, caches[1])
         token = sample_from_mixture(student_logits, teacher_logits, alpha)
         sampled.append(torch.where(finished, pad_id, token))
         if eos_id is not None:
             finished |= token == eos_id
-        if finished.all():
+        if index + 1 >= max_new_tokens:
+            finished[:] = True
+        if over_ranks(float(finished.all()), device, op="min") == 1 if synced else finished.all():
             break
         input_ids, positions = sampled[-1][:, None], positions[:, -1:] + 1
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-    responses = torch.stack(sampled, dim=1).tolist()
+    responses = torch.stack(sampled, dim=1)[:, :max_new_tokens].tolist()
     return [response[: response.index(eos_id) + 1] if eos_id in response else response for response in responses]
 
 
 def rollout_examples(student: nn.Module, teacher: nn.Module, examples: list[Example], tokenizer,
-                     config: DistillConfig) -> list[Example]:
+                     config: DistillConfig, synced: bool = False) -> list[Example]:
     """Each example's prompt followed by a response sampled from the teacher-student mixture (scored, no reference),
     within max_length."""
     prompts = [example.input_ids[: example.prompt_length] for example in examples]
@@ -183,7 +189,7 @@ def rollout_examples(student: nn.Module, teacher: nn.Module, examples: list[Exam
     was_training = student.training
     student.eval()  # no dropout while sampling, and the KV cache stays on under gradient checkpointing
     responses = mixture_rollouts(student, teacher, prompts, config.teacher_mix, min(config.max_new_tokens, room),
-                                 tokenizer.eos_token_id, pad_id_of(tokenizer))
+                                 tokenizer.eos_token_id, pad_id_of(tokenizer), synced)
     student.train(was_training)
     return [Example(prompt + response, [IGNORE] * len(prompt) + response, len(prompt), reference=False)
             for prompt, response in zip(prompts, responses, strict=True)]
@@ -230,6 +236,12 @@ def policy_loss_sums(student: nn.Module, teacher_head: nn.Module, rollouts: Scor
     return surrogate.sum(), kl.sum(), torch.exp(log_q - rollouts.old_log_q).detach()
 
 
+def _language_modeling_sums(student: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    positions = response_positions(batch.labels)
+    hidden = hidden_states(student, batch.input_ids, batch.attention_mask)[positions]
+    return chunked_token_losses(hidden, output_head(student), next_token_targets(batch.labels)[positions])
+
+
 # --- the policy update of one distillation step -----------------------------------------------------------------------
 
 
@@ -246,12 +258,17 @@ def departures_from_paper(config: DistillConfig) -> list[str]:
 
 class PolicyDistillation:
     """The rollouts of the current batch of prompts and the policy update; `distill` calls `update` once per step
-    (then clips the gradients and steps the optimizer) and adds `summary` to its metrics."""
+    (then clips the gradients and steps the optimizer) and adds `summary` to its metrics.
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, tokenizer, config: DistillConfig,
-                 device: torch.device, bf16: bool):
-        self.student, self.teacher, self.tokenizer, self.config = student, teacher, tokenizer, config
-        self.device, self.bf16 = device, bf16
+    Under torchrun each rank samples rollouts for its share of the prompts; the student's forwards go through
+    `student_call` (distill.StudentLoss, wrapped by DDP or FSDP: forward(compute) = compute(student, loss config)),
+    the update is normalized by the response tokens of all ranks, and the curve's numbers are sums over all ranks.
+    `synced` (FSDP): generation keeps every rank's forwards in step."""
+
+    def __init__(self, student: nn.Module, student_call: nn.Module, teacher: nn.Module, tokenizer,
+                 config: DistillConfig, device: torch.device, bf16: bool, synced: bool = False):
+        self.student, self.student_call, self.teacher = student, student_call, teacher
+        self.tokenizer, self.config, self.device, self.bf16, self.synced = tokenizer, config, device, bf16, synced
         self.pad_id = pad_id_of(tokenizer)
         self.rollouts: list[ScoredRollouts] = []
         self.lm_blocks: list[Example] = []
@@ -269,10 +286,14 @@ class PolicyDistillation:
         """(scored rollouts of `examples`' prompts, seconds spent sampling, seconds spent scoring)."""
         started = time.monotonic()
         with autocast_for(self.device, self.bf16):
-            sampled = rollout_examples(self.student, self.teacher, examples, self.tokenizer, self.config)
+            with unsharded_root(self.student_call):
+                sampled = rollout_examples(self.student, self.teacher, examples, self.tokenizer, self.config,
+                                           self.synced)
             sampling = time.monotonic() - started
-            scored = [score_rollouts(self.student, self.teacher, batch, self.config.teacher_mix,
-                                     self.config.chunk_size) for batch in self._micro_batches(sampled)]
+            with torch.no_grad():
+                scored = [self.student_call(lambda student, _, batch=batch: score_rollouts(
+                    student, self.teacher, batch, self.config.teacher_mix, self.config.chunk_size))
+                    for batch in self._micro_batches(sampled)]
         return scored, sampling, time.monotonic() - started - sampling
 
     def update(self, step: int, examples: list[Example], rng: random.Random) -> dict:
@@ -282,41 +303,47 @@ class PolicyDistillation:
         generation_seconds, scoring_seconds = 0.0, 0.0
         if not self.rollouts or step % self.config.ppo_epochs == 0:
             self.rollouts, generation_seconds, scoring_seconds = self.collect(examples)
-        tokens = sum(r.actions.numel() for r in self.rollouts)
+        world_size = world()[1]
+        local_tokens = sum(r.actions.numel() for r in self.rollouts)
+        tokens = all_reduce_sum([local_tokens], self.device)[0]
         surrogate_total, kl_total, ratios = 0.0, 0.0, []
         for rollouts in self.rollouts:
             with autocast_for(self.device, self.bf16):
-                surrogate, kl, ratio = policy_loss_sums(self.student, output_head(self.teacher), rollouts,
-                                                        self.config.ppo_clip, self.config.chunk_size)
-                ((surrogate + kl) / max(tokens, 1)).backward()
+                surrogate, kl, ratio = self.student_call(lambda student, _, rollouts=rollouts: policy_loss_sums(
+                    student, output_head(self.teacher), rollouts, self.config.ppo_clip, self.config.chunk_size))
+                # DDP and FSDP average gradients over ranks; the sums want them added
+                ((surrogate + kl) / max(tokens, 1) * world_size).backward()
             surrogate_total, kl_total = surrogate_total + float(surrogate.detach()), kl_total + float(kl.detach())
             ratios.append(ratio)
         lm_loss = self._language_modeling(rng) if self.lm_blocks else None
         ratio = torch.cat(ratios)
         rewards = torch.cat([r.rewards for r in self.rollouts])
+        clipped = float(((ratio - 1).abs() > self.config.ppo_clip).sum())
+        surrogate_total, kl_total, reward_total, ratio_total, clipped, sequence_tokens = all_reduce_sum(
+            [surrogate_total, kl_total, float(rewards.sum()), float(ratio.sum()), clipped,
+             sum(r.batch.num_tokens for r in self.rollouts)], self.device)
         policy_loss, divergence_mean = surrogate_total / max(tokens, 1), kl_total / max(tokens, 1)
         return {"loss": policy_loss + divergence_mean + self.config.lm_weight * (lm_loss or 0.0),
                 "divergence": divergence_mean, "cross_entropy": lm_loss, "policy_loss": policy_loss,
-                "reward": float(rewards.mean()), "ratio": float(ratio.mean()),
-                "clip_fraction": float(((ratio - 1).abs() > self.config.ppo_clip).float().mean()),
-                "response_tokens": tokens, "sequence_tokens": sum(r.batch.num_tokens for r in self.rollouts),
-                "generation_seconds": generation_seconds, "scoring_seconds": scoring_seconds}
+                "reward": reward_total / max(tokens, 1), "ratio": ratio_total / max(tokens, 1),
+                "clip_fraction": clipped / max(tokens, 1), "response_tokens": tokens,
+                "sequence_tokens": sequence_tokens, "generation_seconds": generation_seconds,
+                "scoring_seconds": scoring_seconds}
 
     def _language_modeling(self, rng: random.Random) -> float:
-        """Backward of lm_weight x the mean cross-entropy over `batch_size` random blocks of lm_data; returns it."""
-        chosen = rng.sample(range(len(self.lm_blocks)), min(self.config.batch_size, len(self.lm_blocks)))
-        batches = self._micro_batches([self.lm_blocks[i] for i in chosen])
-        tokens = sum(batch.num_response_tokens for batch in batches)
+        """Backward of lm_weight x the mean cross-entropy over `batch_size` random blocks of lm_data (this rank's
+        share of them); returns the mean over all ranks."""
+        world_size = world()[1]
+        share = min(max(self.config.batch_size // world_size, 1), len(self.lm_blocks))
+        batches = self._micro_batches([self.lm_blocks[i] for i in rng.sample(range(len(self.lm_blocks)), share)])
+        tokens = all_reduce_sum([sum(batch.num_response_tokens for batch in batches)], self.device)[0]
         total = 0.0
         for batch in batches:
-            positions = response_positions(batch.labels)
             with autocast_for(self.device, self.bf16):
-                hidden = hidden_states(self.student, batch.input_ids, batch.attention_mask)[positions]
-                targets = next_token_targets(batch.labels)[positions]
-                _, ce = chunked_token_losses(hidden, output_head(self.student), targets)
-                (self.config.lm_weight * ce / max(tokens, 1)).backward()
+                _, ce = self.student_call(lambda student, _, batch=batch: _language_modeling_sums(student, batch))
+                (self.config.lm_weight * ce / max(tokens, 1) * world_size).backward()
             total += float(ce.detach())
-        return total / max(tokens, 1)
+        return all_reduce_sum([total], self.device)[0] / max(tokens, 1)
 
     def summary(self, history: list[dict]) -> dict:
         """Metrics of the whole run (resumed runs included, from the curve's rows): seconds spent sampling rollouts,

@@ -1,5 +1,5 @@
 """Run one tiny distillation under torchrun (used by test_ddp.py):
-teacher student data out [--fsdp] [--stop-after N] [--resume] [--on-policy --rouge]."""
+teacher student data out [--fsdp] [--stop-after N] [--resume] [--on-policy --rouge] [--minillm LM_TEXT]."""
 
 from __future__ import annotations
 
@@ -23,16 +23,23 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--on-policy", action="store_true", help="sample half of the responses (data_mix 0.5)")
     parser.add_argument("--rouge", action="store_true", help="keep the best checkpoint by Rouge-L")
+    parser.add_argument("--minillm", metavar="LM_TEXT", help="mode minillm with this language-modeling text")
     args = parser.parse_args()
     tokenizer = load_tokenizer(args.student)
     train_rows, valid_rows = split_rows(read_instruction_rows(args.data))
     train = encode_rows(tokenizer, train_rows[:32], max_length=64)
     valid = encode_rows(tokenizer, valid_rows[:4], max_length=64)
     # best-checkpoint selection and checkpoints every step, so that both run under every world size
-    config = DistillConfig(steps=4, batch_size=4, micro_batch_size=1, learning_rate=3e-3, max_length=64,
-                           device="cpu", ce_weight=0.3, fsdp=args.fsdp, eval_every=1, checkpoint_every=1,
-                           **(dict(mode="on_policy", data_mix=0.5, max_new_tokens=8) if args.on_policy else {}),
-                           **(dict(select_by="rouge_l", rouge_rows=2, rouge_max_new_tokens=4) if args.rouge else {}))
+    settings = dict(steps=4, batch_size=4, micro_batch_size=1, learning_rate=3e-3, max_length=64, device="cpu",
+                    ce_weight=0.3, fsdp=args.fsdp, eval_every=1, checkpoint_every=1)
+    if args.on_policy:
+        settings.update(mode="on_policy", data_mix=0.5, max_new_tokens=8)
+    if args.rouge:
+        settings.update(select_by="rouge_l", rouge_rows=2, rouge_max_new_tokens=4)
+    if args.minillm:  # checkpoints fall between batches of rollouts
+        settings.update(mode="minillm", ce_weight=0.0, ppo_epochs=2, checkpoint_every=2, max_new_tokens=48,
+                        lm_data=args.minillm)
+    config = DistillConfig(**settings)
     steps_seen = {"n": 0}
 
     def should_stop() -> bool:

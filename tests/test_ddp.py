@@ -82,3 +82,22 @@ def test_fsdp_generates_like_ddp_for_on_policy_sampling_and_rouge_selection(tmp_
     assert fsdp_losses == pytest.approx(ddp_losses, rel=1e-4)
     assert fsdp_metrics["rouge_l"] == pytest.approx(ddp_metrics["rouge_l"])
     assert all(torch.allclose(ddp_weights[k], fsdp_weights[k], atol=1e-5) for k in ddp_weights)
+
+
+@pytest.mark.slow
+def test_minillm_runs_under_ddp_and_fsdp_alike(tmp_path):
+    """Rollouts per rank (FSDP: decoding in step across ranks), the policy update and the language-modeling term
+    through the wrapper, normalized by the tokens of all ranks: FSDP trains as DDP does."""
+    teacher = tiny_with_tokenizer(tmp_path / "teacher", seed=1, num_hidden_layers=2)
+    student = tiny_with_tokenizer(tmp_path / "student", seed=2, num_hidden_layers=2)
+    text = tmp_path / "lm.txt"
+    text.write_text(" ".join(json.loads(line)["output"] for line in DOLLY.read_text().splitlines()[:200]))
+    runs = {}
+    for name, extra in (("ddp", ()), ("fsdp", ("--fsdp",))):
+        _launch(2, teacher, student, tmp_path / name, "--minillm", str(text), *extra)
+        with open(tmp_path / name / "loss_curve.csv") as handle:
+            rows = [row for row in csv.DictReader(handle) if row["loss"]]
+        assert len(rows) == 4 and all(float(row["cross_entropy"]) > 0 for row in rows), name
+        runs[name] = ([float(row["loss"]) for row in rows], _weights(tmp_path / name))
+    assert runs["fsdp"][0] == pytest.approx(runs["ddp"][0], rel=1e-4)
+    assert all(torch.allclose(runs["ddp"][1][k], runs["fsdp"][1][k], atol=1e-5) for k in runs["ddp"][1])

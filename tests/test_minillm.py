@@ -14,7 +14,7 @@ from distill_helpers import assert_resumes_to_the_same_weights, dolly_examples, 
 
 from cbd_engine.batches import IGNORE, Batch, collate
 from cbd_engine.checkpoint import copy_side_files
-from cbd_engine.distill import distill
+from cbd_engine.distill import StudentLoss, distill
 from cbd_engine.distill_config import DistillConfig
 from cbd_engine.losses import divergence
 from cbd_engine.minillm import (
@@ -229,8 +229,9 @@ def test_rollouts_end_at_the_first_eos_and_padding_after_it_changes_nothing(pair
 
 def test_a_teacher_equal_to_the_student_gives_ratio_one_and_no_gradient(pair, data):
     student, teacher = load_model(pair[1]).train(), load_model(pair[1]).eval().requires_grad_(False)
-    policy = PolicyDistillation(student, teacher, load_tokenizer(pair[1]), _config(teacher_mix=0.2),
-                                torch.device("cpu"), bf16=False)
+    config = _config(teacher_mix=0.2)
+    policy = PolicyDistillation(student, StudentLoss(student, config.loss_config), teacher, load_tokenizer(pair[1]),
+                                config, torch.device("cpu"), bf16=False)
     torch.manual_seed(0)
     row = policy.update(0, data[0][:4], random.Random(0))
     assert row["response_tokens"] > 4
