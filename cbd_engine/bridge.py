@@ -2,7 +2,8 @@
 first distilled into a bridge model of the chain's architecture by sequence-level KD, and the bridge is anchor zero.
 
   1. the source answers the data set's prompts (batched; sampling parameters recorded); the answers are cached by
-     (source weights, prompt texts, parameters), so a second chain from the same source reuses them
+     (source weights, prompt texts, parameters), so a second chain from the same source reuses them, and kept part
+     by part while they are generated, so an interrupted generation resumes
   2. the bridge starts from a checkpoint (as the paper's GPT2-XL) or, for a shape of a family, from a fresh init,
      with its own tokenizer (a gpt2 shape: GPT-2's, from `zoo.gpt2_tokenizer`)
   3. the bridge is fine-tuned with plain cross-entropy on the source's answers encoded with its own tokenizer, and
@@ -13,6 +14,7 @@ Torch-free at import: the service checks bridge specs without torch.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -231,7 +233,9 @@ def generate_responses(source_dir: Path, rows: list[InstructionRow], params: Gen
                        progress: ProgressCallback = no_progress, should_stop: Callable[[], bool] | None = None,
                        ) -> Generations:
     """The source's answers to the prompts of `rows` (`params.responses_per_prompt` each, cut at EOS or "###"),
-    read from `cache_dir` when the same source answered the same prompts with the same parameters before."""
+    read from `cache_dir` when the same source answered the same prompts with the same parameters before. An
+    interrupted generation resumes after its last finished part; a second process asking for the same answers
+    waits for the first (a lock per key) and reads them."""
     from cbd_engine.batches import format_prompt
     from cbd_engine.checkpoint import folder_hashes
     from cbd_engine.data import read_instruction_rows
@@ -243,44 +247,82 @@ def generate_responses(source_dir: Path, rows: list[InstructionRow], params: Gen
     asked = [row for row in rows for _ in range(params.responses_per_prompt)]
     prompts = [format_prompt(tokenizer, row, prompt_format)[0] for row in asked]
     key = generation_key(folder_hashes(source_dir), prompts, params)
-    path, meta_path = Path(cache_dir) / f"{key}.jsonl", Path(cache_dir) / f"{key}.json"
-    if path.is_file() and meta_path.is_file():
-        return Generations(read_instruction_rows(path), key, path, json.loads(meta_path.read_text())["stats"], True)
-
-    started = time.monotonic()
-    answers = _generate(source_dir, tokenizer, prompts, params, prompt_format, device, stage, progress, should_stop)
-    response_tokens = sum(len(ids) for ids in tokenizer(answers, add_special_tokens=False)["input_ids"])
-    stats = {"prompts": len(rows), "responses": len(asked), "response_tokens": response_tokens,
-             "seconds": round(time.monotonic() - started, 2), "device": str(resolve_device(device))}
-    generated = [InstructionRow(row.instruction, row.input, answer) for row, answer in zip(asked, answers, strict=True)]
-    meta = {"source": str(source_dir), "prompt_format": prompt_format, "params": asdict(params), "stats": stats}
-    _write_atomically(meta_path, json.dumps(meta, indent=1))
-    _write_atomically(path, "".join(json.dumps(asdict(row)) + "\n" for row in generated))  # last: marks it complete
+    cache_dir = Path(cache_dir)
+    path, meta_path, parts_path = (cache_dir / f"{key}{suffix}" for suffix in (".jsonl", ".json", ".parts.jsonl"))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
+        if path.is_file() and meta_path.is_file():
+            stats = json.loads(meta_path.read_text())["stats"]
+            return Generations(read_instruction_rows(path), key, path, stats, True)
+        started = time.monotonic()
+        answers = _generate(source_dir, tokenizer, prompts, params, prompt_format, device, stage, progress,
+                            should_stop, parts_path)
+        response_tokens = sum(len(ids) for ids in tokenizer(answers, add_special_tokens=False)["input_ids"])
+        stats = {"prompts": len(rows), "responses": len(asked), "response_tokens": response_tokens,
+                 "seconds": round(time.monotonic() - started, 2), "device": str(resolve_device(device))}
+        generated = [InstructionRow(row.instruction, row.input, answer)
+                     for row, answer in zip(asked, answers, strict=True)]
+        meta = {"source": str(source_dir), "prompt_format": prompt_format, "params": asdict(params), "stats": stats}
+        _write_atomically(meta_path, json.dumps(meta, indent=1))
+        _write_atomically(path, "".join(json.dumps(asdict(row)) + "\n" for row in generated))  # last: complete
+        parts_path.unlink(missing_ok=True)
     return Generations(generated, key, path, stats, False)
+
+
+# Answers are generated, and kept, in parts of this many batches: a cancelled or killed generation resumes after its
+# last finished part. Each part seeds its own sampling, so a resumed run gives the answers of an uninterrupted one.
+BATCHES_PER_PART = 8
 
 
 def _generate(source_dir: Path, tokenizer, prompts: list[str], params: GenerationParams, prompt_format: str,
               device: str, stage: str, progress: ProgressCallback, should_stop: Callable[[], bool] | None,
-              ) -> list[str]:
+              parts_path: Path) -> list[str]:
+    """Answers to `prompts`, part by part; each finished part is appended to `parts_path`, and the parts found
+    there are not generated again."""
     import torch
 
     from cbd_engine.evaluation import STOP_STRINGS
     from cbd_engine.evaluation.scoring import greedy_generate
     from cbd_engine.models import load_model, resolve_device
 
-    model = load_model(source_dir, resolve_device(device)).eval()
+    part = params.batch_size * BATCHES_PER_PART
+    answers = _finished_parts(parts_path, part, len(prompts))
     timer = StageTimer(stage, len(prompts), progress)
+    timer.update(len(answers))
+    model = load_model(source_dir, resolve_device(device)).eval() if len(answers) < len(prompts) else None
+    for start in range(len(answers), len(prompts), part):
 
-    def on_batch(done: int) -> None:
-        timer.update(done)
-        if should_stop is not None and should_stop():
-            raise Cancelled(f"{stage} cancelled after {done} of {len(prompts)} prompts")
+        def on_batch(done: int, start: int = start) -> None:
+            timer.update(start + done)
+            if should_stop is not None and should_stop():
+                raise Cancelled(f"{stage} cancelled after {start + done} of {len(prompts)} prompts")
 
-    timer.update(0)
-    torch.manual_seed(params.seed)
-    return greedy_generate(model, tokenizer, prompts, params.max_new_tokens, params.batch_size, params.max_length,
-                           STOP_STRINGS, on_batch, add_special_tokens=prompt_format == "alpaca",
-                           temperature=params.temperature if params.do_sample else 0.0, top_p=params.top_p)
+        torch.manual_seed(params.seed * 1_000_003 + start)
+        block = greedy_generate(model, tokenizer, prompts[start : start + part], params.max_new_tokens,
+                                params.batch_size, params.max_length, STOP_STRINGS, on_batch,
+                                add_special_tokens=prompt_format == "alpaca",
+                                temperature=params.temperature if params.do_sample else 0.0, top_p=params.top_p)
+        with open(parts_path, "a", encoding="utf-8") as handle:
+            handle.write("".join(json.dumps({"output": answer}) + "\n" for answer in block))
+        answers += block
+    return answers
+
+
+def _finished_parts(parts_path: Path, part: int, total: int) -> list[str]:
+    """The answers of the whole parts in `parts_path` (a part cut short by a kill is dropped, and the file cut
+    back to the whole parts so that the next part follows them)."""
+    if not parts_path.is_file():
+        return []
+    answers = []
+    for line in parts_path.read_text(encoding="utf-8").splitlines():
+        try:
+            answers.append(json.loads(line)["output"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break
+    kept = answers if len(answers) == total else answers[: len(answers) // part * part]
+    _write_atomically(parts_path, "".join(json.dumps({"output": answer}) + "\n" for answer in kept))
+    return kept
 
 
 def _write_atomically(path: Path, text: str) -> None:

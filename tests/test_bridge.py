@@ -121,6 +121,55 @@ def test_answers_are_cached_by_source_prompts_and_parameters(source, tmp_path, m
     assert len(list((tmp_path / "cache").glob("*.jsonl"))) == 2
 
 
+def test_a_cancelled_generation_resumes_after_its_last_finished_part(source, tmp_path):
+    """Parts of 8 batches: cancelled in the second part, the generation keeps the first; resumed, it generates only
+    the rest and gives the answers of an uninterrupted run (each part seeds its own sampling)."""
+    from cbd_engine.bridge import BATCHES_PER_PART
+
+    rows = split_rows(read_instruction_rows(DOLLY))[0][:21]
+    params = GenerationParams(max_new_tokens=6, batch_size=2, max_length=64)
+    part = params.batch_size * BATCHES_PER_PART
+    whole = generate_responses(source, rows, params, tmp_path / "whole", device="cpu")
+    batches = {"n": 0}
+
+    def stop_in_the_second_part() -> bool:
+        batches["n"] += 1
+        return batches["n"] > BATCHES_PER_PART + 2
+
+    with pytest.raises(Cancelled):
+        generate_responses(source, rows, params, tmp_path / "cache", device="cpu", should_stop=stop_in_the_second_part)
+    parts = (tmp_path / "cache" / f"{whole.key}.parts.jsonl").read_text().splitlines()
+    assert len(parts) == part and not (tmp_path / "cache" / f"{whole.key}.jsonl").exists()
+    with open(tmp_path / "cache" / f"{whole.key}.parts.jsonl", "a") as handle:
+        handle.write('{"output": "a part cut short by a kill"}\n{"outp')
+    events = []
+    resumed = generate_responses(source, rows, params, tmp_path / "cache", device="cpu", progress=events.append)
+    assert events[0].step == part and events[-1].step == len(rows)
+    assert resumed.rows == whole.rows and not resumed.cached
+    assert not (tmp_path / "cache" / f"{whole.key}.parts.jsonl").exists()
+
+
+def test_a_second_generation_of_the_same_answers_waits_for_the_first(source, tmp_path):
+    import fcntl
+    import threading
+    import time
+
+    rows = split_rows(read_instruction_rows(DOLLY))[0][:4]
+    params = GenerationParams(max_new_tokens=6, batch_size=2, max_length=64)
+    key = generate_responses(source, rows, params, tmp_path / "elsewhere", device="cpu").key
+    (tmp_path / "cache").mkdir()
+    results = []
+    with open(tmp_path / "cache" / f"{key}.lock", "w") as held:  # another process generating these answers
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=lambda: results.append(
+            generate_responses(source, rows, params, tmp_path / "cache", device="cpu")))
+        waiting.start()
+        time.sleep(1.0)
+        assert waiting.is_alive() and not list((tmp_path / "cache").glob("*.jsonl"))
+    waiting.join(timeout=60)
+    assert results and results[0].key == key
+
+
 def test_chain_with_a_bridge_builds_it_as_anchor_zero_and_resumes(source, char_tokenizer, tmp_path):
     out = tmp_path / "chain"
     spec = _spec(source, _bridge(char_tokenizer))
