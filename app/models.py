@@ -137,5 +137,5 @@ class IdempotencyKey(Base):
     key: Mapped[str] = mapped_column(String(255))
     route: Mapped[str] = mapped_column(String(100))
     body_sha256: Mapped[str] = mapped_column(String(64))
-    resource_id: Mapped[str] = mapped_column(String(40))
+    resource_id: Mapped[str | None] = mapped_column(String(40))  # None: claimed, the resource not yet made
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

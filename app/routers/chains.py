@@ -14,15 +14,16 @@ router = APIRouter(tags=["chains"], responses=problem_responses(400, 401, 403, 4
 @router.post("/chains", status_code=202, response_model=ChainAccepted, responses=problem_responses(409, 413, 422))
 def create_chain(body: ChainCreate, session: SessionDep, settings: SettingsDep, principal: Builder,
                  response: Response, idempotency_key: IdempotencyKeyHeader = None) -> ChainAccepted | JSONResponse:
-    known = idempotency.lookup(session, principal.name, idempotency_key, "chains", body)
+    known = idempotency.claim(session, principal.name, idempotency_key, "chains", body)
     if known is not None:
         chain = chains.get_chain(session, known)
         job = jobs.latest_job(session, chain.id)
         response.headers["Location"] = f"/jobs/{job.id}"
         response.status_code = 200
         return chains.accepted(chain, job)
-    chain, job = chains.create_chain(session, settings, body, principal.name)
-    idempotency.remember(session, principal.name, idempotency_key, "chains", body, chain.id)
+    with idempotency.releasing_on_error(session, principal.name, idempotency_key):
+        chain, job = chains.create_chain(session, settings, body, principal.name)
+    idempotency.complete(session, principal.name, idempotency_key, chain.id)
     response.headers["Location"] = f"/jobs/{job.id}"
     return chains.accepted(chain, job)
 

@@ -15,12 +15,13 @@ router = APIRouter(tags=["models"], responses=problem_responses(400, 401, 403, 4
                         **problem_responses(409, 413, 422)})
 def create_model(body: ModelCreate, session: SessionDep, settings: SettingsDep, principal: Builder,
                  response: Response, idempotency_key: IdempotencyKeyHeader = None) -> ModelOut:
-    known = idempotency.lookup(session, principal.name, idempotency_key, "models", body)
+    known = idempotency.claim(session, principal.name, idempotency_key, "models", body)
     if known is not None:
         model, started = models.get_model(session, known), False
     else:
-        model, started = models.request_model(session, settings, body, principal.name)
-        idempotency.remember(session, principal.name, idempotency_key, "models", body, model.id)
+        with idempotency.releasing_on_error(session, principal.name, idempotency_key):
+            model, started = models.request_model(session, settings, body, principal.name)
+        idempotency.complete(session, principal.name, idempotency_key, model.id)
     out = models.model_out(session, model)
     response.status_code = 202 if started else 200
     if out.job is not None and started:
@@ -51,9 +52,12 @@ def delete_model(model_id: str, session: SessionDep, store: StoreDep, principal:
 def evaluate_model(model_id: str, body: EvaluationCreate, session: SessionDep, settings: SettingsDep,
                    principal: Builder, response: Response, idempotency_key: IdempotencyKeyHeader = None) -> JobRef:
     route = f"models/{model_id}/evaluations"
-    known = idempotency.lookup(session, principal.name, idempotency_key, route, body)
-    job = jobs.get_job(session, known) if known else models.start_evaluation(session, settings, model_id, body,
-                                                                              principal.name)
-    idempotency.remember(session, principal.name, None if known else idempotency_key, route, body, job.id)
+    known = idempotency.claim(session, principal.name, idempotency_key, route, body)
+    if known is not None:
+        job = jobs.get_job(session, known)
+    else:
+        with idempotency.releasing_on_error(session, principal.name, idempotency_key):
+            job = models.start_evaluation(session, settings, model_id, body, principal.name)
+        idempotency.complete(session, principal.name, idempotency_key, job.id)
     response.headers["Location"] = f"/jobs/{job.id}"
     return jobs.job_ref(job)

@@ -142,6 +142,62 @@ def test_idempotency_key(client: TestClient, tiny_chain: dict) -> None:
     assert_problem(client.post("/models", json=dict(body, seed=7), headers={"Idempotency-Key": "k1"}), 409)
 
 
+def _chain_body(tiny_anchors: tuple, name: str) -> dict:
+    large, small = tiny_anchors
+    return {"name": name, "source": str(large), "anchors": [{"checkpoint": str(small), "distill": False}],
+            "device": "cpu"}
+
+
+def test_identical_requests_racing_with_one_idempotency_key_make_one_chain(client: TestClient,
+                                                                            tiny_anchors: tuple) -> None:
+    body = _chain_body(tiny_anchors, "raced")
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda _: client.post("/chains", json=body, headers={"Idempotency-Key": "race"}),
+                                  range(8)))
+    assert {r.status_code for r in responses} <= {200, 202, 409}, [r.text for r in responses]
+    made = {r.json()["id"] for r in responses if r.status_code in (200, 202)}
+    assert len(made) == 1
+    assert [c["id"] for c in client.get("/chains").json()["items"] if c["name"] == "raced"] == list(made)
+
+
+def test_idempotency_key_is_released_when_its_request_fails_and_taken_over_when_abandoned(
+        client: TestClient, settings: Settings, tiny_anchors: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    import contextlib
+
+    from sqlalchemy import update
+
+    from app.db import make_engine
+    from app.errors import ApiError
+    from app.models import IdempotencyKey, utcnow
+    from app.services import chains, idempotency
+
+    body = _chain_body(tiny_anchors, "retried")
+
+    def unavailable(*args: object, **kwargs: object) -> None:
+        raise ApiError(503, "the job queue is unavailable")
+
+    monkeypatch.setattr(chains, "create_chain", unavailable)
+    assert_problem(client.post("/chains", json=body, headers={"Idempotency-Key": "retry"}), 503)
+    monkeypatch.undo()
+    assert client.post("/chains", json=body, headers={"Idempotency-Key": "retry"}).status_code == 202
+
+    # a request whose process died after claiming its key: the claim is neither completed nor released
+    monkeypatch.setattr(chains, "create_chain", unavailable)
+    monkeypatch.setattr(idempotency, "releasing_on_error", lambda *args: contextlib.nullcontext())
+    assert_problem(client.post("/chains", json=body, headers={"Idempotency-Key": "orphan"}), 503)
+    monkeypatch.undo()
+    assert_problem(client.post("/chains", json=body, headers={"Idempotency-Key": "orphan"}), 409, "in progress")
+    engine = make_engine(settings.resolved_database_url)
+    with engine.begin() as connection:
+        connection.execute(update(IdempotencyKey).where(IdempotencyKey.key == "orphan")
+                           .values(created_at=utcnow() - 2 * idempotency.ABANDONED_AFTER))
+    engine.dispose()
+    taken = client.post("/chains", json=body, headers={"Idempotency-Key": "orphan"})
+    assert taken.status_code == 202, taken.text
+    again = client.post("/chains", json=body, headers={"Idempotency-Key": "orphan"})
+    assert again.status_code == 200 and again.json()["id"] == taken.json()["id"]
+
+
 def test_concurrent_identical_requests_materialize_once(client: TestClient, settings: Settings,
                                                          tiny_chain: dict) -> None:
     body = {"chain": tiny_chain["id"], "size": midpoint(tiny_chain), "seed": 3}
