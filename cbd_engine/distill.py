@@ -272,8 +272,10 @@ def _aliases(model: nn.Module) -> dict[str, str]:
     first: dict[int, str] = {}
     aliases = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
-        aliases.update({name: first[id(parameter)]} if id(parameter) in first else {})
-        first.setdefault(id(parameter), name)
+        if id(parameter) in first:
+            aliases[name] = first[id(parameter)]
+        else:
+            first[id(parameter)] = name
     return aliases
 
 

@@ -172,7 +172,10 @@ def mixture_rollouts(student: nn.Module, teacher: nn.Module, prompts: list[list[
             finished |= token == eos_id
         if index + 1 >= max_new_tokens:
             finished[:] = True
-        if over_ranks(float(finished.all()), device, op="min") == 1 if synced else finished.all():
+        done = bool(finished.all())
+        if synced:  # every rank decodes until all are done
+            done = over_ranks(float(done), device, op="min") == 1
+        if done:
             break
         input_ids, positions = sampled[-1][:, None], positions[:, -1:] + 1
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
@@ -304,8 +307,7 @@ class PolicyDistillation:
         if not self.rollouts or step % self.config.ppo_epochs == 0:
             self.rollouts, generation_seconds, scoring_seconds = self.collect(examples)
         world_size = world()[1]
-        local_tokens = sum(r.actions.numel() for r in self.rollouts)
-        tokens = all_reduce_sum([local_tokens], self.device)[0]
+        tokens = all_reduce_sum([sum(r.actions.numel() for r in self.rollouts)], self.device)[0]
         surrogate_total, kl_total, ratios = 0.0, 0.0, []
         for rollouts in self.rollouts:
             with autocast_for(self.device, self.bf16):
