@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import threading
 import time
@@ -24,6 +25,7 @@ from app.settings import Settings
 SCOPES = ("read", "build", "admin")
 TOKEN_PREFIX = "cbd_"
 bearer = HTTPBearer(auto_error=False, description="A token from `cbd token create`")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,26 +63,63 @@ def configured_tokens(settings: Settings) -> dict[str, frozenset[str]]:
 
 
 class RateLimiter:
-    """A sliding one-minute window per key, in process memory."""
+    """A sliding one-minute window per key. In process memory; or, given a Redis URL (the service's broker, when it
+    runs several API processes or machines), in Redis, so that the limit holds across all of them. Redis being
+    unreachable lets requests through (logged): the limit is a guard, not a reason to refuse service."""
 
-    def __init__(self, per_minute: int):
+    WINDOW = 60.0
+
+    def __init__(self, per_minute: int, redis_url: str = ""):
         self.per_minute = per_minute
         self._hits: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
+        self._redis_window = None
+        if redis_url and per_minute > 0:
+            import redis.asyncio
 
-    def check(self, key: str) -> float | None:
+            self._redis_window = redis.asyncio.from_url(redis_url).register_script(SLIDING_WINDOW_LUA)
+
+    async def check(self, key: str) -> float | None:
         """None when allowed, else the seconds to wait."""
         if self.per_minute <= 0:
             return None
+        if self._redis_window is None:
+            return self._check_in_memory(key)
+        from redis.exceptions import RedisError
+
+        try:
+            wait = await self._redis_window(keys=[f"cbd:rate:{key}"],
+                                            args=[time.time(), self.WINDOW, self.per_minute, secrets.token_hex(8)])
+        except RedisError:
+            log.warning("rate limit not checked: Redis unreachable", exc_info=True)
+            return None
+        return None if wait is None else float(wait)
+
+    def _check_in_memory(self, key: str) -> float | None:
         now = time.monotonic()
         with self._lock:
             hits = self._hits.setdefault(key, deque())
-            while hits and hits[0] <= now - 60:
+            while hits and hits[0] <= now - self.WINDOW:
                 hits.popleft()
             if len(hits) >= self.per_minute:
-                return 60 - (now - hits[0])
+                return self.WINDOW - (now - hits[0])
             hits.append(now)
         return None
+
+
+# One atomic step of the sliding window in a sorted set of hit times: drop hits older than the window; if the window
+# is full, return the seconds until its oldest hit leaves it; else record this hit (a unique member) and return nil.
+SLIDING_WINDOW_LUA = """
+local now, window, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) >= limit then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return tostring(window - (now - tonumber(oldest[2])))
+end
+redis.call('ZADD', KEYS[1], now, ARGV[4])
+redis.call('EXPIRE', KEYS[1], math.ceil(window))
+return false
+"""
 
 
 TOKEN_CACHE_SECONDS = 30.0
@@ -139,7 +178,7 @@ def require(scope: str) -> Callable[..., Awaitable[Principal]]:
         if not principal.has(scope):
             raise ApiError(403, f"this token lacks the {scope!r} scope (it has {', '.join(sorted(principal.scopes))})")
         key = principal.name if principal.name != "anonymous" else f"ip:{request.client.host if request.client else ''}"
-        wait = request.app.state.rate_limiter.check(key)
+        wait = await request.app.state.rate_limiter.check(key)
         if wait is not None:
             raise ApiError(429, f"rate limit of {request.app.state.settings.rate_limit_per_minute} requests per "
                                 "minute exceeded", headers={"Retry-After": str(max(1, round(wait)))})

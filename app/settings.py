@@ -68,6 +68,12 @@ class Settings(BaseSettings):
         return not self.broker_url
 
     @property
+    def rate_limit_redis_url(self) -> str:
+        """Where the rate limit's windows live when several API processes share them: the broker, when it is
+        Redis; empty (process memory) otherwise."""
+        return self.broker_url if self.broker_url.startswith(("redis://", "rediss://")) else ""
+
+    @property
     def work_dir(self) -> Path:
         """Scratch space of workers: anchor folders and outputs before they are published."""
         return self.data_dir / "work"

@@ -151,6 +151,30 @@ def test_rate_limit(tmp_path: Path) -> None:
         assert int(client.get("/jobs").headers["retry-after"]) >= 1
 
 
+@pytest.mark.integration
+def test_rate_limit_is_shared_through_redis_by_api_processes_with_a_redis_broker(tmp_path: Path) -> None:
+    """Two API processes (two apps) with the same Redis broker share each client's window."""
+    import redis
+
+    from tests.service.conftest import REDIS_URL, require_service
+
+    require_service("Redis", 6379)
+    broker = REDIS_URL.rsplit("/", 1)[0] + "/13"
+    redis.Redis.from_url(broker).flushdb()
+    settings = make_settings(tmp_path, rate_limit_per_minute=3, broker_url=broker)
+    with TestClient(create_app(settings)) as first, TestClient(create_app(settings)) as second:
+        codes = [client.get("/jobs").status_code for client in (first, second, first, second, first)]
+        assert codes == [200, 200, 200, 429, 429]
+        assert 1 <= int(second.get("/jobs").headers["retry-after"]) <= 60
+    assert redis.Redis.from_url(broker).zcard("cbd:rate:ip:testclient") == 3
+
+
+def test_rate_limit_lets_requests_through_when_redis_is_unreachable(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, rate_limit_per_minute=1, broker_url="redis://127.0.0.1:1/0")
+    with TestClient(create_app(settings)) as client:
+        assert [client.get("/jobs").status_code for _ in range(3)] == [200, 200, 200]
+
+
 def test_token_create_cli_prints_a_working_token(tmp_path: Path) -> None:
     import subprocess
     import sys
