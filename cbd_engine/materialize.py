@@ -394,6 +394,7 @@ def _write(out: str | Path, config: dict, side_files_from: Anchor, tensors: Tens
     arch = side_files_from.spec.architecture
     layout = [(name, arch.tensor_shape(spec, target)) for name, spec, _ in arch.tensor_names(target)]
     timer = StageTimer("materialize", len(layout), progress)
+    timer.update(0)
     config = {**config, "dtype": DTYPE_NAMES[dtype]}
     with atomic_output_dir(out) as tmp, _single_thread():
         writer = StreamingWriter(tmp, layout, dtype, max_shard_bytes or DEFAULT_SHARD_BYTES)

@@ -36,15 +36,19 @@ def no_progress(event: ProgressEvent) -> None:
 
 
 class StageTimer:
-    """Turns (step, total) into an ETA for one stage."""
+    """Turns (step, total) into an ETA for one stage. The rate counts only the steps done since the first update,
+    so a resumed stage (whose first update is its checkpoint's step) does not credit this run with earlier work."""
 
     def __init__(self, stage: str, total: int, callback: ProgressCallback):
         self.stage, self.total, self.callback = stage, total, callback
         self.started = time.monotonic()
+        self.first_step: int | None = None
 
     def update(self, step: int, loss: float | None = None, tokens_per_second: float | None = None) -> None:
-        elapsed = time.monotonic() - self.started
-        eta = elapsed / step * (self.total - step) if step else None
+        if self.first_step is None:
+            self.first_step, self.started = step, time.monotonic()
+        done = step - self.first_step
+        eta = (time.monotonic() - self.started) / done * (self.total - step) if done > 0 else None
         self.callback(ProgressEvent(self.stage, step, self.total, loss, tokens_per_second, eta))
 
 

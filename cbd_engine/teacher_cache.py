@@ -124,6 +124,7 @@ def build_teacher_cache(teacher_dir: str | Path, examples: list[Example], settin
     shards = _plan_shards(counts, bytes_per_position, shard_bytes)
     timer = StageTimer(stage, sum(-(-(stop - first) // batch_size) for first, stop in shards), progress)
     forwards = 0
+    timer.update(forwards)
     with atomic_output_dir(folder) as tmp:
         entries = []
         for number, (first, stop) in enumerate(shards):
