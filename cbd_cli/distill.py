@@ -28,12 +28,17 @@ def register(subcommands: argparse._SubParsersAction) -> None:
 
 
 def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """--config FILE plus one flag per DistillConfig setting (numbers and strings), except `skip`."""
+    """--config FILE plus one flag per DistillConfig setting (numbers, strings, and --x/--no-x for switches), except
+    `skip`."""
     parser.add_argument("--config", type=Path, help="JSON or YAML file of settings (flags override it)")
     for name, kind, default, help_text in _OPTIONS:
-        if name not in skip:
-            parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
-                                help=f"{help_text} (default {default})")
+        if name in skip:
+            continue
+        flag, text = f"--{name.replace('_', '-')}", f"{help_text} (default {default})"
+        if kind is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            parser.add_argument(flag, dest=name, type=kind, default=None, help=text)
 
 
 def _options() -> list[tuple[str, type, object, str]]:
@@ -42,10 +47,13 @@ def _options() -> list[tuple[str, type, object, str]]:
     from cbd_engine.distill_config import DistillConfig
 
     helps = {"loss": "forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl or ce",
-             "mode": "off_policy, on_policy or minillm", "device": "auto, cpu, gpu or npu"}
+             "mode": "off_policy, on_policy or minillm", "device": "auto, cpu, gpu or npu",
+             "bf16": "bf16 autocast; unset: on accelerators only",
+             "gradient_checkpointing": "activation checkpointing of the student; unset: on accelerators only",
+             "fsdp": "shard the student with FSDP2 under torchrun", "compile": "torch.compile the decoder stacks"}
     result = []
     for item in fields(DistillConfig):
-        kind = {"int": int, "float": float, "str": str}.get(str(item.type).split(" ")[0])
+        kind = {"int": int, "float": float, "str": str, "bool": bool}.get(str(item.type).split(" ")[0])
         if kind is not None:
             result.append((item.name, kind, item.default, helps.get(item.name, item.name.replace("_", " "))))
     return result

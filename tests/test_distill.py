@@ -209,3 +209,18 @@ def test_hidden_states_and_head_reproduce_each_familys_own_loss(tiny_model, fami
     with torch.no_grad():
         reference = model(input_ids=input_ids, labels=labels).loss
     assert torch.allclose(ce / batch.num_response_tokens, reference, atol=1e-5)
+
+
+def test_cli_switches_set_and_clear_boolean_settings_over_the_config_file(tmp_path):
+    import argparse
+
+    from cbd_cli.distill import add_config_options, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_options(parser)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("fsdp: true\nbf16: true\nsteps: 7\n")
+    given = config_from_args(parser.parse_args(["--config", str(config_file), "--no-bf16", "--compile"]))
+    assert (given.fsdp, given.bf16, given.compile, given.steps) == (True, False, True, 7)
+    unset = config_from_args(parser.parse_args([]))
+    assert (unset.fsdp, unset.bf16, unset.gradient_checkpointing, unset.compile) == (False, None, None, False)
