@@ -25,6 +25,7 @@ from pathlib import Path
 
 from cbd_engine.data import InstructionRow
 from cbd_engine.families import FAMILIES, Family, ModelSpec
+from cbd_engine.files import write_text_atomically
 from cbd_engine.progress import Cancelled, ProgressCallback, StageTimer, no_progress
 from cbd_engine.shapes import Shape, ShapeError
 
@@ -264,8 +265,8 @@ def generate_responses(source_dir: Path, rows: list[InstructionRow], params: Gen
         generated = [InstructionRow(row.instruction, row.input, answer)
                      for row, answer in zip(asked, answers, strict=True)]
         meta = {"source": str(source_dir), "prompt_format": prompt_format, "params": asdict(params), "stats": stats}
-        _write_atomically(meta_path, json.dumps(meta, indent=1))
-        _write_atomically(path, "".join(json.dumps(asdict(row)) + "\n" for row in generated))  # last: complete
+        write_text_atomically(meta_path, json.dumps(meta, indent=1))
+        write_text_atomically(path, "".join(json.dumps(asdict(row)) + "\n" for row in generated))  # last: complete
         parts_path.unlink(missing_ok=True)
     return Generations(generated, key, path, stats, False)
 
@@ -314,19 +315,13 @@ def _finished_parts(parts_path: Path, part: int, total: int) -> list[str]:
     back to the whole parts so that the next part follows them)."""
     if not parts_path.is_file():
         return []
-    answers = []
-    for line in parts_path.read_text(encoding="utf-8").splitlines():
+    answers, lines = [], parts_path.read_text(encoding="utf-8").splitlines()
+    for line in lines:
         try:
             answers.append(json.loads(line)["output"])
         except (json.JSONDecodeError, KeyError, TypeError):
             break
     kept = answers if len(answers) == total else answers[: len(answers) // part * part]
-    _write_atomically(parts_path, "".join(json.dumps({"output": answer}) + "\n" for answer in kept))
+    if len(kept) < len(lines):  # cut back to whole parts, so that the next part follows them
+        write_text_atomically(parts_path, "".join(json.dumps({"output": answer}) + "\n" for answer in kept))
     return kept
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)

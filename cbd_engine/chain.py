@@ -28,6 +28,7 @@ from pathlib import Path
 from cbd_engine.bridge import BridgeSpec, generate_responses, generation_cache_dir, init_bridge, planned_spec
 from cbd_engine.distill_config import DistillConfig
 from cbd_engine.families import ModelSpec
+from cbd_engine.files import write_text_atomically
 from cbd_engine.progress import Cancelled, ProgressCallback, no_progress
 from cbd_engine.shapes import Shape, ShapeError, parse_size
 
@@ -406,9 +407,7 @@ def _result(index: int, folder: Path) -> AnchorResult:
 
 def _write_chain_json(out: Path, family: str, anchors: list[AnchorResult]) -> None:
     data = {"family": family, "anchors": [anchor.to_dict() for anchor in anchors]}
-    tmp = out / "chain.json.tmp"
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(out / "chain.json")
+    write_text_atomically(out / "chain.json", json.dumps(data, indent=1))
 
 
 def read_chain(out: Path) -> ChainResult:

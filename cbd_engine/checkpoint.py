@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from cbd_engine.files import write_text_atomically
+
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 SAFETENSORS_CODES = {v: k for k, v in DTYPES.items()}
@@ -302,9 +304,7 @@ def folder_hashes(folder: str | Path) -> dict[str, str]:
         result[path.name] = entry["sha256"]
     if changed:
         with contextlib.suppress(OSError):  # a read-only anchor folder is hashed again next time, that is all
-            tmp = cache_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(cache, indent=1))
-            tmp.replace(cache_path)
+            write_text_atomically(cache_path, json.dumps(cache, indent=1))
     return result
 
 

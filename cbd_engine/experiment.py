@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cbd_engine.files import write_text_atomically
 from cbd_engine.progress import ProgressCallback, no_progress
 from cbd_engine.shapes import parse_size
 
@@ -214,10 +215,7 @@ def _evaluate(plan: Plan, unit: ModelUnit, progress: ProgressCallback) -> bool:
         loss = validation_loss(unit.path, data, max_length=evaluation.get("validation_max_length", 256),
                                device=evaluation.get("device", "auto"))
         results["tasks"][VALIDATION] = {"rows": None, "metrics": {"loss": {"value": loss, "ci95": None}}}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(target)
+    write_text_atomically(target, json.dumps(results, indent=1))
     return True
 
 
@@ -266,9 +264,7 @@ def _manifest(out: Path, spec: dict, command: list[str] | None) -> dict:
 
 
 def _save_manifest(out: Path, manifest: dict) -> None:
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, default=str))
-    tmp.replace(out / "manifest.json")
+    write_text_atomically(out / "manifest.json", json.dumps(manifest, indent=1, default=str))
 
 
 def _git_commit() -> str | None:

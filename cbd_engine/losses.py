@@ -191,7 +191,7 @@ def chunked_token_losses(student_hidden: torch.Tensor, student_head: Head, targe
     `sparse_divergence`), or None for cross-entropy only. Sums, not means: the caller divides by the
     global number of scored tokens so that micro-batching and data parallelism do not change the gradient.
     """
-    chunk = config.chunk_size or default_chunk(student_hidden.device, _vocab_size(student_head))
+    chunk = config.chunk_size or default_chunk(student_hidden.device, int(student_head.weight.shape[0]))
     computes_divergence = teacher_hidden is not None and (teacher_head is not None
                                                            or isinstance(teacher_hidden, TeacherTopK))
 
@@ -265,9 +265,6 @@ def _add_chunk_grads(grads: list[torch.Tensor], value: torch.Tensor, leaf: torch
             total += grad
 
 
-def _vocab_size(head: Head) -> int:
-    weight = getattr(head, "weight", None)
-    return int(weight.shape[0]) if weight is not None else 65536
 
 
 def _chunk_losses(s_logits: torch.Tensor, targets: torch.Tensor, t_hidden: torch.Tensor | TeacherTopK | None,
