@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = 10.0
     soft_time_limit_seconds: float = 48 * 3600.0
     hard_time_limit_seconds: float = 49 * 3600.0
+    max_attempts: int = 3  # runs that lose their worker before the job fails instead of running again; 0: no cap
     auto_queue: Literal["cpu", "gpu", "npu"] = "cpu"  # the queue of requests with device "auto"
     embedded_poll_seconds: float = 0.2
     embedded_worker: bool = True  # `cbd serve` starts a worker when no broker is configured

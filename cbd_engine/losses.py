@@ -166,9 +166,10 @@ class LossConfig:
 # Logit elements per chunk: 8M (32 MiB in float32) keeps the loss's peak well under a quarter of full logits at
 # vocab 49152 and sequence 512, while each chunk's matmul stays large enough to run at full speed on a CPU.
 CHUNK_ELEMENTS = 2**23
-# On accelerators every chunk is a kernel launch and a recomputation in backward: measured on an H200 (SmolLM2 shape,
-# batch 32 x 1024, docs/DISTILLATION.md), 8M-element chunks ran the step at 0.65x the naive full-logits step's
-# speed, 100M-element ones (~2048 positions) at 0.94x, with the step's peak memory still 0.60x the naive one's.
+# On accelerators small chunks leave the GPU idle between kernel launches: measured on an H200 (SmolLM2 shape, batch
+# 32 x 1024, docs/DISTILLATION.md; the loss then still recomputed each chunk in backward), 8M-element chunks ran the
+# step at 0.65x the naive full-logits step's speed, 100M-element ones (~2048 positions) at 0.94x, with the step's
+# peak memory still 0.60x the naive one's.
 ACCELERATOR_CHUNK_ELEMENTS = 100 * 2**20
 
 

@@ -26,8 +26,10 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,  # a killed worker's message goes back to the queue
         worker_prefetch_multiplier=1,
         task_ignore_result=True,  # the jobs table is the source of truth, not a result backend
-        task_soft_time_limit=settings.soft_time_limit_seconds,
-        task_time_limit=settings.hard_time_limit_seconds,
+        # the job's own limits (worker.runner) come first, the same as in the embedded worker: the soft one at the
+        # engine's next should_stop check, the hard one fails the job and ends the process; Celery's are backstops
+        task_soft_time_limit=settings.soft_time_limit_seconds + 60,
+        task_time_limit=settings.hard_time_limit_seconds + 60,
         # Redis redelivers unacknowledged messages after this; the job's lease (not this timeout) keeps a
         # multi-hour job from running twice, and the sweeper re-sends jobs whose lease expired.
         broker_transport_options={"visibility_timeout": max(3600, int(settings.lease_seconds * 4))},

@@ -2,12 +2,18 @@
 stop cooperatively on cancellation, and write the outcome only while the lease is still ours.
 
 A job whose worker died (its lease expired) is claimed again by another worker; a live lease is never taken over,
-so a job never runs twice at once, whatever the broker redelivers.
+so a job never runs twice at once, whatever the broker redelivers. A job whose workers died `max_attempts` times
+(a crash loop: out of memory, a segfault) fails instead of running again.
+
+Two time limits: at the soft one the job stops at the engine's next `should_stop` check; at the hard one (work that
+no longer reaches a check) the heartbeat thread marks the job failed and ends the worker process, whose supervisor
+(`cbd serve`, Celery's pool) starts a fresh one.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -24,11 +30,13 @@ from app.models import Job, utcnow
 from app.services.subjects import mark_subject
 from app.settings import Settings
 from cbd_engine.progress import Cancelled, ProgressEvent
+from worker.webhooks import notify
 
 log = logging.getLogger("cbd.worker")
 
 
 SHUTDOWN = threading.Event()  # set when the worker process is asked to stop: running jobs go back to the queue
+EXIT_HARD_TIME_LIMIT = 70  # the worker process's exit status after a job hit its hard time limit
 
 
 class LeaseLost(Exception):
@@ -43,9 +51,33 @@ def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+def _expired(now: object) -> object:
+    return and_(Job.status == "running", or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now))
+
+
 def _claimable(now: object) -> object:
-    return or_(Job.status == "queued",
-               and_(Job.status == "running", or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now)))
+    return or_(Job.status == "queued", _expired(now))
+
+
+def fail_exhausted(session: Session, job_id: str, max_attempts: int) -> bool:
+    """Fail the job instead of running it again when its lease expired after `max_attempts` runs, each of which
+    lost its worker; True when this call failed it."""
+    if max_attempts <= 0:
+        return False
+    result = session.execute(
+        update(Job).where(Job.id == job_id, _expired(utcnow()), Job.attempts >= max_attempts)
+        .values(status="failed", finished_at=utcnow(), worker_id=None, lease_expires_at=None,
+                error=f"WorkerLost: the worker running this job stopped without finishing it {max_attempts} times "
+                      "(killed, out of memory or crashed); it is not run again")
+    )
+    if result.rowcount != 1:
+        session.rollback()
+        return False
+    job = session.get(Job, job_id)
+    job.progress = {**(job.progress or {}), "stage": "failed"}
+    mark_subject(session, job, "failed")
+    session.commit()
+    return True
 
 
 def claim(session: Session, job_id: str, worker_id: str, lease_seconds: float) -> bool:
@@ -79,6 +111,7 @@ class JobContext:
     session_factory: sessionmaker[Session]
     worker_id: str
     deadline: float
+    hard_deadline: float = math.inf
     cancelled: bool = False
     lost: bool = False
     _last_progress: float = 0.0
@@ -110,11 +143,26 @@ class JobContext:
                 session.rollback()
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.settings.heartbeat_seconds):
+        while not self._stop.wait(min(self.settings.heartbeat_seconds,
+                                      max(0.0, self.hard_deadline - time.monotonic()))):
+            if time.monotonic() >= self.hard_deadline:
+                self._end_at_hard_limit()
             try:
                 self.heartbeat()
             except Exception:  # noqa: BLE001 - a missed beat is retried; the lease has slack for several
                 log.exception("heartbeat failed", extra={"job_id": self.job_id})
+
+    def _end_at_hard_limit(self) -> None:
+        """The work did not stop at the soft limit (it reaches no `should_stop` check): fail the job and end this
+        process, the only way to stop a thread that does not listen."""
+        limit = self.settings.hard_time_limit_seconds
+        log.error("job exceeded its hard time limit of %.0f s; ending the worker process", limit,
+                  extra={"job_id": self.job_id})
+        if _finish(self, "failed", f"TimeLimitExceeded: job exceeded its hard time limit of {limit:.0f} s "
+                                   "(its worker process was ended)"):
+            notify(self.settings, self.session_factory, self.job_id)
+        logging.shutdown()
+        os._exit(EXIT_HARD_TIME_LIMIT)
 
     def start(self) -> None:
         threading.Thread(target=self._beat, name=f"heartbeat-{self.job_id}", daemon=True).start()
@@ -162,11 +210,13 @@ def _finish(ctx: JobContext, status: str, error: str | None = None) -> bool:
 
 
 def _release(ctx: JobContext) -> None:
-    """Give a job back to the queue at once (the worker is shutting down), rather than waiting out its lease."""
+    """Give a job back to the queue at once (the worker is shutting down), rather than waiting out its lease. The
+    run handed back does not count as an attempt: `max_attempts` caps runs whose worker was lost."""
     with ctx.session_factory() as session:
         session.execute(
             update(Job).where(Job.id == ctx.job_id, Job.worker_id == ctx.worker_id, Job.status == "running")
-            .values(status="queued", worker_id=None, lease_expires_at=None, started_at=None)
+            .values(status="queued", worker_id=None, lease_expires_at=None, started_at=None,
+                    attempts=Job.attempts - 1)
         )
         session.commit()
 
@@ -175,11 +225,17 @@ def run_job(job_id: str, settings: Settings, session_factory: sessionmaker[Sessi
             worker_id: str) -> str:
     """Claim and run one job; returns its final status, or 'skipped' when it is not ours to run."""
     with session_factory() as session:
+        if fail_exhausted(session, job_id, settings.max_attempts):
+            log.error("job failed: its workers were lost %d times", settings.max_attempts, extra={"job_id": job_id})
+            notify(settings, session_factory, job_id)
+            return "failed"
         if not claim(session, job_id, worker_id, settings.lease_seconds):
             return "skipped"
         job = session.get(Job, job_id)
+        started = time.monotonic()
         ctx = JobContext(job.id, job.kind, job.queue, job.subject_id, dict(job.payload or {}), settings,
-                         session_factory, worker_id, time.monotonic() + settings.soft_time_limit_seconds,
+                         session_factory, worker_id, started + settings.soft_time_limit_seconds,
+                         started + settings.hard_time_limit_seconds,
                          _estimate=(job.progress or {}).get("estimated_seconds"))
     extra = {"job_id": job_id, "job_kind": ctx.kind, "worker_id": worker_id}
     log.info("job started (attempt %d)", job.attempts, extra=extra)
@@ -211,7 +267,5 @@ def run_job(job_id: str, settings: Settings, session_factory: sessionmaker[Sessi
         return "lost"
     log.info("job %s", status, extra=extra)
     if status in ("succeeded", "failed"):
-        from worker.webhooks import notify
-
         notify(settings, session_factory, job_id)
     return status

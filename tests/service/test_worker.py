@@ -3,6 +3,9 @@ and the Celery path through a real Redis broker."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +19,7 @@ from app.settings import Settings
 from cbd_engine.progress import Cancelled, ProgressEvent
 from tests.service.conftest import REDIS_URL, require_service
 from tests.service.test_api import midpoint
-from worker.runner import JobContext, LeaseLost, claim, run_job
+from worker.runner import EXIT_HARD_TIME_LIMIT, JobContext, LeaseLost, claim, run_job
 
 
 @pytest.fixture
@@ -96,6 +99,64 @@ def test_cooperative_cancellation_of_a_running_job(factory, settings: Settings, 
     assert client.get(f"/models/{job['result']['model']}").json()["status"] == "cancelled"
 
 
+def test_soft_time_limit_stops_a_job_at_its_next_check(factory, settings: Settings, client: TestClient,  # noqa: ANN001
+                                                       queued_job: str) -> None:
+    def slow(ctx: JobContext) -> None:
+        while not ctx.should_stop():
+            time.sleep(0.02)
+
+    limited = settings.model_copy(update={"soft_time_limit_seconds": 0.3})
+    assert run_job(queued_job, limited, factory, {"materialize_model": slow}, "w") == "failed"
+    job = client.get(f"/jobs/{queued_job}").json()
+    assert job["error"].startswith("TimeLimitExceeded: job exceeded its soft time limit")
+    assert client.get(f"/models/{job['result']['model']}").json()["status"] == "failed"
+
+
+STUCK_WORKER = """
+import sys, time
+from app.db import make_engine, make_session_factory
+from app.settings import Settings
+from worker.runner import run_job
+
+def stuck(ctx):  # never reaches a should_stop check, like a hung kernel or a deadlock
+    while True:
+        time.sleep(0.05)
+
+settings = Settings()
+run_job(sys.argv[1], settings, make_session_factory(make_engine(settings.resolved_database_url)),
+        {"materialize_model": stuck}, "stuck-worker")
+"""
+
+
+def test_hard_time_limit_fails_the_job_and_ends_a_stuck_worker_process(settings: Settings, client: TestClient,
+                                                                       queued_job: str) -> None:
+    env = {**os.environ, "CBD_DATABASE_URL": settings.resolved_database_url, "CBD_DATA_DIR": str(settings.data_dir),
+           "CBD_HEARTBEAT_SECONDS": "0.5", "CBD_SOFT_TIME_LIMIT_SECONDS": "0.5", "CBD_HARD_TIME_LIMIT_SECONDS": "2"}
+    worker = subprocess.run([sys.executable, "-c", STUCK_WORKER, queued_job], env=env, timeout=120,
+                            capture_output=True, text=True)
+    assert worker.returncode == EXIT_HARD_TIME_LIMIT, worker.stderr
+    job = client.get(f"/jobs/{queued_job}").json()
+    assert job["status"] == "failed" and job["progress"]["stage"] == "failed"
+    assert job["error"].startswith("TimeLimitExceeded: job exceeded its hard time limit of 2 s")
+    assert client.get(f"/models/{job['result']['model']}").json()["status"] == "failed"
+
+
+def test_a_job_whose_workers_keep_dying_fails_instead_of_running_again(factory, settings: Settings,  # noqa: ANN001
+                                                                       client: TestClient, queued_job: str) -> None:
+    from worker.tasks import HANDLERS
+
+    for crash in range(3):  # three workers take the job and die (out of memory, say) without finishing it
+        with factory() as session:
+            assert claim(session, queued_job, f"crashed-{crash}", 0.2)
+        time.sleep(0.3)
+    assert run_job(queued_job, settings, factory, HANDLERS, "w") == "failed"
+    job = client.get(f"/jobs/{queued_job}").json()
+    assert job["status"] == "failed" and job["attempts"] == 3 and job["error"].startswith("WorkerLost:")
+    assert client.get(f"/models/{job['result']['model']}").json()["status"] == "failed"
+    with factory() as session:
+        assert not claim(session, queued_job, "late", 30)  # it stays failed
+
+
 @pytest.mark.integration
 def test_celery_worker_runs_jobs_from_redis(tmp_path, tiny_anchors, postgres_url: str) -> None:  # noqa: ANN001
     """Production topology: PostgreSQL, Redis, and a real `cbd worker` process consuming the cpu queue."""
@@ -131,6 +192,46 @@ def test_celery_worker_runs_jobs_from_redis(tmp_path, tiny_anchors, postgres_url
     finally:
         worker.terminate()
         worker.wait(20)
+
+
+@pytest.mark.integration
+def test_celery_child_stuck_past_the_hard_limit_fails_its_job_and_is_replaced(tmp_path, tiny_anchors,  # noqa: ANN001
+                                                                             postgres_url: str) -> None:
+    import redis
+
+    from app.main import create_app
+    from tests.service.conftest import make_settings
+
+    require_service("Redis", 6379)
+    broker = REDIS_URL.rsplit("/", 1)[0] + "/13"
+    redis.Redis.from_url(broker).flushdb()
+    settings = make_settings(tmp_path, database_url=postgres_url, broker_url=broker)
+    env = {**os.environ, "CBD_DATA_DIR": str(settings.data_dir), "CBD_DATABASE_URL": postgres_url,
+           "CBD_BROKER_URL": broker, "CBD_HEARTBEAT_SECONDS": "0.5", "CBD_HARD_TIME_LIMIT_SECONDS": "3"}
+    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tests.service.stuck_celery_app", "worker",
+                               "-Q", "cpu", "--concurrency", "1"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with TestClient(create_app(settings)) as client:
+            large, small = tiny_anchors
+            chain = client.post("/chains", json={"name": "r", "source": str(large), "device": "cpu",
+                                                 "anchors": [{"checkpoint": str(small), "distill": False}]}).json()
+            assert wait_job(client, chain["job"]["id"]) == "succeeded"
+            size = sum(a["params"] for a in client.get(f"/chains/{chain['id']}").json()["anchors"]) // 2
+            stuck = client.post("/models", json={"chain": chain["id"], "size": size}).json()
+            assert wait_job(client, stuck["job"]["id"]) == "failed"
+            job = client.get(f"/jobs/{stuck['job']['id']}").json()
+            assert job["error"].startswith("TimeLimitExceeded: job exceeded its hard time limit of 3 s")
+            # the pool replaced its ended child: the next job runs (and hits the limit in its turn)
+            after = client.post("/models", json={"chain": chain["id"], "size": size - 1}).json()
+            assert wait_job(client, after["job"]["id"]) == "failed"
+            assert worker.poll() is None
+            # the first job's message, redelivered after its child was lost, did not run it again
+            assert client.get(f"/jobs/{stuck['job']['id']}").json()["attempts"] == 1
+    finally:
+        worker.terminate()
+        worker.wait(20)
+        redis.Redis.from_url(broker).flushdb()
 
 
 def wait_job(client: TestClient, job_id: str, timeout: float = 120) -> str:
@@ -254,4 +355,4 @@ def test_shutdown_gives_a_running_job_back_at_once(factory, settings: Settings, 
     assert outcome == ["released"]
     assert client.get(f"/jobs/{queued_job}").json()["status"] == "queued"
     assert run_job(queued_job, settings, factory, HANDLERS, "next-worker") == "succeeded"  # no lease to wait out
-    assert client.get(f"/jobs/{queued_job}").json()["attempts"] == 2
+    assert client.get(f"/jobs/{queued_job}").json()["attempts"] == 1  # the run handed back is not counted
