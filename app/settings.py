@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -37,7 +37,12 @@ class Settings(BaseSettings):
     max_attempts: int = 3  # runs that lose their worker before the job fails instead of running again; 0: no cap
     auto_queue: Literal["cpu", "gpu", "npu"] = "cpu"  # the queue of requests with device "auto"
     embedded_poll_seconds: float = 0.2
-    embedded_worker: bool = True  # `cbd serve` starts a worker when no broker is configured
+    embedded_worker: bool = True  # `cbd serve` starts workers when no broker is configured
+    # `cbd serve`'s embedded workers, one process per lane, lanes separated by ";" and job kinds by ",": by default a
+    # materialization (seconds) or an evaluation (minutes) never waits behind a chain build (hours). One lane with
+    # all kinds runs one job at a time (less memory: a single model-loading process).
+    embedded_lanes: Annotated[list[tuple[str, ...]], NoDecode] = Field(
+        default_factory=lambda: [("build_chain",), ("materialize_model", "evaluate_model")])
     validation_rows: int = 32  # validation rows scored for each new model and anchor
     calibration_rows: int = 64  # training rows for activation importance and alpha "auto"
     webhook_url: str = ""
@@ -49,6 +54,20 @@ class Settings(BaseSettings):
     def _split_roots(cls, value: str | list) -> list[Path]:
         items = value.split(os.pathsep) if isinstance(value, str) else value
         return [Path(p).resolve() for p in items if str(p)]
+
+    @field_validator("embedded_lanes", mode="before")
+    @classmethod
+    def _split_lanes(cls, value: str | list) -> list[tuple[str, ...]]:
+        lanes = [lane.split(",") for lane in value.split(";")] if isinstance(value, str) else value
+        from app.schemas import JobKind
+
+        known = get_args(JobKind)
+        lanes = [tuple(kind.strip() for kind in lane if kind.strip()) for lane in lanes]
+        kinds = [kind for lane in lanes for kind in lane]
+        if sorted(kinds) != sorted(known):  # a kind in no lane would never run
+            raise ValueError(f"embedded lanes must name each job kind once ({', '.join(known)}), as in "
+                             f"'build_chain;materialize_model,evaluate_model'; got {value!r}")
+        return lanes
 
     @cached_property
     def resolved_database_url(self) -> str:

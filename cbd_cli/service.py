@@ -36,28 +36,32 @@ def _apply_flags(args: argparse.Namespace) -> None:
 
 
 class Supervisor:
-    """Keeps one child process running (the embedded worker), restarting it when it dies."""
+    """Keeps one child process running (an embedded worker), restarting it when it dies."""
 
-    def __init__(self, command: list[str]):
-        self.command, self.process, self.stopping = command, None, False
+    def __init__(self, command: list[str], name: str):
+        self.command, self.name, self.process, self.stopping = command, name, None, False
 
     def start(self) -> None:
-        threading.Thread(target=self._watch, name="worker-supervisor", daemon=True).start()
+        threading.Thread(target=self._watch, name=f"supervisor-{self.name}", daemon=True).start()
 
     def _watch(self) -> None:
         while not self.stopping:
             self.process = subprocess.Popen(self.command)
             code = self.process.wait()
             if not self.stopping:
-                print(f"cbd serve: embedded worker exited ({code}); restarting", file=sys.stderr)
+                print(f"cbd serve: embedded worker ({self.name}) exited ({code}); restarting", file=sys.stderr)
                 time.sleep(1)
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
+        """Ask the child to stop (its running job goes back to the queue) and restart it no more."""
         self.stopping = True
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
+
+    def join(self, timeout: float = 10) -> None:
+        if self.process is not None:
             try:
-                self.process.wait(timeout=10)
+                self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
 
@@ -79,17 +83,25 @@ def serve(args: argparse.Namespace) -> int:
         dataset = [] if args.demo_dataset == "" else ["--dataset", str(args.demo_dataset or DEFAULT_DEMO_DATASET)]
         print("cbd serve: preparing the demo chain (the first run derives a 90M anchor)", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "worker.demo", *dataset], check=True)
-    supervisor = None
+    supervisors = []
     if settings.embedded and settings.embedded_worker:
-        supervisor = Supervisor([sys.executable, "-m", "worker.embedded"])
-        supervisor.start()
+        supervisors = [Supervisor([sys.executable, "-m", "worker.embedded", "--kinds", ",".join(lane)], ",".join(lane))
+                       for lane in settings.embedded_lanes]
+        for supervisor in supervisors:
+            supervisor.start()
     if not settings.auth_enabled:
         print(f"cbd serve: authentication is OFF on {settings.host} (CBD_AUTH={settings.auth})", file=sys.stderr)
     print(f"cbd serve: http://{settings.host}:{settings.port} (API docs at /docs)", file=sys.stderr)
+
+    def stop_workers() -> None:  # all at once: each may take a step's time to hand its job back
+        for supervisor in supervisors:
+            supervisor.terminate()
+        for supervisor in supervisors:
+            supervisor.join()
+
     def shut_down(signum: int, frame: object) -> None:
-        # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; stop the worker before leaving
-        if supervisor is not None:
-            supervisor.stop()
+        # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; stop the workers before leaving
+        stop_workers()
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, shut_down)
@@ -98,8 +110,7 @@ def serve(args: argparse.Namespace) -> int:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
                     access_log=False, timeout_keep_alive=75)
     finally:
-        if supervisor is not None:
-            supervisor.stop()
+        stop_workers()
     return 0
 
 

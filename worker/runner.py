@@ -94,8 +94,11 @@ def claim(session: Session, job_id: str, worker_id: str, lease_seconds: float) -
     return result.rowcount == 1
 
 
-def claimable_jobs(session: Session, limit: int = 20) -> list[str]:
-    return list(session.scalars(select(Job.id).where(_claimable(utcnow())).order_by(Job.id).limit(limit)))
+def claimable_jobs(session: Session, limit: int = 20, kinds: tuple[str, ...] | None = None) -> list[str]:
+    query = select(Job.id).where(_claimable(utcnow()))
+    if kinds is not None:
+        query = query.where(Job.kind.in_(kinds))
+    return list(session.scalars(query.order_by(Job.id).limit(limit)))
 
 
 @dataclass

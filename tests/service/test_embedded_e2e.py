@@ -68,12 +68,13 @@ class Service:
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(30)
 
-    def worker_pid(self) -> int:
-        """The embedded worker: the child process of `cbd serve`."""
-        tasks = Path(f"/proc/{self.process.pid}/task").iterdir()  # the supervisor thread started it
+    def worker_pid(self, kind: str) -> int:
+        """The embedded worker running jobs of this kind: a child process of `cbd serve`."""
+        tasks = Path(f"/proc/{self.process.pid}/task").iterdir()  # the supervisor threads started them
         children = [pid for task in tasks for pid in (task / "children").read_text().split()]
-        assert len(children) == 1, children
-        return int(children[0])
+        lanes = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2].decode() for pid in children}
+        assert sorted(lanes.values()) == ["build_chain", "materialize_model,evaluate_model"], lanes
+        return next(int(pid) for pid, lane in lanes.items() if kind in lane.split(","))
 
 
 @pytest.fixture
@@ -82,6 +83,32 @@ def service(tmp_path: Path, derived_anchor: Path) -> Iterator[Service]:
     service.start()
     yield service
     if service.process.poll() is None:
+        service.stop()
+
+
+def test_a_model_is_materialized_while_a_chain_is_being_built(tmp_path: Path, tiny_anchors: tuple[Path, Path]) -> None:
+    """The embedded workers' lanes: a materialization does not wait behind a chain build that takes hours."""
+    large, small = tiny_anchors
+    service = Service(tmp_path / "data", [tmp_path, SHARED_DATA])
+    service.start()
+    try:
+        client = httpx.Client(base_url=service.url, timeout=60)
+        ready = client.post("/chains", json={"name": "ready", "source": str(large),
+                                             "anchors": [{"checkpoint": str(small), "distill": False}]}).json()
+        assert wait_for(client, ready["job"]["id"], ("succeeded", "failed"), 120)["status"] == "succeeded"
+        building = client.post("/chains", json={
+            "name": "building", "source": str(large), "dataset": {"path": str(DOLLY)},
+            "anchors": [{"shape": {"num_layers": 2, "hidden_size": 48, "num_heads": 2, "num_kv_heads": 1,
+                                   "head_dim": 16, "intermediate_size": 64}}],
+            "distillation": {"steps": 1_000_000, "batch_size": 2, "max_length": 32}}).json()
+        wait_for(client, building["job"]["id"], ("running",), 60)
+        params = [a["params"] for a in client.get(f"/chains/{ready['id']}").json()["anchors"]]
+        model = client.post("/models", json={"chain": ready["id"], "size": sum(params) // 2}).json()
+        assert wait_for(client, model["job"]["id"], ("succeeded", "failed"), 120)["status"] == "succeeded"
+        assert client.get(f"/jobs/{building['job']['id']}").json()["status"] == "running"
+        assert client.post(f"/jobs/{building['job']['id']}/cancel").status_code == 202
+        assert wait_for(client, building["job"]["id"], ("cancelled", "failed"), 120)["status"] == "cancelled"
+    finally:
         service.stop()
 
 
@@ -112,7 +139,7 @@ def test_embedded_service_end_to_end(service: Service, derived_anchor: Path, tmp
     assert created.status_code == 202, created.text
     job_id = created.json()["job"]["id"]
     wait_for(client, job_id, ("running",))
-    os.kill(service.worker_pid(), signal.SIGKILL)
+    os.kill(service.worker_pid("materialize_model"), signal.SIGKILL)
     assert client.get(f"/jobs/{job_id}").json()["status"] == "running"
     job = wait_for(client, job_id, ("succeeded", "failed"))
     assert job["status"] == "succeeded" and job["attempts"] == 2, job

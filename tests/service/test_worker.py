@@ -157,6 +157,17 @@ def test_a_job_whose_workers_keep_dying_fails_instead_of_running_again(factory, 
         assert not claim(session, queued_job, "late", 30)  # it stays failed
 
 
+def test_embedded_lanes_name_every_job_kind_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("CBD_EMBEDDED_LANES", "build_chain ; materialize_model, evaluate_model")
+    assert Settings().embedded_lanes == [("build_chain",), ("materialize_model", "evaluate_model")]
+    for wrong in ("build_chain;materialize_model",  # evaluations would never run
+                  "build_chain;materialize_model,evaluate_model;build_chain", "distill;build_chain"):
+        with pytest.raises(ValidationError, match="each job kind once"):
+            Settings(embedded_lanes=wrong)
+
+
 @pytest.mark.integration
 def test_celery_worker_runs_jobs_from_redis(tmp_path, tiny_anchors, postgres_url: str) -> None:  # noqa: ANN001
     """Production topology: PostgreSQL, Redis, and a real `cbd worker` process consuming the cpu queue."""
