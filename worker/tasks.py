@@ -160,6 +160,9 @@ def build_chain(ctx: JobContext) -> None:
     with ctx.session_factory() as session:
         session.get(Chain, chain.id).status = "ready"
         ctx.commit(session)
+    # the anchors are in the store now; the engine's folder (kept until here so a retried attempt resumes) would
+    # only hold second copies of them
+    shutil.rmtree(ctx.settings.work_dir / "chains" / chain.id, ignore_errors=True)
 
 
 # --- materialize_model ---------------------------------------------------------------------------------------
@@ -195,29 +198,30 @@ def materialize_model(ctx: JobContext) -> None:
     dataset = (chain.spec.get("dataset") or {}).get("path")
     alpha = {"default": None, "auto": "auto"}.get(model.alpha_request, model.alpha)
     out = fresh_dir(ctx.settings.work_dir / "models" / model.id)
+    evaluated = ctx.settings.work_dir / "models" / f"{model.id}.eval"
     calibration = calibration_texts(dataset, ctx.settings.calibration_rows) if dataset else None
-    started = time.monotonic()
-    result = materialize(out, small=small_dir, large=large_dir, shape=Shape.from_dict(model.shape), alpha=alpha,
-                         init=model.init, calibration=calibration,
-                         dtype=model.dtype, seed=model.seed, progress=ctx.progress, should_stop=ctx.should_stop)
-    materialized = time.monotonic()
-    stored = put_folder(store, result.out, {f.name: f.sha256 for f in result.files})
-    timings = {"materialize_seconds": round(materialized - started, 3),
-               "publish_seconds": round(time.monotonic() - materialized, 3)}
-    with ctx.session_factory() as session:
-        row = session.get(Model, model.id)
-        session.execute(delete(Artifact).where(Artifact.owner_id == model.id))
-        record_files(session, model.id, stored)
-        row.params, row.alpha, row.status = result.params, result.alpha, "ready"
-        row.provenance = {**summary(result.provenance), "service": timings}
-        ctx.commit(session)  # the files are downloadable from here on
-    try:
-        linked = link_folder(store, stored, ctx.settings.work_dir / "models" / f"{model.id}.eval")
-        metrics = {"validation_loss": measure_validation_loss(linked, chain.spec, ctx.settings),
+    try:  # the work folders go whatever happens: the store holds what was published, a retry starts afresh
+        started = time.monotonic()
+        result = materialize(out, small=small_dir, large=large_dir, shape=Shape.from_dict(model.shape), alpha=alpha,
+                             init=model.init, calibration=calibration,
+                             dtype=model.dtype, seed=model.seed, progress=ctx.progress, should_stop=ctx.should_stop)
+        materialized = time.monotonic()
+        stored = put_folder(store, result.out, {f.name: f.sha256 for f in result.files})
+        timings = {"materialize_seconds": round(materialized - started, 3),
+                   "publish_seconds": round(time.monotonic() - materialized, 3)}
+        with ctx.session_factory() as session:
+            row = session.get(Model, model.id)
+            session.execute(delete(Artifact).where(Artifact.owner_id == model.id))
+            record_files(session, model.id, stored)
+            row.params, row.alpha, row.status = result.params, result.alpha, "ready"
+            row.provenance = {**summary(result.provenance), "service": timings}
+            ctx.commit(session)  # the files are downloadable from here on
+        metrics = {"validation_loss": measure_validation_loss(link_folder(store, stored, evaluated), chain.spec,
+                                                              ctx.settings),
                    "anchors_validation_loss": {a.id: (a.metrics or {}).get("validation_loss") for a in (small, large)}}
     finally:
         shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(ctx.settings.work_dir / "models" / f"{model.id}.eval", ignore_errors=True)
+        shutil.rmtree(evaluated, ignore_errors=True)
     with ctx.session_factory() as session:
         row = session.get(Model, model.id)
         row.metrics = {**(row.metrics or {}), **metrics}

@@ -30,6 +30,7 @@ def test_posted_chain_prunes_distills_and_serves_models(client: TestClient, sett
     assert anchor["metrics"]["validation_loss"] > 0
     assert {"model.safetensors", "config.json", "cbd.json"} <= {f["name"] for f in anchor["files"]}
     assert len(list((tmp_path / "cache" / "teacher-outputs").iterdir())) == 1  # distilled from the cached top-16
+    assert not (settings.work_dir / "chains" / chain["id"]).exists()  # no second copy of the stored anchors
 
     size = (anchor["params"] + chain["anchors"][0]["params"]) // 2
     model = client.post("/models", json={"chain": chain["id"], "size": size, "dtype": "float32"})

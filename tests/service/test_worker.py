@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -155,6 +156,24 @@ def test_a_job_whose_workers_keep_dying_fails_instead_of_running_again(factory, 
     assert client.get(f"/models/{job['result']['model']}").json()["status"] == "failed"
     with factory() as session:
         assert not claim(session, queued_job, "late", 30)  # it stays failed
+
+
+def test_a_failed_materialization_leaves_no_work_files(settings: Settings, client: TestClient, queued_job: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import cbd_engine.materialize
+    from tests.service.conftest import run_pending
+
+    def half_written(out: Path, **kwargs: object) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "model.safetensors").write_bytes(b"half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(cbd_engine.materialize, "materialize", half_written)
+    assert run_pending(settings) == ["failed"]
+    job = client.get(f"/jobs/{queued_job}").json()
+    assert job["error"] == "OSError: No space left on device"
+    assert client.get(f"/models/{job['result']['model']}").json()["status"] == "failed"
+    assert list((settings.work_dir / "models").iterdir()) == []
 
 
 def test_embedded_lanes_name_every_job_kind_once(monkeypatch: pytest.MonkeyPatch) -> None:
