@@ -12,9 +12,10 @@ error:    the sparse loss (k = 8, 32, 64, 256, log-probabilities stored as float
 build:    build time and size on disk of a k = 64 cache over the first `--examples` training examples; a second
           build of the same key
 step:     seconds per training step (accumulate_gradients + clipping + AdamW, as distill runs it) with the teacher
-          forward and with the cache, on the same batches, alternating; and the build's work on one such batch
-          (teacher forward, top-k, tail) and a cache lookup
-distill:  `--steps` steps of distill() with and without the cache (same student, data, seed): validation loss
+          forward and with the cache (each tail model), on the same batches, alternating; and the build's work on
+          one such batch (teacher forward, top-k, tail) and a cache lookup
+distill:  `--steps` steps of distill() with and without the cache (`--tail`; same student, data, seed): validation
+          loss
 """
 
 from __future__ import annotations
@@ -120,13 +121,12 @@ def build(teacher_dir: Path, examples, root: Path) -> dict:
 
 
 def steps(teacher, student, cache: TeacherCache, batches, rounds: int = 2, per_round: int = 3) -> dict:
-    config = DistillConfig(device="cpu")
-    student_loss = StudentLoss(student, config.loss_config)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6)
     cpu = torch.device("cpu")
 
-    def step(source, batch) -> None:
-        accumulate_gradients(student_loss, source, [batch], config, cpu, False, False)
+    def step(source, batch, tail: str = "bucket") -> None:
+        config = DistillConfig(device="cpu", teacher_cache_tail=tail)
+        accumulate_gradients(StudentLoss(student, config.loss_config), source, [batch], config, cpu, False, False)
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -134,7 +134,11 @@ def steps(teacher, student, cache: TeacherCache, batches, rounds: int = 2, per_r
     def build_work(batch) -> None:  # what building the cache does per batch: the teacher forward, top-k, tail
         teacher_top_k(teacher, batch.input_ids, batch.attention_mask, response_positions(batch.labels), 64)
 
-    variants = {"teacher_forward": lambda batch: step(teacher, batch), "cache": lambda batch: step(cache, batch),
+    def cached(tail: str):  # noqa: ANN202
+        return lambda batch: step(cache, batch, tail)
+
+    variants = {"teacher_forward": lambda batch: step(teacher, batch),
+                **{f"cache_{tail}": cached(tail) for tail in TEACHER_CACHE_TAILS},
                 "build_work": build_work, "cache_lookup": cache.for_batch}
     for run in variants.values():  # warm-up
         run(batches[0])
@@ -145,18 +149,20 @@ def steps(teacher, student, cache: TeacherCache, batches, rounds: int = 2, per_r
             for batch in batches[:per_round]:
                 run(batch)
             best[name] = min(best[name], (time.perf_counter() - started) / per_round)
-    return {"seconds_per_step_teacher_forward": best["teacher_forward"], "seconds_per_step_cache": best["cache"],
-            "speedup": best["teacher_forward"] / best["cache"], "build_seconds_per_batch": best["build_work"],
+    per_tail = {f"seconds_per_step_cache_{tail}": best[f"cache_{tail}"] for tail in TEACHER_CACHE_TAILS}
+    return {"seconds_per_step_teacher_forward": best["teacher_forward"], **per_tail,
+            **{f"speedup_{tail}": best["teacher_forward"] / best[f"cache_{tail}"] for tail in TEACHER_CACHE_TAILS},
+            "build_seconds_per_batch": best["build_work"],
             "cache_lookup_seconds_per_batch": best["cache_lookup"],
             "tokens_per_batch": [b.num_tokens for b in batches[:per_round]]}
 
 
 def distill_both(teacher_dir: Path, student_dir: Path, train, valid, work: Path, args) -> dict:
     result = {}
-    for name, k in (("teacher_forward", None), ("cache", 64)):
+    for name, k in (("teacher_forward", None), (f"cache_{args.tail}", 64)):
         config = DistillConfig(steps=args.steps, batch_size=4, learning_rate=3e-4, max_length=args.length,
                                eval_rows=args.eval_rows, device="cpu", teacher_cache=k,
-                               teacher_cache_dir=str(work / "cache"))
+                               teacher_cache_dir=str(work / "cache"), teacher_cache_tail=args.tail)
         started = time.perf_counter()
         run = distill(teacher_dir, student_dir, train, valid, work / f"distill-{name}", config)
         result[name] = {"validation_loss_before": run.metrics["validation_loss_before"],
@@ -173,6 +179,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--eval-rows", type=int, default=50)
+    parser.add_argument("--tail", choices=TEACHER_CACHE_TAILS, default="bucket", help="the cached distill run's tail")
     args = parser.parse_args()
     parts = args.parts.split(",")
     args.work.mkdir(parents=True, exist_ok=True)
