@@ -138,9 +138,8 @@ class DistillationIn(Strict):
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     teacher_cache: int | None = Field(default=None, ge=1, le=4096,
                                       description="off_policy: keep the teacher's top-k per token, computed once")
-    teacher_cache_tail: Literal["bucket", "capped", "uniform"] = Field(
-        default="bucket", description="teacher_cache: the teacher's mass outside its top-k as one bucket, as one "
-                                      "bucket with no token above the k-th (capped), or uniform")
+    teacher_cache_tail: Literal["bucket", "uniform"] = Field(
+        default="bucket", description="teacher_cache: the teacher's mass outside its top-k as one bucket, or uniform")
     ppo_epochs: int = Field(default=4, ge=1, le=64, description="minillm: policy updates per batch of rollouts")
     ppo_clip: float = Field(default=0.2, gt=0, le=1, description="minillm: PPO clipping")
     teacher_mix: float = Field(default=0.2, ge=0, lt=1, description="minillm: teacher share of the sampling mixture")

@@ -9,7 +9,7 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_rever
 MODES = ("off_policy", "on_policy", "minillm")
 SELECT_BY = ("validation_loss", "rouge_l")
 # How a teacher cache models the teacher outside its top k (losses.sparse_divergence; measured in docs/DISTILLATION.md)
-TEACHER_CACHE_TAILS = ("bucket", "capped", "uniform")
+TEACHER_CACHE_TAILS = ("bucket", "uniform")
 
 
 @dataclass

@@ -20,14 +20,10 @@ only scales them: the logits of both models are computed once, not again in back
 would, which costs 4 vocabulary-wide matmuls per chunk instead of 6.
 
 Sparse teacher (`TeacherTopK`, from `cbd_engine.teacher_cache`): the teacher's distribution kept as its k most likely
-tokens and the log of the remaining (tail) mass; `sparse_divergence` compares the student with it under one of three
-tail models (DistillConfig.teacher_cache_tail), all equal to the full divergence when k covers the vocabulary:
+tokens and the log of the remaining (tail) mass; `sparse_divergence` compares the student with it under one of two
+tail models (DistillConfig.teacher_cache_tail), both equal to the full divergence when k covers the vocabulary:
     bucket   the tail is one token for both models (k + 1 buckets). Merging tokens never increases a divergence (data
              processing inequality): a lower bound, exact when the teacher's tail has the student's shape.
-    capped   as bucket, but no tail token gets more teacher probability than the teacher's k-th token (it ranks below
-             all of them): the student's likeliest tail tokens are capped there, the rest share what is left in the
-             student's proportions. Still a lower bound, at least as high as bucket's; exact when the teacher's tail
-             is the student's shape so capped.
     uniform  the teacher's tail mass is spread evenly over the other V - k tokens and compared with the student's
              full distribution (its spread inside the tail counts); exact when the teacher's tail is uniform.
 Which one is closer depends on the loss and k (docs/DISTILLATION.md, "Teacher-output cache").
@@ -135,56 +131,14 @@ def bucket_log_probs(logits: torch.Tensor, ids: torch.Tensor, temperature: float
     return log_probs.gather(-1, ids), tail.clamp(min=EMPTY_TAIL)
 
 
-# The student's likeliest tail tokens that the "capped" tail model may cap (beyond them the cap is not checked).
-CAPPED_TAIL_TOKENS = 64
-
-
-def capped_tail_buckets(logits: torch.Tensor, teacher: TeacherTopK, temperature: float = 1.0,
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(student, teacher) log-probabilities [N, k + m + 1] over buckets for the "capped" tail model: the teacher's
-    top-k tokens, then the student's m = CAPPED_TAIL_TOKENS likeliest tokens outside them, then the rest.
-
-    The teacher's tail is taken in the student's shape (as "bucket" does) but, since every tail token ranks below the
-    teacher's k-th, none gets more than that token's probability p_k: the student's likeliest tail tokens get p_k
-    one by one (water-filling) until the scaled shape of the remaining ones fits under p_k. A capped token is its own
-    bucket; the uncapped ones are left out (both sides -> EMPTY_TAIL) and their mass joins the rest bucket, where
-    the teacher keeps what the capped ones did not take. Where nothing is capped this is the bucket model."""
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    ids = teacher.ids.long()
-    log_probs = _log_softmax(logits, dtype, temperature)
-    outside = log_probs.scatter(-1, ids, float("-inf"))
-    likeliest, where = outside.topk(min(CAPPED_TAIL_TOKENS, outside.shape[-1] - ids.shape[-1]), dim=-1)
-    beyond = outside.scatter(-1, where, float("-inf")).logsumexp(-1, keepdim=True)
-    # after[:, j]: log of the student's tail mass without its j likeliest tail tokens, j = 0 ... m; the whole tail
-    # summed as the teacher's was (so a student that is the teacher scores exactly 0)
-    after = torch.cat([outside.logsumexp(-1, keepdim=True),
-                       torch.cat([likeliest, beyond], -1).flip(-1).logcumsumexp(-1).flip(-1)[:, 1:]], -1)
-    after = after.clamp(min=EMPTY_TAIL)
-    log_cap = teacher.log_probs.to(dtype).min(-1, keepdim=True).values
-    tail = teacher.tail.to(dtype)[:, None]
-    capped = torch.arange(after.shape[-1], dtype=dtype, device=logits.device)
-    with torch.no_grad():  # the teacher's mass left after capping j tokens, and the first j after which all fit
-        left = tail + torch.log1p(-(capped * (log_cap - tail).clamp(max=60).exp()).clamp(max=1.0))
-        next_token = torch.cat([likeliest, torch.full_like(beyond, float("-inf"))], -1)
-        fits = left - after + next_token <= log_cap
-        fits[:, -1] = True
-        count = fits.int().argmax(-1, keepdim=True)
-    keep = torch.arange(likeliest.shape[-1], device=logits.device) < count
-    log_q = torch.cat([log_probs.gather(-1, ids), likeliest.masked_fill(~keep, EMPTY_TAIL), after.gather(-1, count)],
-                      -1)
-    log_p = torch.cat([teacher.log_probs.to(dtype), log_cap.expand_as(likeliest).masked_fill(~keep, EMPTY_TAIL),
-                       left.gather(-1, count).clamp(min=EMPTY_TAIL)], -1)
-    return log_q, log_p
-
-
 def sparse_divergence(student_logits: torch.Tensor, teacher: TeacherTopK, kind: str = "reverse_kl",
                       beta: float = 0.5, skew: float = 0.1, temperature: float = 1.0, tail: str = "bucket",
                       ) -> torch.Tensor:
     """Per-position divergence [N] between the student and a top-k teacher, its tail modelled as `tail` says:
     "bucket": over the teacher's k + 1 buckets, the student's being its probabilities of the teacher's top-k tokens
     and the rest of its mass, e.g. forward KL = sum_topk p (log p - log q) + p_tail (log p_tail - log q_tail);
-    "capped": over `capped_tail_buckets`; "uniform": over the whole vocabulary against
-    `TeacherTopK.uniform_tail_logits` (one more [N, V] tensor, as the teacher's logits are in the full path). The teacher's log-probabilities were taken at `temperature` when cached;
+    "uniform": over the whole vocabulary against `TeacherTopK.uniform_tail_logits` (one more [N, V] tensor, as the
+    teacher's logits are in the full path). The teacher's log-probabilities were taken at `temperature` when cached;
     the student's are taken at it here. Student logits [N, V] must span the teacher's vocabulary (the cache is
     refused for another width)."""
     if tail not in TEACHER_CACHE_TAILS:
@@ -193,8 +147,6 @@ def sparse_divergence(student_logits: torch.Tensor, teacher: TeacherTopK, kind: 
         dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
         teacher_logits = teacher.uniform_tail_logits(student_logits.shape[-1], temperature, dtype)
         return divergence(student_logits, teacher_logits, kind, beta, skew, temperature)
-    if tail == "capped":
-        return divergence(*capped_tail_buckets(student_logits, teacher, temperature), kind, beta, skew)
     student_top, student_tail = bucket_log_probs(student_logits, teacher.ids.long(), temperature)
     log_q = torch.cat([student_top, student_tail[:, None]], dim=-1)
     log_p = torch.cat([teacher.log_probs, teacher.tail[:, None]], dim=-1).to(log_q.dtype)
