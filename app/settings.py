@@ -58,10 +58,10 @@ class Settings(BaseSettings):
     @field_validator("embedded_lanes", mode="before")
     @classmethod
     def _split_lanes(cls, value: str | list) -> list[tuple[str, ...]]:
-        lanes = [lane.split(",") for lane in value.split(";")] if isinstance(value, str) else value
         from app.schemas import JobKind
 
         known = get_args(JobKind)
+        lanes = [lane.split(",") for lane in value.split(";")] if isinstance(value, str) else value
         lanes = [tuple(kind.strip() for kind in lane if kind.strip()) for lane in lanes]
         kinds = [kind for lane in lanes for kind in lane]
         if sorted(kinds) != sorted(known):  # a kind in no lane would never run
