@@ -85,8 +85,9 @@ def serve(args: argparse.Namespace) -> int:
         subprocess.run([sys.executable, "-m", "worker.demo", *dataset], check=True)
     supervisors = []
     if settings.embedded and settings.embedded_worker:
-        supervisors = [Supervisor([sys.executable, "-m", "worker.embedded", "--kinds", ",".join(lane)], ",".join(lane))
-                       for lane in settings.embedded_lanes]
+        lanes = [",".join(lane) for lane in settings.embedded_lanes]
+        supervisors = [Supervisor([sys.executable, "-m", "worker.embedded", "--kinds", kinds], kinds)
+                       for kinds in lanes]
         for supervisor in supervisors:
             supervisor.start()
     if not settings.auth_enabled:

@@ -266,8 +266,6 @@ def _add_chunk_grads(grads: list[torch.Tensor], value: torch.Tensor, leaf: torch
             total += grad
 
 
-
-
 def _chunk_losses(s_logits: torch.Tensor, targets: torch.Tensor, t_hidden: torch.Tensor | TeacherTopK | None,
                   teacher_head: Head | None, config: LossConfig, need_ce: bool) -> tuple[torch.Tensor, torch.Tensor]:
     ce = _cross_entropy_sum(s_logits, targets) if need_ce else s_logits.sum() * 0.0

@@ -41,8 +41,8 @@ class StageTimer:
 
     def __init__(self, stage: str, total: int, callback: ProgressCallback):
         self.stage, self.total, self.callback = stage, total, callback
-        self.started = time.monotonic()
-        self.first_step: int | None = None
+        self.first_step: int | None = None  # and `started`, both set by the first update
+        self.started = 0.0
 
     def update(self, step: int, loss: float | None = None, tokens_per_second: float | None = None) -> None:
         if self.first_step is None:

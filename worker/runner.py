@@ -64,18 +64,30 @@ def fail_exhausted(session: Session, job_id: str, max_attempts: int) -> bool:
     lost its worker; True when this call failed it."""
     if max_attempts <= 0:
         return False
+    error = (f"WorkerLost: the worker running this job stopped without finishing it {max_attempts} times (killed, "
+             "out of memory or crashed); it is not run again")
+    return _end(session, job_id, "failed", error, _expired(utcnow()), Job.attempts >= max_attempts)
+
+
+def _end(session: Session, job_id: str, status: str, error: str | None, *conditions: object) -> bool:
+    """Give the job its final status (and its chain or model too, unless it succeeded) in one UPDATE, if
+    `conditions` still hold; whether they did."""
+    job = session.get(Job, job_id)
+    if job is None:
+        return False
+    # the database judges `conditions`, not Python on the loaded row (SQLite's naive datetimes and aware ones do
+    # not compare): no session synchronization
     result = session.execute(
-        update(Job).where(Job.id == job_id, _expired(utcnow()), Job.attempts >= max_attempts)
-        .values(status="failed", finished_at=utcnow(), worker_id=None, lease_expires_at=None,
-                error=f"WorkerLost: the worker running this job stopped without finishing it {max_attempts} times "
-                      "(killed, out of memory or crashed); it is not run again")
+        update(Job).where(Job.id == job_id, *conditions)
+        .values(status=status, error=error, finished_at=utcnow(), lease_expires_at=None,
+                progress={**(job.progress or {}), "stage": status})
+        .execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:
         session.rollback()
         return False
-    job = session.get(Job, job_id)
-    job.progress = {**(job.progress or {}), "stage": "failed"}
-    mark_subject(session, job, "failed")
+    if status != "succeeded":
+        mark_subject(session, job, status)
     session.commit()
     return True
 
@@ -196,20 +208,9 @@ Handler = Callable[[JobContext], None]
 
 
 def _finish(ctx: JobContext, status: str, error: str | None = None) -> bool:
+    """The job's outcome, written only while this worker still holds it."""
     with ctx.session_factory() as session:
-        job = session.get(Job, ctx.job_id)
-        result = session.execute(
-            update(Job).where(Job.id == ctx.job_id, Job.worker_id == ctx.worker_id, Job.status == "running")
-            .values(status=status, error=error, finished_at=utcnow(), lease_expires_at=None,
-                    progress={**(job.progress or {}), "stage": status})
-        )
-        if result.rowcount != 1:
-            session.rollback()
-            return False
-        if status != "succeeded":
-            mark_subject(session, job, status)
-        session.commit()
-        return True
+        return _end(session, ctx.job_id, status, error, Job.worker_id == ctx.worker_id, Job.status == "running")
 
 
 def _release(ctx: JobContext) -> None:

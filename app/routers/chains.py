@@ -14,16 +14,15 @@ router = APIRouter(tags=["chains"], responses=problem_responses(400, 401, 403, 4
 @router.post("/chains", status_code=202, response_model=ChainAccepted, responses=problem_responses(409, 413, 422))
 def create_chain(body: ChainCreate, session: SessionDep, settings: SettingsDep, principal: Builder,
                  response: Response, idempotency_key: IdempotencyKeyHeader = None) -> ChainAccepted | JSONResponse:
-    known = idempotency.claim(session, principal.name, idempotency_key, "chains", body)
-    if known is not None:
+    known, created = idempotency.create_once(
+        session, principal.name, idempotency_key, "chains", body,
+        lambda: chains.create_chain(session, settings, body, principal.name), lambda made: made[0].id)
+    if created is None:
         chain = chains.get_chain(session, known)
         job = jobs.latest_job(session, chain.id)
-        response.headers["Location"] = f"/jobs/{job.id}"
         response.status_code = 200
-        return chains.accepted(chain, job)
-    with idempotency.releasing_on_error(session, principal.name, idempotency_key):
-        chain, job = chains.create_chain(session, settings, body, principal.name)
-    idempotency.complete(session, principal.name, idempotency_key, chain.id)
+    else:
+        chain, job = created
     response.headers["Location"] = f"/jobs/{job.id}"
     return chains.accepted(chain, job)
 

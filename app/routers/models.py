@@ -15,13 +15,10 @@ router = APIRouter(tags=["models"], responses=problem_responses(400, 401, 403, 4
                         **problem_responses(409, 413, 422)})
 def create_model(body: ModelCreate, session: SessionDep, settings: SettingsDep, principal: Builder,
                  response: Response, idempotency_key: IdempotencyKeyHeader = None) -> ModelOut:
-    known = idempotency.claim(session, principal.name, idempotency_key, "models", body)
-    if known is not None:
-        model, started = models.get_model(session, known), False
-    else:
-        with idempotency.releasing_on_error(session, principal.name, idempotency_key):
-            model, started = models.request_model(session, settings, body, principal.name)
-        idempotency.complete(session, principal.name, idempotency_key, model.id)
+    known, created = idempotency.create_once(
+        session, principal.name, idempotency_key, "models", body,
+        lambda: models.request_model(session, settings, body, principal.name), lambda made: made[0].id)
+    model, started = created if created is not None else (models.get_model(session, known), False)
     out = models.model_out(session, model)
     response.status_code = 202 if started else 200
     if out.job is not None and started:
@@ -52,12 +49,9 @@ def delete_model(model_id: str, session: SessionDep, store: StoreDep, principal:
 def evaluate_model(model_id: str, body: EvaluationCreate, session: SessionDep, settings: SettingsDep,
                    principal: Builder, response: Response, idempotency_key: IdempotencyKeyHeader = None) -> JobRef:
     route = f"models/{model_id}/evaluations"
-    known = idempotency.claim(session, principal.name, idempotency_key, route, body)
-    if known is not None:
-        job = jobs.get_job(session, known)
-    else:
-        with idempotency.releasing_on_error(session, principal.name, idempotency_key):
-            job = models.start_evaluation(session, settings, model_id, body, principal.name)
-        idempotency.complete(session, principal.name, idempotency_key, job.id)
+    known, created = idempotency.create_once(
+        session, principal.name, idempotency_key, route, body,
+        lambda: models.start_evaluation(session, settings, model_id, body, principal.name), lambda job: job.id)
+    job = created if created is not None else jobs.get_job(session, known)
     response.headers["Location"] = f"/jobs/{job.id}"
     return jobs.job_ref(job)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta, timezone
+from typing import TypeVar
 
 from pydantic import BaseModel
 from sqlalchemy import delete, select, update
@@ -23,15 +24,31 @@ from app.errors import ApiError
 from app.models import IdempotencyKey, utcnow
 
 ABANDONED_AFTER = timedelta(minutes=2)  # creating a resource is a few database writes and an enqueue
+Created = TypeVar("Created")
 
 
 def body_hash(body: BaseModel) -> str:
     return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
+def create_once(session: Session, owner: str, key: str | None, route: str, body: BaseModel,
+                create: Callable[[], Created], resource_id: Callable[[Created], str],
+                ) -> tuple[str | None, Created | None]:
+    """`create` run at most once per Idempotency-Key: (the id of the resource an earlier identical request made,
+    None), or (None, what `create` returned) with the key claimed first, released if `create` fails, and pointed at
+    the new resource after it."""
+    known = claim(session, owner, key, route, body)
+    if known is not None:
+        return known, None
+    with _releasing_on_error(session, owner, key):
+        created = create()
+    _complete(session, owner, key, resource_id(created))
+    return None, created
+
+
 def claim(session: Session, owner: str, key: str | None, route: str, body: BaseModel) -> str | None:
     """Reserve `key` for this request before it creates anything. None: this request holds the key now (or sent
-    none) and must `complete` it; otherwise the id of the resource an earlier identical request made. A key used
+    none) and must `_complete` it; otherwise the id of the resource an earlier identical request made. A key used
     with another body or route, or held by a request still in flight, is a 409."""
     if not key:
         return None
@@ -67,7 +84,7 @@ def _take_over(session: Session, row: IdempotencyKey) -> bool:
 
 
 @contextlib.contextmanager
-def releasing_on_error(session: Session, owner: str, key: str | None) -> Iterator[None]:
+def _releasing_on_error(session: Session, owner: str, key: str | None) -> Iterator[None]:
     """Around the creation of a claimed key's resource: if it fails (a 4xx included), the claim is released so that
     the client can retry with the same key."""
     try:
@@ -81,7 +98,7 @@ def releasing_on_error(session: Session, owner: str, key: str | None) -> Iterato
         raise
 
 
-def complete(session: Session, owner: str, key: str | None, resource_id: str) -> None:
+def _complete(session: Session, owner: str, key: str | None, resource_id: str) -> None:
     """Record the resource a claimed key made; later requests with the key get it."""
     if not key:
         return

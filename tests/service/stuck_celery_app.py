@@ -1,5 +1,6 @@
 """A Celery app for tests: the worker's real tasks, except that materialize never returns, never checks
 `should_stop` and swallows every exception (like work stuck in a C call), so only the hard time limit can end it.
+`stuck` is that handler (the embedded worker's hard-limit test runs it too).
 
 `celery -A tests.service.stuck_celery_app worker -Q cpu`
 """

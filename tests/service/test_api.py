@@ -183,7 +183,7 @@ def test_idempotency_key_is_released_when_its_request_fails_and_taken_over_when_
 
     # a request whose process died after claiming its key: the claim is neither completed nor released
     monkeypatch.setattr(chains, "create_chain", unavailable)
-    monkeypatch.setattr(idempotency, "releasing_on_error", lambda *args: contextlib.nullcontext())
+    monkeypatch.setattr(idempotency, "_releasing_on_error", lambda *args: contextlib.nullcontext())
     assert_problem(client.post("/chains", json=body, headers={"Idempotency-Key": "orphan"}), 503)
     monkeypatch.undo()
     assert_problem(client.post("/chains", json=body, headers={"Idempotency-Key": "orphan"}), 409, "in progress")

@@ -114,14 +114,11 @@ def test_soft_time_limit_stops_a_job_at_its_next_check(factory, settings: Settin
 
 
 STUCK_WORKER = """
-import sys, time
+import sys
 from app.db import make_engine, make_session_factory
 from app.settings import Settings
+from tests.service.stuck_celery_app import stuck  # never reaches a should_stop check
 from worker.runner import run_job
-
-def stuck(ctx):  # never reaches a should_stop check, like a hung kernel or a deadlock
-    while True:
-        time.sleep(0.05)
 
 settings = Settings()
 run_job(sys.argv[1], settings, make_session_factory(make_engine(settings.resolved_database_url)),
