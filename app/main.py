@@ -65,28 +65,44 @@ class _TooLarge(Exception):
     pass
 
 
-async def _sweep(app: FastAPI) -> None:
-    """With a broker: re-send jobs whose worker stopped renewing its lease."""
-    settings: Settings = app.state.settings
-    while True:
-        await asyncio.sleep(settings.lease_seconds / 2)
+def _sweep_once(app: FastAPI) -> None:
+    """One sweep, run in a thread that opens and closes its own database session."""
+    with app.state.session_factory() as session:
+        requeue_expired(session, app.state.settings)
+
+
+async def _sweep(app: FastAPI, stop: asyncio.Event) -> None:
+    """With a broker: re-send jobs whose worker stopped renewing its lease, until `stop` is set. A sweep under way
+    is finished, never cancelled: a cancelled await does not stop its thread, which would then use the database
+    after the engine is disposed and leave a transaction (and its locks) open."""
+    while not await _wait(stop, app.state.settings.lease_seconds / 2):
         try:
-            with app.state.session_factory() as session:
-                await asyncio.to_thread(requeue_expired, session, settings)
+            await asyncio.to_thread(_sweep_once, app)
         except Exception:  # noqa: BLE001 - the sweeper must survive a database hiccup
             log.exception("lease sweep failed")
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> bool:
+    """Whether `event` was set within `seconds`."""
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
 
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    sweeper = None if settings.embedded else asyncio.create_task(_sweep(app))
+    stop = asyncio.Event()
+    sweeper = None if settings.embedded else asyncio.create_task(_sweep(app, stop))
     if not settings.auth_enabled:
         log.warning("authentication is OFF (CBD_AUTH=%s on %s): every request has every scope", settings.auth,
                     settings.host)
     yield
+    stop.set()
     if sweeper is not None:
-        sweeper.cancel()
+        await sweeper
     app.state.engine.dispose()
 
 

@@ -49,6 +49,8 @@ def postgres_url() -> Iterator[str]:
         connection.execute(text(f"CREATE SCHEMA {schema}"))
     yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
     with engine.connect() as connection:
+        # a transaction the test left open would block the drop for ever: fail instead
+        connection.execute(text("SET lock_timeout = '60s'"))
         connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
     engine.dispose()
 

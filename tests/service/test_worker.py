@@ -355,6 +355,32 @@ def test_sweeper_resends_jobs_whose_lease_expired(tmp_path, tiny_anchors, postgr
     queue.flushdb()
 
 
+def test_api_shutdown_finishes_a_sweep_under_way_and_leaves_no_transaction_open(  # noqa: ANN201
+        settings: Settings, monkeypatch: pytest.MonkeyPatch):
+    """A sweep cancelled half-way used to go on in its thread after the engine was disposed, leaving a transaction
+    open whose locks blocked every later schema change (it hung CI's PostgreSQL teardown)."""
+    import app.main
+    from app.main import create_app
+    from app.services.jobs import requeue_expired
+
+    started, finished = threading.Event(), threading.Event()
+    sessions = []
+
+    def slow_sweep(session, settings):  # noqa: ANN001, ANN202
+        started.set()
+        time.sleep(0.5)  # the API shuts down meanwhile
+        sessions.append(session)
+        requeue_expired(session, settings)
+        finished.set()
+
+    monkeypatch.setattr(app.main, "requeue_expired", slow_sweep)
+    with_broker = settings.model_copy(update={"broker_url": "redis://127.0.0.1:9/0", "lease_seconds": 0.1})
+    with TestClient(create_app(with_broker)):
+        assert started.wait(10)
+    assert finished.is_set()  # shutdown waited for the sweep
+    assert not sessions[0].in_transaction()  # and the sweep closed its session
+
+
 def test_shutdown_gives_a_running_job_back_at_once(factory, settings: Settings, client: TestClient,  # noqa: ANN001
                                                    queued_job: str) -> None:
     from worker.runner import SHUTDOWN
