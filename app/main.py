@@ -86,7 +86,7 @@ async def _wait(event: asyncio.Event, seconds: float) -> bool:
     """Whether `event` was set within `seconds`."""
     try:
         await asyncio.wait_for(event.wait(), seconds)
-    except TimeoutError:
+    except asyncio.TimeoutError:  # on Python 3.10 not the builtin TimeoutError
         return False
     return True
 

@@ -332,9 +332,9 @@ def test_sweeper_resends_jobs_whose_lease_expired(tmp_path, tiny_anchors, postgr
         assert queue.llen("gpu") == 1
         factory = client.app.state.session_factory
         with factory() as session:
-            assert claim(session, job_id, "dead-worker", 0.1)
+            assert claim(session, job_id, "dead-worker", 1.0)
             assert requeue_expired(session, settings) == []  # the lease still runs
-        time.sleep(0.3)
+        time.sleep(1.2)
         with factory() as session:
             assert requeue_expired(session, settings) == [job_id]
         assert queue.llen("gpu") == 2
