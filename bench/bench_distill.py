@@ -19,27 +19,38 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from cbd_engine.batches import IGNORE, Batch, response_positions
+from cbd_engine.batches import IGNORE, Example, collate, response_positions
 from cbd_engine.distill import StudentLoss, accumulate_gradients
 from cbd_engine.distill_config import DistillConfig
 from cbd_engine.losses import LossConfig, chunked_token_losses
 from cbd_engine.models import load_model
+from cbd_engine.teacher_cache import CacheSettings, TeacherCache, build_teacher_cache
 from cbd_engine.zoo import smollm2_135m_instruct
 
 
-def synthetic_batch(batch: int, length: int, vocab: int, seed: int = 0) -> Batch:
+def synthetic_examples(batch: int, length: int, vocab: int, seed: int = 0) -> list[Example]:
     """Random tokens; the second half of each row is the scored response, as in a typical instruction row."""
     generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, vocab, (batch, length), generator=generator)
-    labels = input_ids.clone()
-    labels[:, : length // 2] = IGNORE
-    return Batch(input_ids, torch.ones_like(input_ids), labels, torch.ones(batch, dtype=torch.bool))
+    prompt = length // 2
+    rows = torch.randint(0, vocab, (batch, length), generator=generator).tolist()
+    return [Example(ids, [IGNORE] * prompt + ids[prompt:], prompt, index=i) for i, ids in enumerate(rows)]
+
+
+def cached_teacher(teacher, examples: list[Example], device: torch.device, bf16: bool, top_k: int,
+                   work: Path) -> TeacherCache:
+    """The teacher's top-k over the examples, built once as `distill` does with `teacher_cache: top_k`; the step
+    then runs no teacher forward (and holds no teacher in memory)."""
+    teacher.save_pretrained(work / "teacher")
+    folder = build_teacher_cache(work / "teacher", examples, CacheSettings(top_k, bf16=bf16), work, device=device,
+                                 batch_size=len(examples))
+    return TeacherCache(folder)
 
 
 CONFIG = Path(__file__).with_name("configs") / "smollm2-135m.json"
@@ -92,43 +103,51 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-VARIANTS = ("naive", "engine", "engine-compiled", "engine-ckpt", "engine-compiled-ckpt")
+VARIANTS = ("naive", "engine", "engine-compiled", "engine-ckpt", "engine-compiled-ckpt", "engine-cached",
+            "engine-compiled-cached")
 
 
 def speed_one(variant: str, args: argparse.Namespace) -> dict:
     """tokens/s and the whole step's peak memory of one variant, in this process: `naive` is bare_step; `engine` is
-    the project's step, optionally with the decoders compiled (DistillConfig.compile) and activation checkpointing
-    (DistillConfig.gradient_checkpointing), as `distill` sets them up."""
+    the project's step, optionally with the decoders compiled (DistillConfig.compile), activation checkpointing
+    (DistillConfig.gradient_checkpointing) and the teacher cache (DistillConfig.teacher_cache, built before the
+    timing: over a data set's epochs the build is one teacher forward per example), as `distill` sets them up."""
     from cbd_engine.models import compile_decoders
 
     device = torch.device(args.device)
     bf16 = device.type == "cuda"
     teacher, student = models(device, args.random_weights, args.student_layers)
-    batch = synthetic_batch(args.batch, args.length, teacher.config.vocab_size).to(device)
+    examples = synthetic_examples(args.batch, args.length, teacher.config.vocab_size)
+    batch = collate(examples, pad_id=0).to(device)
     config = DistillConfig(device="cpu" if device.type == "cpu" else "gpu", chunk_size=args.chunk_size)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
-    if variant == "naive":
-        step = lambda: bare_step(teacher, student, optimizer, batch, device, bf16)  # noqa: E731
-    else:
-        if "ckpt" in variant:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if "compiled" in variant:
-            compile_decoders(student, teacher)
-        student_loss = StudentLoss(student, config.loss_config)
-        step = lambda: engine_step(student_loss, teacher, student, optimizer, batch, config, device, bf16)  # noqa: E731
-    started = time.perf_counter()
-    for _ in range(args.warmup):  # includes compilation
-        step()
-    _sync(device)
-    warmup_seconds = time.perf_counter() - started
-    if device.type == "cuda":  # the whole step's peak: weights, optimizer state, activations, logits
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    _sync(device)
-    result = {"tokens_per_second": args.batch * args.length * args.steps / (time.perf_counter() - started),
-              "warmup_seconds": warmup_seconds}
+    result = {}
+    with tempfile.TemporaryDirectory() as work:
+        if variant == "naive":
+            step = lambda: bare_step(teacher, student, optimizer, batch, device, bf16)  # noqa: E731
+        else:
+            if "cached" in variant:
+                started = time.perf_counter()
+                teacher = cached_teacher(teacher, examples, device, bf16, args.top_k, Path(work))
+                result["cache_build_seconds"] = time.perf_counter() - started
+            if "ckpt" in variant:
+                student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if "compiled" in variant:
+                compile_decoders(student, teacher)
+            student_loss = StudentLoss(student, config.loss_config)
+            step = lambda: engine_step(student_loss, teacher, student, optimizer, batch, config, device, bf16)  # noqa: E731
+        started = time.perf_counter()
+        for _ in range(args.warmup):  # includes compilation
+            step()
+        _sync(device)
+        result["warmup_seconds"] = time.perf_counter() - started
+        if device.type == "cuda":  # the whole step's peak: weights, optimizer state, activations, logits
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        _sync(device)
+        result["tokens_per_second"] = args.batch * args.length * args.steps / (time.perf_counter() - started)
     if device.type == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return result
@@ -142,7 +161,7 @@ def speed(args: argparse.Namespace) -> dict:
     for variant in args.variants.split(","):
         command = [sys.executable, __file__, "speed-one", variant, "--device", args.device, "--batch",
                    str(args.batch), "--length", str(args.length), "--steps", str(args.steps), "--warmup",
-                   str(args.warmup), "--student-layers", str(args.student_layers)]
+                   str(args.warmup), "--student-layers", str(args.student_layers), "--top-k", str(args.top_k)]
         command += ["--chunk-size", str(args.chunk_size)] if args.chunk_size else []
         command += ["--random-weights"] if args.random_weights else []
         output = subprocess.run(command, text=True, capture_output=True)
@@ -222,6 +241,7 @@ def main() -> None:
     parser.add_argument("--random-weights", action="store_true", help="SmolLM2's architecture, random weights")
     parser.add_argument("--chunk-size", type=int, default=LossConfig().chunk_size)
     parser.add_argument("--student-layers", type=int, default=24, help="30: a student of the teacher's shape")
+    parser.add_argument("--top-k", type=int, default=64, help="the cached variants' teacher_cache")
     parser.add_argument("--variants", default="naive,engine", help=f"speed: comma-separated, of {', '.join(VARIANTS)}")
     args = parser.parse_args()
     if args.what == "speed-one":
