@@ -215,11 +215,12 @@ def _finish(ctx: JobContext, status: str, error: str | None = None) -> bool:
 
 def _release(ctx: JobContext) -> None:
     """Give a job back to the queue at once (the worker is shutting down), rather than waiting out its lease. The
-    run handed back does not count as an attempt: `max_attempts` caps runs whose worker was lost."""
+    run handed back does not count as an attempt: `max_attempts` caps runs whose worker was lost. With a broker, the
+    job's message is acknowledged when its task returns: as never dispatched, the API's sweeper sends it again."""
     with ctx.session_factory() as session:
         session.execute(
             update(Job).where(Job.id == ctx.job_id, Job.worker_id == ctx.worker_id, Job.status == "running")
-            .values(status="queued", worker_id=None, lease_expires_at=None, started_at=None,
+            .values(status="queued", worker_id=None, lease_expires_at=None, started_at=None, dispatched_at=None,
                     attempts=Job.attempts - 1)
         )
         session.commit()

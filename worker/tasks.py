@@ -5,14 +5,18 @@ The same handlers run under Celery (`cbd worker`) and in the embedded worker pro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
+import signal
 import time
 from functools import lru_cache
 from pathlib import Path
 
-from celery.signals import worker_process_init
+from billiard.process import active_children
+from celery.signals import worker_process_init, worker_shutting_down
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -22,10 +26,13 @@ from app.services.files import record_files
 from app.settings import Settings
 from app.storage import ArtifactStore, StoredFile, link_folder, open_store, put_folder
 from worker.celery_app import celery
-from worker.runner import Handler, JobContext, run_job, worker_identity
+from worker.runner import SHUTDOWN, Handler, JobContext, run_job, worker_identity
 
 log = logging.getLogger("cbd.worker")
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# sent by a Celery worker's main process to its pool's children when it shuts down warm (Celery's children reset
+# SIGTERM to its default and use SIGUSR1 for the soft time limit)
+HAND_BACK_SIGNAL = signal.SIGUSR2
 
 
 @lru_cache(maxsize=1)
@@ -268,8 +275,21 @@ def warm_up() -> None:
 
 
 @worker_process_init.connect
-def _warm_celery_child(**kwargs: object) -> None:
+def _init_celery_child(**kwargs: object) -> None:
     warm_up()
+    signal.signal(HAND_BACK_SIGNAL, lambda signum, frame: SHUTDOWN.set())
+
+
+@worker_shutting_down.connect
+def _hand_back_running_jobs(how: str, **kwargs: object) -> None:
+    """A warm shutdown (SIGTERM: `docker compose stop`, a rolling deploy) waits for the running task, which may
+    take hours: tell the pool's children to stop their jobs at the next step and give them back to the queue
+    (`run_job` releases them; the API's sweeper sends them to the next worker), as the embedded worker does."""
+    if how != "Warm":
+        return
+    for child in active_children():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, HAND_BACK_SIGNAL)
 
 
 HANDLERS: dict[str, Handler] = {"build_chain": build_chain, "materialize_model": materialize_model,

@@ -117,7 +117,7 @@ STUCK_WORKER = """
 import sys
 from app.db import make_engine, make_session_factory
 from app.settings import Settings
-from tests.service.stuck_celery_app import stuck  # never reaches a should_stop check
+from tests.service.handlers_celery_app import stuck  # never reaches a should_stop check
 from worker.runner import run_job
 
 settings = Settings()
@@ -217,8 +217,7 @@ def test_celery_worker_runs_jobs_from_redis(tmp_path, tiny_anchors, postgres_url
             assert wait_job(client, model["job"]["id"]) == "succeeded"
             assert client.get(f"/models/{model['id']}").json()["status"] == "ready"
     finally:
-        worker.terminate()
-        worker.wait(20)
+        end_process(worker)
 
 
 @pytest.mark.integration
@@ -235,7 +234,7 @@ def test_celery_child_stuck_past_the_hard_limit_fails_its_job_and_is_replaced(tm
     settings = make_settings(tmp_path, database_url=postgres_url, broker_url=broker)
     env = {**os.environ, "CBD_DATA_DIR": str(settings.data_dir), "CBD_DATABASE_URL": postgres_url,
            "CBD_BROKER_URL": broker, "CBD_HEARTBEAT_SECONDS": "0.5", "CBD_HARD_TIME_LIMIT_SECONDS": "3"}
-    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tests.service.stuck_celery_app", "worker",
+    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tests.service.handlers_celery_app", "worker",
                                "-Q", "cpu", "--concurrency", "1"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -256,9 +255,67 @@ def test_celery_child_stuck_past_the_hard_limit_fails_its_job_and_is_replaced(tm
             # the first job's message, redelivered after its child was lost, did not run it again
             assert client.get(f"/jobs/{stuck['job']['id']}").json()["attempts"] == 1
     finally:
-        worker.terminate()
-        worker.wait(20)
+        end_process(worker)
         redis.Redis.from_url(broker).flushdb()
+
+
+@pytest.mark.integration
+def test_celery_worker_stopped_warm_gives_its_job_to_the_next_worker(tmp_path, tiny_anchors,  # noqa: ANN001
+                                                                    postgres_url: str) -> None:
+    """SIGTERM (`docker compose stop`, a rolling deploy) stops the running job at its next step instead of waiting
+    it out; the job goes back to the queue without counting an attempt, and the next worker runs it."""
+    import signal
+
+    import redis
+
+    from app.main import create_app
+    from tests.service.conftest import make_settings
+
+    require_service("Redis", 6379)
+    broker = REDIS_URL.rsplit("/", 1)[0] + "/12"
+    redis.Redis.from_url(broker).flushdb()
+    settings = make_settings(tmp_path, database_url=postgres_url, broker_url=broker, lease_seconds=2.0)
+    env = {**os.environ, "CBD_DATA_DIR": str(settings.data_dir), "CBD_DATABASE_URL": postgres_url,
+           "CBD_BROKER_URL": broker, "CBD_HEARTBEAT_SECONDS": "0.5", "CBD_TEST_MATERIALIZE": "slow"}
+    first = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tests.service.handlers_celery_app", "worker",
+                              "-Q", "cpu", "--concurrency", "1"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = [first]
+    try:
+        with TestClient(create_app(settings)) as client:
+            large, small = tiny_anchors
+            chain = client.post("/chains", json={"name": "r", "source": str(large), "device": "cpu",
+                                                 "anchors": [{"checkpoint": str(small), "distill": False}]}).json()
+            assert wait_job(client, chain["job"]["id"]) == "succeeded"
+            size = sum(a["params"] for a in client.get(f"/chains/{chain['id']}").json()["anchors"]) // 2
+            job_id = client.post("/models", json={"chain": chain["id"], "size": size}).json()["job"]["id"]
+            deadline = time.monotonic() + 60
+            while client.get(f"/jobs/{job_id}").json()["status"] != "running":
+                assert time.monotonic() < deadline, "the slow job never started"
+                time.sleep(0.2)
+            first.send_signal(signal.SIGTERM)
+            assert first.wait(30) == 0  # the warm shutdown did not wait for the job
+            job = client.get(f"/jobs/{job_id}").json()
+            assert job["status"] == "queued" and job["attempts"] == 0
+            # the next worker (the real handlers) gets the job from the API's sweeper and runs it
+            workers.append(subprocess.Popen([sys.executable, "-m", "cbd_cli", "worker", "--queue", "cpu"], env=env,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            assert wait_job(client, job_id) == "succeeded"
+            assert client.get(f"/jobs/{job_id}").json()["attempts"] == 1
+    finally:
+        for worker in workers:
+            end_process(worker)
+        redis.Redis.from_url(broker).flushdb()
+
+
+def end_process(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it is still there after 20 s: a failed test leaves no worker behind."""
+    process.terminate()
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def wait_job(client: TestClient, job_id: str, timeout: float = 120) -> str:
