@@ -208,12 +208,8 @@ def test_celery_worker_runs_jobs_from_redis(tmp_path, tiny_anchors, postgres_url
     try:
         with TestClient(create_app(settings)) as client:
             assert client.get("/readyz").json()["checks"]["broker"] == "ok"
-            large, small = tiny_anchors
-            chain = client.post("/chains", json={"name": "r", "source": str(large), "device": "cpu",
-                                                 "anchors": [{"checkpoint": str(small), "distill": False}]}).json()
-            assert wait_job(client, chain["job"]["id"]) == "succeeded"
-            params = [a["params"] for a in client.get(f"/chains/{chain['id']}").json()["anchors"]]
-            model = client.post("/models", json={"chain": chain["id"], "size": sum(params) // 2}).json()
+            chain, size = chain_built_by_worker(client, tiny_anchors)
+            model = client.post("/models", json={"chain": chain, "size": size}).json()
             assert wait_job(client, model["job"]["id"]) == "succeeded"
             assert client.get(f"/models/{model['id']}").json()["status"] == "ready"
     finally:
@@ -234,22 +230,16 @@ def test_celery_child_stuck_past_the_hard_limit_fails_its_job_and_is_replaced(tm
     settings = make_settings(tmp_path, database_url=postgres_url, broker_url=broker)
     env = {**os.environ, "CBD_DATA_DIR": str(settings.data_dir), "CBD_DATABASE_URL": postgres_url,
            "CBD_BROKER_URL": broker, "CBD_HEARTBEAT_SECONDS": "0.5", "CBD_HARD_TIME_LIMIT_SECONDS": "3"}
-    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tests.service.handlers_celery_app", "worker",
-                               "-Q", "cpu", "--concurrency", "1"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = handlers_worker(env)
     try:
         with TestClient(create_app(settings)) as client:
-            large, small = tiny_anchors
-            chain = client.post("/chains", json={"name": "r", "source": str(large), "device": "cpu",
-                                                 "anchors": [{"checkpoint": str(small), "distill": False}]}).json()
-            assert wait_job(client, chain["job"]["id"]) == "succeeded"
-            size = sum(a["params"] for a in client.get(f"/chains/{chain['id']}").json()["anchors"]) // 2
-            stuck = client.post("/models", json={"chain": chain["id"], "size": size}).json()
+            chain, size = chain_built_by_worker(client, tiny_anchors)
+            stuck = client.post("/models", json={"chain": chain, "size": size}).json()
             assert wait_job(client, stuck["job"]["id"]) == "failed"
             job = client.get(f"/jobs/{stuck['job']['id']}").json()
             assert job["error"].startswith("TimeLimitExceeded: job exceeded its hard time limit of 3 s")
             # the pool replaced its ended child: the next job runs (and hits the limit in its turn)
-            after = client.post("/models", json={"chain": chain["id"], "size": size - 1}).json()
+            after = client.post("/models", json={"chain": chain, "size": size - 1}).json()
             assert wait_job(client, after["job"]["id"]) == "failed"
             assert worker.poll() is None
             # the first job's message, redelivered after its child was lost, did not run it again
@@ -277,18 +267,12 @@ def test_celery_worker_stopped_warm_gives_its_job_to_the_next_worker(tmp_path, t
     settings = make_settings(tmp_path, database_url=postgres_url, broker_url=broker, lease_seconds=2.0)
     env = {**os.environ, "CBD_DATA_DIR": str(settings.data_dir), "CBD_DATABASE_URL": postgres_url,
            "CBD_BROKER_URL": broker, "CBD_HEARTBEAT_SECONDS": "0.5", "CBD_TEST_MATERIALIZE": "slow"}
-    first = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tests.service.handlers_celery_app", "worker",
-                              "-Q", "cpu", "--concurrency", "1"], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = handlers_worker(env)
     workers = [first]
     try:
         with TestClient(create_app(settings)) as client:
-            large, small = tiny_anchors
-            chain = client.post("/chains", json={"name": "r", "source": str(large), "device": "cpu",
-                                                 "anchors": [{"checkpoint": str(small), "distill": False}]}).json()
-            assert wait_job(client, chain["job"]["id"]) == "succeeded"
-            size = sum(a["params"] for a in client.get(f"/chains/{chain['id']}").json()["anchors"]) // 2
-            job_id = client.post("/models", json={"chain": chain["id"], "size": size}).json()["job"]["id"]
+            chain, size = chain_built_by_worker(client, tiny_anchors)
+            job_id = client.post("/models", json={"chain": chain, "size": size}).json()["job"]["id"]
             deadline = time.monotonic() + 60
             while client.get(f"/jobs/{job_id}").json()["status"] != "running":
                 assert time.monotonic() < deadline, "the slow job never started"
@@ -306,6 +290,22 @@ def test_celery_worker_stopped_warm_gives_its_job_to_the_next_worker(tmp_path, t
         for worker in workers:
             end_process(worker)
         redis.Redis.from_url(broker).flushdb()
+
+
+def handlers_worker(env: dict[str, str]) -> subprocess.Popen:
+    """A Celery worker of tests.service.handlers_celery_app (materialize stuck or slow) on the cpu queue."""
+    return subprocess.Popen([sys.executable, "-m", "celery", "-A", "tests.service.handlers_celery_app", "worker",
+                             "-Q", "cpu", "--concurrency", "1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def chain_built_by_worker(client: TestClient, tiny_anchors: tuple[Path, Path]) -> tuple[str, int]:
+    """A chain of the tiny anchors, built by the worker under test: its id and the size halfway between its anchors."""
+    large, small = tiny_anchors
+    chain = client.post("/chains", json={"name": "r", "source": str(large), "device": "cpu",
+                                         "anchors": [{"checkpoint": str(small), "distill": False}]}).json()
+    assert wait_job(client, chain["job"]["id"]) == "succeeded"
+    return chain["id"], midpoint(client.get(f"/chains/{chain['id']}").json())
 
 
 def end_process(process: subprocess.Popen) -> None:
