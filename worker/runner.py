@@ -27,6 +27,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.models import Job, utcnow
+from app.services.jobs import dispatch
 from app.services.subjects import mark_subject
 from app.settings import Settings
 from cbd_engine.progress import Cancelled, ProgressEvent
@@ -216,14 +217,17 @@ def _finish(ctx: JobContext, status: str, error: str | None = None) -> bool:
 def _release(ctx: JobContext) -> None:
     """Give a job back to the queue at once (the worker is shutting down), rather than waiting out its lease. The
     run handed back does not count as an attempt: `max_attempts` caps runs whose worker was lost. With a broker, the
-    job's message is acknowledged when its task returns: as never dispatched, the API's sweeper sends it again."""
+    job is sent again at once (its message is acknowledged when the task returns); if the broker cannot be reached,
+    the job stays undispatched and the API's sweeper sends it."""
     with ctx.session_factory() as session:
-        session.execute(
+        released = session.execute(
             update(Job).where(Job.id == ctx.job_id, Job.worker_id == ctx.worker_id, Job.status == "running")
             .values(status="queued", worker_id=None, lease_expires_at=None, started_at=None, dispatched_at=None,
                     attempts=Job.attempts - 1)
-        )
+        ).rowcount == 1
         session.commit()
+        if released:
+            dispatch(session, ctx.settings, session.get(Job, ctx.job_id))
 
 
 def run_job(job_id: str, settings: Settings, session_factory: sessionmaker[Session], handlers: dict[str, Handler],

@@ -264,7 +264,8 @@ def test_celery_worker_stopped_warm_gives_its_job_to_the_next_worker(tmp_path, t
     require_service("Redis", 6379)
     broker = REDIS_URL.rsplit("/", 1)[0] + "/12"
     redis.Redis.from_url(broker).flushdb()
-    settings = make_settings(tmp_path, database_url=postgres_url, broker_url=broker, lease_seconds=2.0)
+    # the API's sweeper runs every 60 s: the job given back must be sent again by its worker, not by the sweeper
+    settings = make_settings(tmp_path, database_url=postgres_url, broker_url=broker, lease_seconds=120.0)
     env = {**os.environ, "CBD_DATA_DIR": str(settings.data_dir), "CBD_DATABASE_URL": postgres_url,
            "CBD_BROKER_URL": broker, "CBD_HEARTBEAT_SECONDS": "0.5", "CBD_TEST_MATERIALIZE": "slow"}
     first = handlers_worker(env)
@@ -281,10 +282,10 @@ def test_celery_worker_stopped_warm_gives_its_job_to_the_next_worker(tmp_path, t
             assert first.wait(30) == 0  # the warm shutdown did not wait for the job
             job = client.get(f"/jobs/{job_id}").json()
             assert job["status"] == "queued" and job["attempts"] == 0
-            # the next worker (the real handlers) gets the job from the API's sweeper and runs it
+            # the next worker (the real handlers) gets the job's new message and runs it
             workers.append(subprocess.Popen([sys.executable, "-m", "cbd_cli", "worker", "--queue", "cpu"], env=env,
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            assert wait_job(client, job_id) == "succeeded"
+            assert wait_job(client, job_id, timeout=50) == "succeeded"
             assert client.get(f"/jobs/{job_id}").json()["attempts"] == 1
     finally:
         for worker in workers:
