@@ -284,7 +284,7 @@ def _init_celery_child(**kwargs: object) -> None:
 def _hand_back_running_jobs(how: str, **kwargs: object) -> None:
     """A warm shutdown (SIGTERM: `docker compose stop`, a rolling deploy) waits for the running task, which may
     take hours: tell the pool's children to stop their jobs at the next step and give them back to the queue
-    (`run_job` releases them; the API's sweeper sends them to the next worker), as the embedded worker does."""
+    (`run_job` releases them and sends them again, for the next worker), as the embedded worker does."""
     if how != "Warm":
         return
     for child in active_children():
