@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -121,33 +122,37 @@ def speed_one(variant: str, args: argparse.Namespace) -> dict:
     batch = collate(examples, pad_id=0).to(device)
     config = DistillConfig(device="cpu" if device.type == "cpu" else "gpu", chunk_size=args.chunk_size)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    if variant == "naive":
+        return timed(lambda: bare_step(teacher, student, optimizer, batch, device, bf16), args, device)
     result = {}
-    with tempfile.TemporaryDirectory() as work:
-        if variant == "naive":
-            step = lambda: bare_step(teacher, student, optimizer, batch, device, bf16)  # noqa: E731
-        else:
-            if "cached" in variant:
-                started = time.perf_counter()
-                teacher = cached_teacher(teacher, examples, device, bf16, args.top_k, Path(work))
-                result["cache_build_seconds"] = time.perf_counter() - started
-            if "ckpt" in variant:
-                student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if "compiled" in variant:
-                compile_decoders(student, teacher)
-            student_loss = StudentLoss(student, config.loss_config)
-            step = lambda: engine_step(student_loss, teacher, student, optimizer, batch, config, device, bf16)  # noqa: E731
-        started = time.perf_counter()
-        for _ in range(args.warmup):  # includes compilation
-            step()
-        _sync(device)
-        result["warmup_seconds"] = time.perf_counter() - started
-        if device.type == "cuda":  # the whole step's peak: weights, optimizer state, activations, logits
-            torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        _sync(device)
-        result["tokens_per_second"] = args.batch * args.length * args.steps / (time.perf_counter() - started)
+    with tempfile.TemporaryDirectory() as work:  # the cached variants' teacher and cache
+        if "cached" in variant:
+            started = time.perf_counter()
+            teacher = cached_teacher(teacher, examples, device, bf16, args.top_k, Path(work))
+            result["cache_build_seconds"] = time.perf_counter() - started
+        if "ckpt" in variant:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if "compiled" in variant:
+            compile_decoders(student, teacher)
+        student_loss = StudentLoss(student, config.loss_config)
+        return {**result, **timed(lambda: engine_step(student_loss, teacher, student, optimizer, batch, config,
+                                                      device, bf16), args, device)}
+
+
+def timed(step: Callable[[], None], args: argparse.Namespace, device: torch.device) -> dict:
+    """Warm-up steps (compilation included), then tokens/s over the timed steps and, on CUDA, their peak memory."""
+    started = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    result = {"warmup_seconds": time.perf_counter() - started}
+    if device.type == "cuda":  # the whole step's peak: weights, optimizer state, activations, logits
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    _sync(device)
+    result["tokens_per_second"] = args.batch * args.length * args.steps / (time.perf_counter() - started)
     if device.type == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return result

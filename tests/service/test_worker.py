@@ -187,10 +187,6 @@ def test_embedded_lanes_name_every_job_kind_once(monkeypatch: pytest.MonkeyPatch
 @pytest.mark.integration
 def test_celery_worker_runs_jobs_from_redis(tmp_path, tiny_anchors, postgres_url: str) -> None:  # noqa: ANN001
     """Production topology: PostgreSQL, Redis, and a real `cbd worker` process consuming the cpu queue."""
-    import os
-    import subprocess
-    import sys
-
     import redis
 
     from app.main import create_app
@@ -203,8 +199,7 @@ def test_celery_worker_runs_jobs_from_redis(tmp_path, tiny_anchors, postgres_url
     settings = make_settings(tmp_path, database_url=postgres_url, broker_url=broker)
     env = {**os.environ, "CBD_DATA_DIR": str(settings.data_dir), "CBD_DATABASE_URL": postgres_url,
            "CBD_BROKER_URL": broker, "CBD_LEASE_SECONDS": "5", "CBD_HEARTBEAT_SECONDS": "1"}
-    worker = subprocess.Popen([sys.executable, "-m", "cbd_cli", "worker", "--queue", "cpu"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = worker_process(env, "cbd_cli", "worker", "--queue", "cpu")
     try:
         with TestClient(create_app(settings)) as client:
             assert client.get("/readyz").json()["checks"]["broker"] == "ok"
@@ -283,8 +278,7 @@ def test_celery_worker_stopped_warm_gives_its_job_to_the_next_worker(tmp_path, t
             job = client.get(f"/jobs/{job_id}").json()
             assert job["status"] == "queued" and job["attempts"] == 0
             # the next worker (the real handlers) gets the job's new message and runs it
-            workers.append(subprocess.Popen([sys.executable, "-m", "cbd_cli", "worker", "--queue", "cpu"], env=env,
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            workers.append(worker_process(env, "cbd_cli", "worker", "--queue", "cpu"))
             assert wait_job(client, job_id, timeout=50) == "succeeded"
             assert client.get(f"/jobs/{job_id}").json()["attempts"] == 1
     finally:
@@ -293,11 +287,16 @@ def test_celery_worker_stopped_warm_gives_its_job_to_the_next_worker(tmp_path, t
         redis.Redis.from_url(broker).flushdb()
 
 
+def worker_process(env: dict[str, str], *module_and_args: str) -> subprocess.Popen:
+    """`python -m MODULE ARGS` with this environment, its output discarded."""
+    return subprocess.Popen([sys.executable, "-m", *module_and_args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
 def handlers_worker(env: dict[str, str]) -> subprocess.Popen:
     """A Celery worker of tests.service.handlers_celery_app (materialize stuck or slow) on the cpu queue."""
-    return subprocess.Popen([sys.executable, "-m", "celery", "-A", "tests.service.handlers_celery_app", "worker",
-                             "-Q", "cpu", "--concurrency", "1"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return worker_process(env, "celery", "-A", "tests.service.handlers_celery_app", "worker", "-Q", "cpu",
+                          "--concurrency", "1")
 
 
 def chain_built_by_worker(client: TestClient, tiny_anchors: tuple[Path, Path]) -> tuple[str, int]:
