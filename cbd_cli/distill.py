@@ -108,11 +108,10 @@ def run_distill(args: argparse.Namespace) -> int:
     from cbd_engine.progress import TqdmProgress
 
     config = config_from_args(args)
-    train, valid = encode_file(load_tokenizer(args.student), args.data, config.prompt_format, config.max_length)
+    data = encode_file(load_tokenizer(args.student), args.data, config.prompt_format, config.max_length)
     bar = TqdmProgress()
     try:
-        result = distill(args.teacher, args.student, train, valid, args.out, config, resume=args.resume,
-                         progress=bar)
+        result = distill(args.teacher, args.student, data, args.out, config, resume=args.resume, progress=bar)
     finally:
         bar.close()
     print(json.dumps(result.metrics, indent=1))

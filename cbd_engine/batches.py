@@ -7,14 +7,24 @@ position t uses labels[t + 1]; `response_positions` does that shift in one place
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cbd_engine.data import PROMPT_FORMATS, InstructionRow, is_instruction_file, read_instruction_rows, split_rows
+from cbd_engine.data import (
+    DEV,
+    PROMPT_FORMATS,
+    TRAIN,
+    VALIDATION,
+    InstructionRow,
+    Splits,
+    is_instruction_file,
+    read_instruction_rows,
+    split_of,
+    split_rows,
+)
 
 IGNORE = -100
 
@@ -120,28 +130,29 @@ def encode_rows(tokenizer, rows: list[InstructionRow], prompt_format: str = "alp
     return [example for example in examples if example.num_response_tokens > 0]
 
 
-def encode_text(tokenizer, text: str, max_length: int = 512) -> tuple[list[Example], list[Example]]:
-    """Plain text as (training, validation) blocks of max_length tokens, every token scored; the validation blocks
-    follow the contract's hash rule applied to the block's text."""
+def encode_text(tokenizer, text: str, max_length: int = 512) -> Splits:
+    """Plain text as blocks of max_length tokens, every token scored, split by the contract's hash rule applied to
+    each block's text."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    train, valid = [], []
+    splits: dict[str, list[Example]] = {TRAIN: [], DEV: [], VALIDATION: []}
     for start in range(0, max(len(ids) - 1, 0), max_length):
         block = ids[start : start + max_length]
-        if len(block) < 2:
-            continue
-        digest = hashlib.sha256(tokenizer.decode(block).encode()).hexdigest()
-        (valid if int(digest, 16) % 10 == 0 else train).append(Example(block, list(block), 0))
-    return train, valid
+        if len(block) >= 2:
+            splits[split_of(tokenizer.decode(block))].append(Example(block, list(block), 0))
+    return Splits(splits[TRAIN], splits[DEV], splits[VALIDATION])
 
 
-def encode_file(tokenizer, path: str | Path, prompt_format: str = "alpaca", max_length: int = 512,
-                ) -> tuple[list[Example], list[Example]]:
-    """(training, validation) examples of an instruction JSONL file (response tokens scored, the contract's
-    validation rows apart) or of a plain text file (max_length blocks, every token scored)."""
+def encode_splits(tokenizer, rows: Splits, prompt_format: str = "alpaca", max_length: int = 512) -> Splits:
+    """Each split of instruction rows encoded."""
+    return Splits(*(encode_rows(tokenizer, part, prompt_format, max_length)
+                    for part in (rows.train, rows.dev, rows.validation)))
+
+
+def encode_file(tokenizer, path: str | Path, prompt_format: str = "alpaca", max_length: int = 512) -> Splits:
+    """The examples of an instruction JSONL file (response tokens scored) or of a plain text file (max_length
+    blocks, every token scored), by split."""
     if is_instruction_file(path):
-        train_rows, valid_rows = split_rows(read_instruction_rows(path))
-        return (encode_rows(tokenizer, train_rows, prompt_format, max_length),
-                encode_rows(tokenizer, valid_rows, prompt_format, max_length))
+        return encode_splits(tokenizer, split_rows(read_instruction_rows(path)), prompt_format, max_length)
     return encode_text(tokenizer, Path(path).read_text(encoding="utf-8"), max_length)
 
 

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cbd_engine.bridge import BridgeSpec, generate_responses, generation_cache_dir, init_bridge, planned_spec
+from cbd_engine.calibration import Calibration
+from cbd_engine.data import Splits
 from cbd_engine.distill_config import DistillConfig
 from cbd_engine.families import ModelSpec
 from cbd_engine.files import write_text_atomically
@@ -146,11 +148,13 @@ def build_chain(spec: dict, out: Path, *, resume: bool = False, progress: Progre
     family = ModelSpec.from_config(read_config(start)).family.name
     data = ChainData.load(plan.dataset, start, config)  # the chain's tokenizer: the bridge's, when there is one
     results = [_anchor_zero(plan, config, data, source_dir, start, out, resume, progress, should_stop)]
+    data.calibration.save(results[0].path)
     total = len(plan.anchors)
     for index, anchor in enumerate(plan.anchors, 1):
         _check_stop(should_stop)
         results.append(_build_anchor(index, total, anchor, results[-1], plan, config, data, out, resume, progress,
                                      should_stop))
+        data.calibration.save(results[-1].path)  # every anchor records its calibration (materialize reads it)
         _write_chain_json(out, family, results)
     return ChainResult(family, results)
 
@@ -168,32 +172,31 @@ def _check_stop(should_stop: Callable[[], bool] | None) -> None:
 
 @dataclass
 class ChainData:
-    """The data set encoded with the chain's tokenizer; validation rows never reach training or calibration."""
+    """The data set encoded with the chain's tokenizer, by split (training rows train, dev rows choose checkpoints,
+    validation rows only report), and the calibration every anchor records (its first training rows and dev rows)."""
 
-    train: list
-    valid: list
-    calibration: str | list[str]
+    examples: Splits
+    calibration: Calibration
 
     @classmethod
     def load(cls, dataset: dict, tokenizer_dir: Path, config) -> ChainData:
-        from cbd_engine.batches import encode_rows, encode_text
-        from cbd_engine.data import is_instruction_file, read_dataset_spec, rows_calibration_texts, split_rows
+        from cbd_engine.batches import encode_splits, encode_text
+        from cbd_engine.data import read_dataset_spec, split_rows
         from cbd_engine.models import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_dir)
         rows, text = read_dataset_spec(dataset)
         if rows is not None:
-            train_rows, valid_rows = split_rows(rows)
-            train = encode_rows(tokenizer, train_rows, config.prompt_format, config.max_length)
-            valid = encode_rows(tokenizer, valid_rows, config.prompt_format, config.max_length)
-            path = dataset.get("path")
-            calibration = path if path and is_instruction_file(path) else rows_calibration_texts(rows)
+            examples = encode_splits(tokenizer, split_rows(rows), config.prompt_format, config.max_length)
+            source = dataset.get("path") or f"hf:{dataset.get('hf')}"
+            calibration = Calibration.from_rows(rows, str(source), config.prompt_format)
         else:
-            train, valid = encode_text(tokenizer, text, config.max_length)
-            calibration = [tokenizer.decode(example.input_ids) for example in train[:64]]
-        if not valid:
+            examples = encode_text(tokenizer, text, config.max_length)
+            calibration = Calibration.from_texts([tokenizer.decode(e.input_ids) for e in examples.train + examples.dev],
+                                                 str(dataset.get("path")))
+        if not examples.validation:
             raise ValueError("the data set has no validation rows (sha256 of instruction + input is 0 mod 10)")
-        return cls(train, valid, calibration)
+        return cls(examples, calibration)
 
 
 def resolve_source(source: str, cache: Path) -> Path:
@@ -288,7 +291,7 @@ def _build_anchor(index: int, total: int, anchor: AnchorSpec, previous: AnchorRe
             _prune(previous.path, start, anchor, data, config, label, progress, should_stop)
         origin = {"init": "pruned", "size": anchor.size, "shape": anchor.shape}
     provenance = {"anchor_index": index, "teacher_anchor_index": previous.index, **origin}
-    distill(previous.path, start, data.train, data.valid, folder, config, work_dir=out / f"anchor-{index:02d}.work",
+    distill(previous.path, start, data.examples, folder, config, work_dir=out / f"anchor-{index:02d}.work",
             resume=resume, stage=f"{label}: distill", provenance=provenance, progress=progress,
             should_stop=should_stop)
     for leftover in (f"anchor-{index:02d}.work", f"anchor-{index:02d}.pruned", f"anchor-{index:02d}.sft"):
@@ -314,8 +317,8 @@ def _renamed(progress: ProgressCallback, stage: str) -> ProgressCallback:
 
 def _train_bridge(plan: ChainPlan, config, source_dir: Path, start: Path, out: Path, resume: bool,
                   progress: ProgressCallback, should_stop) -> None:
-    """SeqKD (bridge.py): the source answers the training prompts, and the validation rows' prompts for held-out
-    answers; the bridge learns the answers, in its own tokenizer, by plain cross-entropy."""
+    """SeqKD (bridge.py): the source answers the training prompts, and the dev and validation rows' prompts for
+    held-out answers; the bridge learns the answers, in its own tokenizer, by plain cross-entropy."""
     from cbd_engine.batches import encode_rows
     from cbd_engine.data import read_dataset_spec, split_rows
     from cbd_engine.models import load_tokenizer
@@ -324,41 +327,42 @@ def _train_bridge(plan: ChainPlan, config, source_dir: Path, start: Path, out: P
     rows, _ = read_dataset_spec(plan.dataset)
     if rows is None:
         raise ValueError("bridge: the source answers the data set's prompts, so dataset must hold instruction rows")
-    train_rows, valid_rows = split_rows(rows)
-    asked = {"train": train_rows[: bridge.num_samples], "valid": valid_rows[: config.eval_rows]}
+    splits = split_rows(rows)
+    asked = {"train": splits.train[: bridge.num_samples], "dev": splits.dev[: config.eval_rows],
+             "valid": splits.validation[: config.eval_rows]}
     answers = {name: generate_responses(source_dir, asked[name], bridge.generation, generation_cache_dir(),
                                         config.prompt_format, device=config.device,
                                         stage=f"anchor 0: generate ({name})", progress=progress,
                                         should_stop=should_stop)
                for name in asked}
     tokenizer = load_tokenizer(start)
-    train, valid = (encode_rows(tokenizer, answers[name].rows, config.prompt_format, config.max_length)
-                    for name in ("train", "valid"))
+    examples = Splits(*(encode_rows(tokenizer, answers[name].rows, config.prompt_format, config.max_length)
+                        for name in ("train", "dev", "valid")))
     provenance = {"role": "bridge", "method": "seqkd", "source": plan.source, "bridge_model": bridge.model,
                   "epochs": bridge.epochs, "generation": asdict(bridge.generation),
                   "generations": {name: {"cache_key": found.key, **found.stats} for name, found in answers.items()},
-                  "validation_set": "the source's answers to the validation rows' prompts"}
-    _train_on_responses(start, out, config, train, valid, bridge.epochs, bridge.learning_rate or config.learning_rate,
+                  "validation_set": "the source's answers to the validation rows' prompts (dev rows: to select)"}
+    _train_on_responses(start, out, config, examples, bridge.epochs, bridge.learning_rate or config.learning_rate,
                         resume, "anchor 0: bridge", provenance, progress, should_stop)
 
 
 def _fine_tune(start: Path, out: Path, plan: ChainPlan, config, data: ChainData, resume: bool, stage: str,
                progress: ProgressCallback, should_stop) -> None:
     """SFT on the data set's responses for `sft_epochs` epochs (the paper: 3, lr 1e-5)."""
-    _train_on_responses(start, out, config, data.train, data.valid, plan.sft_epochs, plan.sft_learning_rate, resume,
-                        stage, {"role": "sft", "epochs": plan.sft_epochs}, progress, should_stop)
+    _train_on_responses(start, out, config, data.examples, plan.sft_epochs, plan.sft_learning_rate, resume, stage,
+                        {"role": "sft", "epochs": plan.sft_epochs}, progress, should_stop)
 
 
-def _train_on_responses(start: Path, out: Path, config, train: list, valid: list, epochs: float, learning_rate: float,
+def _train_on_responses(start: Path, out: Path, config, examples: Splits, epochs: float, learning_rate: float,
                         resume: bool, stage: str, provenance: dict, progress: ProgressCallback, should_stop) -> None:
-    """Plain cross-entropy on the responses of `train` for `epochs` epochs, the best by loss on `valid` kept."""
+    """Plain cross-entropy on the training responses for `epochs` epochs, the best by dev loss kept."""
     from dataclasses import replace
 
     from cbd_engine.distill import distill
 
-    steps = max(1, math.ceil(epochs * len(train) / config.batch_size))
+    steps = max(1, math.ceil(epochs * len(examples.train) / config.batch_size))
     ce_config = replace(config, loss="ce", mode="off_policy", ce_weight=0.0, steps=steps, learning_rate=learning_rate)
-    distill(None, start, train, valid, out, ce_config, work_dir=out.with_name(out.name + ".work"), resume=resume,
+    distill(None, start, examples, out, ce_config, work_dir=out.with_name(out.name + ".work"), resume=resume,
             stage=stage, provenance=provenance, progress=progress, should_stop=should_stop)
     shutil.rmtree(out.with_name(out.name + ".work"), ignore_errors=True)
 
@@ -369,7 +373,8 @@ def _register(model_dir: Path, out: Path, config, data: ChainData, provenance: d
     from cbd_engine.models import examples_loss, load_model, resolve_device
 
     model = load_model(model_dir, resolve_device(config.device))
-    loss = examples_loss(model, data.valid[: config.eval_rows], _pad_id(model_dir), config.eval_batch_size)
+    loss = examples_loss(model, data.examples.validation[: config.eval_rows], _pad_id(model_dir),
+                         config.eval_batch_size)
     del model
     metrics = {"validation_loss": loss}
     with atomic_output_dir(out) as tmp:

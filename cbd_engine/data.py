@@ -1,15 +1,18 @@
-"""Instruction and text data: reading, the paper's prompt template, and the contract's validation split.
+"""Instruction and text data: reading, the paper's prompt template, and the contract's three splits.
 
 Torch-free. Tokenization and batching for training live with the distillation code.
+
+Splits (the contract's hash rule, on sha256 of `instruction + "\n" + input`, or of a text block, read as an integer):
+0 mod 10 is validation (only reported), 1 mod 10 is dev (every choice: checkpoints, alpha, shapes), the rest trains.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
@@ -21,6 +24,22 @@ ALPACA_PROMPT_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 PROMPT_FORMATS = ("alpaca", "chat")
+TRAIN, DEV, VALIDATION = "train", "dev", "validation"
+
+
+def split_of(key: str) -> str:
+    """The contract's rule: sha256(key) as an integer, 0 mod 10 validation, 1 mod 10 dev, otherwise train."""
+    remainder = int(hashlib.sha256(key.encode()).hexdigest(), 16) % 10
+    return VALIDATION if remainder == 0 else DEV if remainder == 1 else TRAIN
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Rows (or encoded examples) of one data set by split: train is trained on, dev picks, validation reports."""
+
+    train: list[Any]
+    dev: list[Any]
+    validation: list[Any]
 
 
 @dataclass(frozen=True)
@@ -30,10 +49,11 @@ class InstructionRow:
     output: str
 
     @property
-    def is_validation(self) -> bool:
-        """The contract's held-out rule: sha256(instruction + "\\n" + input) as an integer is 0 mod 10."""
-        digest = hashlib.sha256(f"{self.instruction}\n{self.input}".encode()).hexdigest()
-        return int(digest, 16) % 10 == 0
+    def split(self) -> str:
+        return split_of(f"{self.instruction}\n{self.input}")
+
+    def to_dict(self) -> dict[str, str]:
+        return {"instruction": self.instruction, "input": self.input, "output": self.output}
 
     def alpaca_prompt(self) -> str:
         template = ALPACA_PROMPT_WITH_INPUT if self.input else ALPACA_PROMPT
@@ -55,37 +75,13 @@ def read_instruction_rows(path: str | Path) -> list[InstructionRow]:
     return rows
 
 
-def split_rows(rows: list[InstructionRow]) -> tuple[list[InstructionRow], list[InstructionRow]]:
-    """(training rows, validation rows) by the contract's hash rule, in file order."""
-    train = [row for row in rows if not row.is_validation]
-    valid = [row for row in rows if row.is_validation]
-    return train, valid
+def split_rows(rows: list[InstructionRow]) -> Splits:
+    """The rows by the contract's hash rule, each split in file order."""
+    return Splits(*([row for row in rows if row.split == name] for name in (TRAIN, DEV, VALIDATION)))
 
 
 def is_instruction_file(path: str | Path) -> bool:
     return Path(path).suffix in (".jsonl", ".json")
-
-
-def calibration_texts(path: str | Path, count: int = 64, max_chars: int = 2048) -> list[str]:
-    """Texts for activation-based importance: the first training rows (prompt + response), or chunks of plain text.
-
-    Validation rows are never used, so importance never sees rows that later score a model.
-    """
-    if is_instruction_file(path):
-        return rows_calibration_texts(read_instruction_rows(path), count, max_chars)
-    return list(_text_chunks(Path(path), count, max_chars))
-
-
-def rows_calibration_texts(rows: list[InstructionRow], count: int = 64, max_chars: int = 2048) -> list[str]:
-    """calibration_texts of instruction rows: the first `count` training rows, prompt + response."""
-    train, _ = split_rows(rows)
-    return [(row.alpaca_prompt() + row.output)[:max_chars] for row in train[:count]]
-
-
-def _text_chunks(path: Path, count: int, max_chars: int) -> Iterator[str]:
-    text = path.read_text(encoding="utf-8")
-    for start in range(0, min(len(text), count * max_chars), max_chars):
-        yield text[start : start + max_chars]
 
 
 # --- Added for the distillation engine: Hugging Face data sets and plain text -------------------------------------

@@ -3,14 +3,16 @@
 The recipe, top to bottom (`distill`):
   1. load teacher (frozen; or, with `teacher_cache`, its top-k outputs built once, cbd_engine.teacher_cache) and
      student; the examples come encoded (batches.encode_rows / encode_text)
-  2. validation loss before training
+  2. the loss on the validation rows before training (reported) and on the dev rows (for selection)
   3. for each step: the global batch (the same for every world size), this rank's share split into micro-batches,
      on-policy responses sampled by the student where asked, the loss normalized by the global number of scored
      tokens, gradients accumulated, clipped, one AdamW step, the learning-rate schedule (mode minillm: the
      gradients of one policy update on the student's rollouts instead, cbd_engine.minillm)
-  4. every `eval_every` steps the validation loss, and the best weights kept; every `checkpoint_every` steps a
-     resumable checkpoint (weights as safetensors, optimizer/schedule/step as a weights_only torch file)
-  5. the best weights written as a Hugging Face folder with metrics, loss curves (CSV and PNG) and provenance
+  4. every `eval_every` steps the dev loss, and the best weights by it kept (the contract's dev rows choose, the
+     validation rows only report); every `checkpoint_every` steps a resumable checkpoint (weights as safetensors,
+     optimizer/schedule/step as a weights_only torch file)
+  5. the best weights scored on the validation rows and written as a Hugging Face folder with metrics, loss curves
+     (CSV and PNG) and provenance
 
 Determinism: the data order is a function of (seed, epoch), and every step reseeds the random generators from
 (seed, step); so a run resumed from a checkpoint ends with the same weights as an uninterrupted run (on CPU).
@@ -52,6 +54,7 @@ from cbd_engine.batches import (
     pad_id_of,
 )
 from cbd_engine.checkpoint import atomic_output_dir, copy_side_files
+from cbd_engine.data import Splits
 from cbd_engine.distill_config import DistillConfig
 from cbd_engine.distributed import all_reduce_sum, init_distributed, unsharded_root, world
 from cbd_engine.losses import LossConfig, chunked_token_losses
@@ -289,11 +292,12 @@ def _with_aliases(weights: dict, model: nn.Module) -> dict:
 
 
 CURVE_FIELDS = ("step", "tokens", "loss", "divergence", "cross_entropy", "learning_rate", "grad_norm",
-                "tokens_per_second", "validation_loss", "rouge_l")
+                "tokens_per_second", "dev_loss", "rouge_l", "validation_loss")
 
 
 def write_curves(history: list[dict], folder: Path, title: str = "distillation") -> None:
-    """loss_curve.csv (one row per step, validation loss where measured) and loss_curve.png."""
+    """loss_curve.csv (one row per step, dev loss where measured; validation loss before training and of the kept
+    weights) and loss_curve.png."""
     with open(folder / "loss_curve.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CURVE_FIELDS, extrasaction="ignore")
         writer.writeheader()
@@ -305,11 +309,14 @@ def write_curves(history: list[dict], folder: Path, title: str = "distillation")
 
     figure, axis = plt.subplots(figsize=(7, 4))
     train = [(row["step"], row["loss"]) for row in history if row.get("loss") is not None]
+    dev = [(row["step"], row["dev_loss"]) for row in history if row.get("dev_loss") is not None]
     valid = [(row["step"], row["validation_loss"]) for row in history if row.get("validation_loss") is not None]
     if train:
         axis.plot(*zip(*train, strict=True), label="training loss")
+    if dev:
+        axis.plot(*zip(*dev, strict=True), "o-", label="dev loss (response CE; selects the kept weights)")
     if valid:
-        axis.plot(*zip(*valid, strict=True), "o-", label="validation loss (response CE)")
+        axis.plot(*zip(*valid, strict=True), "s", label="validation loss (before; kept weights)")
     axis.set_xlabel("step")
     axis.set_ylabel("loss")
     axis.set_title(title)
@@ -338,13 +345,14 @@ def step_examples(train: list[Example], batch_plan: Callable[[int], list[list[in
     return [replace(train[i], index=i) for i in indices[rank * share : (rank + 1) * share]]
 
 
-def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list[Example], valid: list[Example],
-            out: str | Path, config: DistillConfig, *, work_dir: str | Path | None = None, resume: bool = False,
+def distill(teacher_dir: str | Path | None, student_dir: str | Path, data: Splits, out: str | Path,
+            config: DistillConfig, *, work_dir: str | Path | None = None, resume: bool = False,
             stage: str = "distill", provenance: dict | None = None, progress: ProgressCallback = no_progress,
             should_stop: Callable[[], bool] | None = None) -> DistillResult:
-    """Distill `student_dir` from `teacher_dir` (None, or loss "ce": plain fine-tuning) and write the best student
-    (by validation loss) to `out` as a Hugging Face folder. `work_dir` holds checkpoints; with `resume` a run
-    continues from its last one. Raises Cancelled when `should_stop()` says so (checked every step)."""
+    """Distill `student_dir` from `teacher_dir` (None, or loss "ce": plain fine-tuning) on `data` (encoded examples
+    by split) and write the best student (by dev loss; the last one when there are no dev rows) to `out` as a Hugging
+    Face folder. `work_dir` holds checkpoints; with `resume` a run continues from its last one. Raises Cancelled
+    when `should_stop()` says so (checked every step)."""
     from cbd_engine.models import load_tokenizer
 
     out, student_dir = Path(out), Path(student_dir)
@@ -354,6 +362,7 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
     device = resolve_device(config.device)
     init_distributed(device)
     rank, world_size = world()
+    train, dev, valid = data.train, data.dev[: config.eval_rows], data.validation[: config.eval_rows]
     if config.batch_size % world_size:
         raise ValueError(f"batch_size {config.batch_size} is not a multiple of the {world_size} processes")
     if len(train) < config.batch_size:
@@ -383,7 +392,6 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.compile:
         compile_decoders(student, teacher)
-    valid = valid[: config.eval_rows]
 
     student_loss: nn.Module = StudentLoss(student, config.loss_config)
     fsdp = config.fsdp and world_size > 1
@@ -399,11 +407,16 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
                                   betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
 
-    rouge_set = rouge_prompts_and_references(tokenizer, valid[: config.rouge_rows])
+    rouge_set = rouge_prompts_and_references(tokenizer, dev[: config.rouge_rows])
+
+    def loss_on(examples: list[Example]) -> float:
+        return validation_loss_of(student_loss, examples, pad_id, config.eval_batch_size, device, bf16)
 
     def validate() -> dict:
-        result = {"validation_loss": validation_loss_of(student_loss, valid, pad_id, config.eval_batch_size, device,
-                                                        bf16)}
+        """The selection's numbers, on the dev rows (none: nothing to select by, the last step is kept)."""
+        if not dev:
+            return {}
+        result = {"dev_loss": loss_on(dev)}
         if config.select_by == "rouge_l":
             with autocast_for(device, bf16), unsharded_root(student_loss):
                 result["rouge_l"] = rouge_l_of(student, tokenizer, *rouge_set, config)
@@ -425,7 +438,7 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
     else:
         if work.exists() and rank == 0:
             shutil.rmtree(work)
-        before = validate()
+        before = {**validate(), "validation_loss": loss_on(valid)}
         state.update(before=before, best=before, best_step=0)
         state["history"].append({"step": 0, "tokens": 0, **before})
         save_weights(student, best_dir, {"step": 0, **before})
@@ -481,16 +494,21 @@ def distill(teacher_dir: str | Path | None, student_dir: str | Path, train: list
     state["history"][-1].update(final)
     if state["best_step"] != state["step"]:
         load_weights(student, best_dir)
+    validation = loss_on(valid)  # of the kept weights: reported, never chosen by
+    state["history"][state["best_step"]].setdefault("validation_loss", validation)  # row k is step k
     # a sharded student is gathered to full tensors (a collective: every rank), then rank 0 writes them
     full_weights = get_model_state_dict(student, options=FULL_STATE) if fsdp else None
     metrics = {
         "validation_loss_before": state["before"]["validation_loss"],
-        "validation_loss": state["best"]["validation_loss"],
-        "validation_loss_final_step": final["validation_loss"],
+        "validation_loss": validation,
+        "dev_loss_before": state["before"].get("dev_loss"),
+        "dev_loss": state["best"].get("dev_loss"),
+        "dev_loss_final_step": final.get("dev_loss"),
         "best_step": state["best_step"],
-        "selected_by": config.select_by,
+        "selected_by": config.select_by if dev else "last step (no dev rows)",
+        "rows": {"train": len(train), "dev": len(dev), "validation": len(valid)},
         **({"rouge_l_before": state["before"]["rouge_l"], "rouge_l": state["best"]["rouge_l"]}
-           if config.select_by == "rouge_l" else {}),
+           if config.select_by == "rouge_l" and dev else {}),
         "steps": config.steps,
         "train_loss_last": state["history"][-1].get("loss"),
         "seconds_this_run": time.monotonic() - started,
@@ -518,15 +536,19 @@ def open_teacher_cache(teacher_dir: str | Path, train: list[Example], config: Di
     return TeacherCache(teacher_cache_folder(teacher_dir, train, settings, config.teacher_cache_dir))
 
 
-def _selection_key(result: dict, select_by: str) -> float:
-    """Lower is better: the validation loss, or minus Rouge-L."""
-    return -result["rouge_l"] if select_by == "rouge_l" else result["validation_loss"]
+def _improves(result: dict, best: dict, select_by: str) -> bool:
+    """Lower dev loss (or higher Rouge-L on the dev rows) than the best so far; with no dev rows, every later step."""
+    if "dev_loss" not in result:
+        return True
+    if select_by == "rouge_l":
+        return result["rouge_l"] > best["rouge_l"]
+    return result["dev_loss"] < best["dev_loss"]
 
 
 def _evaluate_and_keep_best(student: nn.Module, validate: Callable[[], dict], select_by: str, state: dict,
                             best_dir: Path) -> dict:
     result = validate()
-    if _selection_key(result, select_by) < _selection_key(state["best"], select_by):
+    if _improves(result, state["best"], select_by):
         state["best"], state["best_step"] = result, state["step"]
         save_weights(student, best_dir, {"step": state["step"], **result})
     return result

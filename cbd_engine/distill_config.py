@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
 
 MODES = ("off_policy", "on_policy", "minillm")
-SELECT_BY = ("validation_loss", "rouge_l")
+SELECT_BY = ("dev_loss", "rouge_l")  # on the dev rows
 # How a teacher cache models the teacher outside its top k (losses.sparse_divergence; measured in docs/DISTILLATION.md)
 TEACHER_CACHE_TAILS = ("bucket", "uniform")
 
@@ -44,7 +44,7 @@ class DistillConfig:
     eval_every: int = 0  # 0: validation before and after only
     eval_rows: int = 200
     eval_batch_size: int = 8
-    select_by: str = "validation_loss"  # or "rouge_l": the kept checkpoint (appendix B selects by Rouge-L)
+    select_by: str = "dev_loss"  # or "rouge_l" (appendix B selects by Rouge-L); both on the dev rows
     rouge_rows: int = 50  # validation rows generated greedily for Rouge-L
     rouge_max_new_tokens: int = 128
     checkpoint_every: int = 0  # 0: no intermediate checkpoints

@@ -1,4 +1,4 @@
-"""Which units matter: activation-based importance on calibration text (Minitron-style), weight magnitude otherwise.
+"""Which units matter: activation-based importance on calibration text (Minitron-style), or weight magnitude by name.
 
 * residual channels: mean |x| of each channel of every layer's input, each token normalized by its RMS first (the
   few massive-activation channels would otherwise decide alone);
@@ -9,9 +9,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +17,8 @@ import torch
 
 from cbd_engine.checkpoint import SafetensorsReader, folder_hashes, read_config
 from cbd_engine.families import FFN, GAIN, HEADS, RESIDUAL, SHIFT, ModelSpec, unit_rows
+from cbd_engine.files import cached_json
+from cbd_engine.progress import ProgressCallback, StageTimer, no_progress
 
 
 @dataclass
@@ -42,7 +42,7 @@ def _first_tensor(output: object) -> torch.Tensor:
 
 @torch.no_grad()
 def activation_importance(model_dir: str | Path, texts: list[str], max_length: int = 256,
-                          batch_size: int = 8) -> Importance:
+                          batch_size: int = 8, progress: ProgressCallback = no_progress) -> Importance:
     """Run the model over calibration texts once and collect every unit's importance through hooks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -98,12 +98,15 @@ def activation_importance(model_dir: str | Path, texts: list[str], max_length: i
         handles.append(block.register_forward_hook(layer_post(i), with_kwargs=True))
         handles.append(model.get_submodule(arch.attn_out_module.format(layer=i)).register_forward_pre_hook(attn_pre(i)))
         handles.append(model.get_submodule(arch.ffn_out_module.format(layer=i)).register_forward_pre_hook(ffn_pre(i)))
+    timer = StageTimer("importance", math.ceil(len(texts) / batch_size), progress)
+    timer.update(0)
     try:
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True,
                               max_length=min(max_length, shape.max_position_embeddings))  # GPT-2: learned positions
             state["mask"] = batch["attention_mask"]
             model(**batch, use_cache=False)
+            timer.update(start // batch_size + 1)
     finally:
         for handle in handles:
             handle.remove()
@@ -144,17 +147,10 @@ def magnitude_importance(model_dir: str | Path, spec: ModelSpec) -> Importance:
 IMPORTANCE_VERSION = 1  # bump when the measures change, so cached values are not reused
 
 
-def cached_activation_importance(model_dir: str | Path, texts: list[str], cache_dir: Path) -> Importance:
+def cached_activation_importance(model_dir: str | Path, texts: list[str], cache_dir: Path,
+                                 progress: ProgressCallback = no_progress) -> Importance:
     """activation_importance, remembered per (weights' sha256, calibration texts) in `cache_dir`: a chain's anchors
     are materialized from many times with the same calibration set, and the forward pass is most of the cost."""
-    key = hashlib.sha256(json.dumps([IMPORTANCE_VERSION, folder_hashes(model_dir), texts]).encode()).hexdigest()
-    path = cache_dir / f"importance-{key[:32]}.json"
-    with contextlib.suppress(OSError, json.JSONDecodeError, TypeError):
-        return Importance(**json.loads(path.read_text()))
-    importance = activation_importance(model_dir, texts)
-    with contextlib.suppress(OSError):  # an unwritable cache only costs the next call the forward pass again
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(importance)))
-        tmp.replace(path)
-    return importance
+    key = [IMPORTANCE_VERSION, folder_hashes(model_dir), texts]
+    return Importance(**cached_json(cache_dir, "importance", key,
+                                    lambda: asdict(activation_importance(model_dir, texts, progress=progress))))

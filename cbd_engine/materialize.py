@@ -3,39 +3,45 @@
     theta = alpha * E(small) + (1 - alpha) * S(large)
 
 E expands the smaller anchor, S subsets the larger, both to the target shape and aligned unit by unit, and the mix
-is streamed tensor by tensor from the anchors' safetensors into the output's. The recipe, top to bottom:
-load anchors -> resolve the target shape -> choose alpha -> plan E and S -> stream tensors -> write the folder.
+(`mix`: per unit by default, or the paper's Eq. 3; cbd_engine.mixing) is streamed tensor by tensor from the anchors'
+safetensors into the output's. The recipe, top to bottom:
+load anchors -> resolve the target shape -> calibration -> importance and alignment (plan E and S) -> choose alpha
+(on the calibration's dev rows, cbd_engine.alpha_search) -> stream tensors -> write the folder with its provenance.
+
+Nothing is pruned by weight magnitude unless `importance="magnitude"` is asked for by name: without a calibration,
+the anchors' own calibration.json or the package's default set is read (cbd_engine.calibration).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from cbd_engine import __version__
 from cbd_engine.alignment import align_to
+from cbd_engine.alpha_search import AlphaChoice, Candidates, anchor_dev_loss, search_alpha
+from cbd_engine.anchor import Anchor, Term
+from cbd_engine.calibration import Calibration, CalibrationInput, resolve_calibration
 from cbd_engine.checkpoint import (
     DEFAULT_SHARD_BYTES,
     DTYPE_NAMES,
     FileInfo,
-    SafetensorsReader,
     StreamingWriter,
     atomic_output_dir,
     copy_side_files,
     file_info,
     folder_hashes,
     parse_dtype,
-    read_config,
 )
-from cbd_engine.data import calibration_texts
-from cbd_engine.families import POSITIONS, VOCAB, ModelSpec, TensorSpec
+from cbd_engine.families import POSITIONS, VOCAB, TensorSpec
 from cbd_engine.importance import Importance, cached_activation_importance, magnitude_importance
+from cbd_engine.mixing import MIXES, Pair, tensor_group, uniform
 from cbd_engine.progress import Cancelled, ProgressCallback, StageTimer, no_progress
 from cbd_engine.shapes import FFN_MULTIPLE, Shape, ShapeError, check_same_chain, parse_size, solve_shape
 from cbd_engine.transforms import (
@@ -49,58 +55,16 @@ from cbd_engine.transforms import (
     select_heads,
     select_layers,
     select_units,
-    transform_tensor,
 )
 from cbd_engine.zoo import cache_dir
 
 INITS = ("cbd", "random", "single", "learngene_auto", "learngene_van")
 ALIGNMENTS = ("auto", "lineage", "hungarian", "none")  # auto: lineage when recorded, else hungarian
-AUTO_ALPHAS = tuple(round(0.1 * i, 1) for i in range(1, 10))
+ALPHA_MODES = ("auto", "proportional")  # or a number in [0, 1]
+IMPORTANCES = ("activation", "magnitude")
+REFINE_STEPS = 0  # per-module alphas after the grid: measured in docs/ENGINE.md ("alpha auto")
 LEARNGENE_LAYERS = 3
 CHUNK_BYTES = 16 * 2**20
-
-
-@dataclass
-class Anchor:
-    path: Path
-    spec: ModelSpec
-
-    @classmethod
-    def load(cls, path: str | Path) -> Anchor:
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"anchor {path} is not a folder")
-        return cls(path, ModelSpec.from_config(read_config(path)))
-
-    @cached_property
-    def reader(self) -> SafetensorsReader:
-        return SafetensorsReader(self.path)
-
-    @property
-    def shape(self) -> Shape:
-        return self.spec.shape
-
-    @property
-    def params(self) -> int:
-        return self.spec.num_params
-
-    @cached_property
-    def provenance(self) -> dict:
-        path = self.path / "cbd.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
-
-    def describe(self) -> dict:
-        return {"path": str(self.path), "sha256": folder_hashes(self.path), "shape": self.shape.to_dict(),
-                "params": self.params}
-
-
-@dataclass
-class Term:
-    """One anchor, transformed to the target shape by `plan`, weighted in the mix."""
-
-    anchor: Anchor
-    plan: Plan
-    weight: float
 
 
 @dataclass
@@ -113,6 +77,9 @@ class MaterializeResult:
     provenance: dict = field(repr=False)
 
 
+TensorSource = Callable[[TensorSpec, str, int | None, tuple[int, int] | None], torch.Tensor]
+
+
 # ---------------------------------------------------------------- the recipe
 
 
@@ -123,9 +90,12 @@ def materialize(
     large: str | Path | None = None,
     size: int | str | None = None,
     shape: Shape | dict | None = None,
-    alpha: float | str | None = None,
+    alpha: float | str | None = "auto",
+    mix: str = "unit",
     init: str = "cbd",
-    calibration: str | Path | list[str] | None = None,
+    calibration: CalibrationInput = None,
+    importance: str = "activation",
+    refine_steps: int = REFINE_STEPS,
     dtype: str = "bfloat16",
     seed: int = 0,
     grow: str = "zero",
@@ -134,36 +104,60 @@ def materialize(
     should_stop: Callable[[], bool] | None = None,
     max_shard_bytes: int | None = None,
 ) -> MaterializeResult:
-    """Write a Hugging Face folder of the requested size or shape at `out` (atomically; nothing on error)."""
-    if init not in INITS:
-        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
-    if align not in ALIGNMENTS:
-        raise ValueError(f"align must be one of {', '.join(ALIGNMENTS)}, got {align!r}")
-    if grow not in ("zero", "replicate"):
-        raise ValueError(f"grow must be 'zero' (function-preserving) or 'replicate', got {grow!r}")
+    """Write a Hugging Face folder of the requested size or shape at `out` (atomically; nothing on error).
+
+    alpha: "auto" (also None), "proportional" (by parameter count), or a number in [0, 1], the smaller anchor's
+    weight. calibration: a file, texts, or a Calibration; None reads the anchors' own, else the package default."""
+    _check_options(init, align, grow, mix, importance, alpha)
     out_dtype = parse_dtype(dtype)
     anchors = _load_anchors(small, large)
     target = resolve_target(anchors, size, shape)
-    texts = _calibration(calibration)
-    small_anchor, large_anchor = anchors[0], anchors[-1]
-
     if init in ("random", "learngene_auto", "learngene_van"):
-        return _materialize_baseline(out, init, large_anchor, target, seed, out_dtype, progress, should_stop)
-
+        return _materialize_baseline(out, init, anchors[-1], target, seed, out_dtype, progress, should_stop)
+    calib = resolve_calibration(calibration, [a.path for a in anchors])
+    importance_of = ImportanceSource(calib, importance, progress)
+    small_anchor, large_anchor = anchors[0], anchors[-1]
+    record = _provenance(init, anchors, target, seed, out_dtype, grow, importance_of)
     if init == "single" or len(anchors) == 1:  # expand (or subset) one anchor
-        terms, alpha_used = [Term(small_anchor, _plan_single(small_anchor, target, texts, grow), 1.0)], None
-    else:
-        plan_e, plan_s, alignment = plan_pair(small_anchor, large_anchor, target, texts, grow, align)
-        alpha_used = _resolve_alpha(alpha, small_anchor, large_anchor, target, plan_e, plan_s, texts, seed)
-        terms = [Term(small_anchor, plan_e, alpha_used), Term(large_anchor, plan_s, 1.0 - alpha_used)]
-        terms = [t for t in terms if t.weight != 0.0]  # alpha 0 or 1: exactly one anchor, bitwise
-    provenance = _provenance(init, terms, anchors, target, alpha_used, seed, out_dtype, texts, grow)
-    if len(anchors) == 2 and init == "cbd":
-        provenance["alignment"] = alignment
-    eps = sum(t.weight * grown_eps(t.anchor.spec.eps, t.plan, target) for t in terms)
-    config = large_anchor.spec.config_for(target, eps=eps)
-    return _write(out, config, large_anchor, iter_tensors(terms, target, seed), target, out_dtype, provenance,
+        term = Term(small_anchor, _plan_single(small_anchor, target, importance_of, grow))
+        eps = grown_eps(small_anchor.spec.eps, term.plan, target)
+        record.update(alpha=None, terms=[_term_record(term, "anchor")], lineage=_lineage_record(term))
+        tensors = iter_tensors(lambda spec, name, layer, rows: term.tensor(spec, name, layer, seed, rows), target,
+                               small_anchor)
+        return _write(out, large_anchor.spec.config_for(target, eps=eps), large_anchor, tensors, target, out_dtype,
+                      record, progress, should_stop, max_shard_bytes)
+    plan_e, plan_s, alignment = plan_pair(small_anchor, large_anchor, target, importance_of, grow, align)
+    pair = Pair(Term(small_anchor, plan_e), Term(large_anchor, plan_s), mix)
+    choice = choose_alpha(alpha, pair, target, calib, seed, refine_steps, progress)
+    record.update(alpha=choice.alpha, alphas=choice.alphas, mix=mix, alignment=alignment,
+                  alpha_search=choice.to_dict() if choice.grid else {"requested": alpha},
+                  terms=[_term_record(pair.small, "small"), _term_record(pair.large, "large")],
+                  quality=_quality(choice, pair, target, calib, seed))
+    arch = large_anchor.spec.architecture
+
+    def mixed(spec: TensorSpec, name: str, layer: int | None, rows: tuple[int, int] | None) -> torch.Tensor:
+        return pair.tensor(spec, name, layer, seed, rows).at(choice.alphas[tensor_group(arch, spec)])
+
+    config = large_anchor.spec.config_for(target, eps=pair.eps(choice.alphas, target))
+    return _write(out, config, large_anchor, iter_tensors(mixed, target, large_anchor), target, out_dtype, record,
                   progress, should_stop, max_shard_bytes)
+
+
+def _check_options(init: str, align: str, grow: str, mix: str, importance: str, alpha: float | str | None) -> None:
+    for name, value, allowed in (("init", init, INITS), ("align", align, ALIGNMENTS), ("mix", mix, MIXES),
+                                 ("importance", importance, IMPORTANCES)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    if grow not in ("zero", "replicate"):
+        raise ValueError(f"grow must be 'zero' (function-preserving) or 'replicate', got {grow!r}")
+    if alpha is None or alpha in ALPHA_MODES:
+        return
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"alpha must be a number in [0, 1], 'auto' or 'proportional', got {alpha!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {value}")
 
 
 def _load_anchors(small: str | Path | None, large: str | Path | None) -> list[Anchor]:
@@ -177,16 +171,6 @@ def _load_anchors(small: str | Path | None, large: str | Path | None) -> list[An
         if a.params > b.params:
             raise ShapeError(f"--small ({a.params} parameters) is larger than --large ({b.params})")
     return anchors
-
-
-def _calibration(calibration: str | Path | list[str] | None) -> list[str] | None:
-    if calibration is None:
-        return None
-    if isinstance(calibration, list):
-        return calibration
-    if not Path(calibration).is_file():
-        raise FileNotFoundError(f"calibration file {calibration} not found")
-    return calibration_texts(calibration)
 
 
 def resolve_target(anchors: list[Anchor], size: int | str | None, shape: Shape | dict | None) -> Shape:
@@ -215,37 +199,64 @@ def resolve_target(anchors: list[Anchor], size: int | str | None, shape: Shape |
     return solve_shape(arch, floor, anchor, params)
 
 
-def default_alpha(p_small: int, p_large: int, p_target: int) -> float:
+def proportional_alpha(p_small: int, p_large: int, p_target: int) -> float:
     """alpha = (P_large - P) / (P_large - P_small), the weight of the smaller anchor; 0.5 for equal anchors."""
     if p_large == p_small:
         return 0.5
     return min(1.0, max(0.0, (p_large - p_target) / (p_large - p_small)))
 
 
-def _resolve_alpha(alpha: float | str | None, small: Anchor, large: Anchor, target: Shape, plan_e: Plan,
-                   plan_s: Plan, texts: list[str] | None, seed: int) -> float:
-    if alpha is None:
-        return default_alpha(small.params, large.params, large.spec.architecture.num_params(target))
-    if alpha == "auto":
-        if not texts:
-            raise ValueError("alpha 'auto' scores candidates on calibration text: give a calibration file")
-        return _auto_alpha(small, large, target, plan_e, plan_s, texts, seed)
-    try:
-        value = float(alpha)
-    except (TypeError, ValueError):
-        raise ValueError(f"alpha must be a number in [0, 1] or 'auto', got {alpha!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {value}")
-    return value
+def choose_alpha(alpha: float | str | None, pair: Pair, target: Shape, calibration: Calibration, seed: int,
+                 refine_steps: int, progress: ProgressCallback) -> AlphaChoice:
+    """"auto" (or None): the search on the dev rows; "proportional": by parameter count; a number as it is."""
+    if alpha is None or alpha == "auto":
+        return search_alpha(pair, target, calibration, seed, refine_steps, progress)
+    small, large = pair.small.anchor, pair.large.anchor
+    value = proportional_alpha(small.params, large.params, large.spec.architecture.num_params(target)) \
+        if alpha == "proportional" else float(alpha)
+    return AlphaChoice(uniform(value), value, math.nan, {})
+
+
+def _quality(choice: AlphaChoice, pair: Pair, target: Shape, calibration: Calibration, seed: int) -> dict:
+    """What a user sees of the model's quality before downloading it, on the dev rows: its loss against the larger
+    anchor pruned to its size (alpha 0, the strongest simple baseline), the anchors' own, and uniform guessing."""
+    if choice.grid:
+        dev_loss, alpha_0 = choice.dev_loss, choice.grid[0.0]
+    else:  # a requested alpha: score it and alpha 0 now
+        candidates = Candidates(pair, target, seed, calibration)
+        dev_loss, alpha_0 = candidates.dev_loss(choice.alphas), candidates.dev_loss(uniform(0.0))
+    cache = cache_dir() / "dev-loss"
+    uniform_loss = math.log(target.vocab_size)
+    return {"dev_loss": dev_loss, "alpha_0_dev_loss": alpha_0, "uniform_loss": uniform_loss,
+            "anchors_dev_loss": {role: anchor_dev_loss(term.anchor, calibration, cache, pair.large.anchor.path)
+                                 for role, term in (("small", pair.small), ("large", pair.large))},
+            "worse_than_alpha_0": dev_loss > alpha_0, "worse_than_uniform": dev_loss > uniform_loss,
+            "dev_rows": len(calibration.dev_rows) + len(calibration.dev_texts)}
 
 
 # ---------------------------------------------------------------- planning
 
 
-def _importance(anchor: Anchor, texts: list[str] | None) -> Importance:
-    if texts:
-        return cached_activation_importance(anchor.path, texts, cache_dir() / "importance")
-    return magnitude_importance(anchor.path, anchor.spec)
+@dataclass
+class ImportanceSource:
+    """Importance of an anchor's units: activations on the calibration's training texts (cached per anchor and
+    calibration), or weight magnitude when asked for by name."""
+
+    calibration: Calibration
+    kind: str = "activation"
+    progress: ProgressCallback = no_progress
+
+    def __call__(self, anchor: Anchor) -> Importance:
+        if self.kind == "magnitude":
+            return magnitude_importance(anchor.path, anchor.spec)
+        return cached_activation_importance(anchor.path, list(self.calibration.importance), cache_dir() / "importance",
+                                            self.progress)
+
+    def describe(self) -> dict:
+        if self.kind == "magnitude":
+            return {"kind": "magnitude"}
+        return {"kind": "activation", "calibration": self.calibration.source,
+                "rows": len(self.calibration.importance)}
 
 
 def _shrinks(source: Shape, target: Shape) -> bool:
@@ -253,9 +264,9 @@ def _shrinks(source: Shape, target: Shape) -> bool:
                for a in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size"))
 
 
-def _plan_single(anchor: Anchor, target: Shape, texts: list[str] | None, grow: str) -> Plan:
+def _plan_single(anchor: Anchor, target: Shape, importance_of: Callable[[Anchor], Importance], grow: str) -> Plan:
     """One anchor to the target shape: importance decides what a shrinking axis keeps, growth appends new units."""
-    importance = _importance(anchor, texts) if _shrinks(anchor.shape, target) else None
+    importance = importance_of(anchor) if _shrinks(anchor.shape, target) else None
     return build_plan(anchor.shape, target, importance, grow=grow)
 
 
@@ -305,7 +316,7 @@ def _lineage_of(small: Anchor, large: Anchor) -> Plan | None:
     return plan
 
 
-def plan_pair(small: Anchor, large: Anchor, target: Shape, texts: list[str] | None,
+def plan_pair(small: Anchor, large: Anchor, target: Shape, importance_of: Callable[[Anchor], Importance],
               grow: str = "zero", align: str = "auto") -> tuple[Plan, Plan, dict]:
     """Plans for E(small) and S(large), aligned unit by unit.
 
@@ -317,11 +328,11 @@ def plan_pair(small: Anchor, large: Anchor, target: Shape, texts: list[str] | No
     lineage = _lineage_of(small, large) if align in ("auto", "lineage") else None
     if align == "lineage" and lineage is None:
         raise ValueError(f"align 'lineage': {small.path} records no lineage from {large.path} in its cbd.json")
-    large_importance = _importance(large, texts) if _shrinks(large.shape, target) else None
+    large_importance = importance_of(large) if _shrinks(large.shape, target) else None
     plan_s = build_plan(large.shape, target, large_importance, grow, lineage)
     importance = large_importance.kind if large_importance else None
     if align == "none":
-        return _plan_single(small, target, texts, grow), plan_s, {"method": "none", "importance": importance}
+        return _plan_single(small, target, importance_of, grow), plan_s, {"method": "none", "importance": importance}
     if lineage is None:
         plan_e = align_to(small, large, plan_s, target, grow)
         return plan_e, plan_s, {"method": "hungarian", "importance": importance}
@@ -349,43 +360,25 @@ def _chunked(spec: TensorSpec) -> bool:
     return spec.dims[0][0].kind in (VOCAB, POSITIONS)
 
 
-def _term_tensor(term: Term, spec: TensorSpec, name: str, layer_index: int | None, seed: int,
-                 rows: tuple[int, int] | None) -> torch.Tensor:
-    layer = term.plan.layers[layer_index] if layer_index is not None else None
-    source = spec.name.format(layer=layer.source) if layer is not None else spec.name
-    tensor = term.anchor.reader.read(source, rows).float()
-    return transform_tensor(tensor, spec, name, term.plan, layer, term.anchor.shape, term.anchor.spec.architecture.norm,
-                            seed)
-
-
-def mixed_tensor(terms: list[Term], spec: TensorSpec, name: str, layer_index: int | None, seed: int,
-                 rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """sum_i w_i * T_i(anchor_i) for one tensor (one term: its transform as is, bit for bit)."""
-    first, *rest = terms
-    result = _term_tensor(first, spec, name, layer_index, seed, rows)
-    if not rest:
-        return result
-    result.mul_(first.weight)
-    for term in rest:
-        result.add_(_term_tensor(term, spec, name, layer_index, seed, rows), alpha=term.weight)
-    return result
-
-
 TensorStream = Iterator[tuple[str, Iterator[torch.Tensor]]]  # (name, slices along the first dimension)
 
 
-def iter_tensors(terms: list[Term], target: Shape, seed: int) -> TensorStream:
-    """(name, slices) for every target tensor in checkpoint order; slices concatenate along the first dimension."""
-    arch = terms[0].anchor.spec.architecture
+def iter_tensors(tensor_of: TensorSource, target: Shape, anchor: Anchor) -> TensorStream:
+    """(name, slices) for every target tensor in checkpoint order; slices concatenate along the first dimension.
+    `tensor_of(spec, name, layer, rows)` makes one tensor (rows: a slice of a vocabulary-sized one)."""
+    arch = anchor.spec.architecture
     for name, spec, layer_index in arch.tensor_names(target):
         shape = arch.tensor_shape(spec, target)
         if _chunked(spec):
             step = max(1, CHUNK_BYTES // (4 * max(1, shape[1] if len(shape) > 1 else 1)))
-            slices = (mixed_tensor(terms, spec, name, layer_index, seed, (r, min(r + step, shape[0])))
-                      for r in range(0, shape[0], step))
-            yield name, slices
+            yield name, (tensor_of(spec, name, layer_index, (r, min(r + step, shape[0])))
+                         for r in range(0, shape[0], step))
         else:
-            yield name, iter([mixed_tensor(terms, spec, name, layer_index, seed)])
+            yield name, iter([tensor_of(spec, name, layer_index, None)])
+
+
+def state_dict(tensors: TensorStream) -> dict[str, torch.Tensor]:
+    return {name: torch.cat(list(slices)) for name, slices in tensors}
 
 
 def _write(out: str | Path, config: dict, side_files_from: Anchor, tensors: TensorStream, target: Shape,
@@ -425,60 +418,32 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _provenance(init: str, terms: list[Term], anchors: list[Anchor], target: Shape, alpha: float | None, seed: int,
-                dtype: torch.dtype, texts: list[str] | None, grow: str) -> dict:
+def _provenance(init: str, anchors: list[Anchor], target: Shape, seed: int, dtype: torch.dtype, grow: str,
+                importance_of: ImportanceSource) -> dict:
     arch = anchors[-1].spec.architecture
-    record = {
+    roles = ("small", "large") if len(anchors) == 2 else ("anchor",)
+    return {
         "engine_version": __version__,
         "init": init,
         "family": arch.family,
         "shape": target.to_dict(),
         "params": arch.num_params(target),
-        "alpha": alpha,
         "seed": seed,
         "dtype": DTYPE_NAMES[dtype],
         "grow": grow,
-        "importance": "activation" if texts else "magnitude",
-        "anchors": [{"role": role, **a.describe()}
-                    for role, a in zip(("small", "large") if len(anchors) == 2 else ("anchor",), anchors, strict=True)],
-        "terms": [{"anchor": str(t.anchor.path), "weight": t.weight, "plan": t.plan.to_dict()} for t in terms],
+        "importance": importance_of.describe(),
+        "anchors": [{"role": role, **a.describe()} for role, a in zip(roles, anchors, strict=True)],
     }
-    if len(terms) == 1:  # a pure transform of one anchor: later interpolation aligns with it through this record
-        record["lineage"] = {"parent": str(terms[0].anchor.path), "parent_sha256": folder_hashes(terms[0].anchor.path),
-                             "plan": terms[0].plan.to_dict()}
-    return record
 
 
-# ---------------------------------------------------------------- alpha "auto"
+def _term_record(term: Term, role: str) -> dict:
+    return {"role": role, "anchor": str(term.anchor.path), "plan": term.plan.to_dict()}
 
 
-def _state_dict(terms: list[Term], target: Shape, seed: int) -> dict[str, torch.Tensor]:
-    return {name: torch.cat(list(slices)) for name, slices in iter_tensors(terms, target, seed)}
-
-
-@torch.no_grad()
-def _auto_alpha(small: Anchor, large: Anchor, target: Shape, plan_e: Plan, plan_s: Plan, texts: list[str],
-                seed: int) -> float:
-    """The alpha of 0.1 ... 0.9 whose mix has the lowest language-modeling loss on the calibration texts."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    expanded = _state_dict([Term(small, plan_e, 1.0)], target, seed)
-    subset = _state_dict([Term(large, plan_s, 1.0)], target, seed)
-    config = AutoConfig.for_model(**large.spec.config_for(target, eps=grown_eps(large.spec.eps, plan_s, target)))
-    model = AutoModelForCausalLM.from_config(config).eval()
-    tokenizer = AutoTokenizer.from_pretrained(large.path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=256)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    losses = {}
-    for alpha in AUTO_ALPHAS:
-        mixed = {name: alpha * expanded[name] + (1 - alpha) * subset[name] for name in expanded}
-        model.load_state_dict(mixed, strict=False)
-        if target.tie_word_embeddings:
-            model.tie_weights()
-        losses[alpha] = float(model(**batch, labels=labels).loss)
-    return min(losses, key=lambda a: (losses[a], a))
+def _lineage_record(term: Term) -> dict:
+    """A pure transform of one anchor: later interpolation aligns with it through this record."""
+    return {"parent": str(term.anchor.path), "parent_sha256": folder_hashes(term.anchor.path),
+            "plan": term.plan.to_dict()}
 
 
 # ---------------------------------------------------------------- baselines that need a fresh initialization

@@ -279,7 +279,7 @@ class PolicyDistillation:
             if not Path(config.lm_data).is_file():
                 raise FileNotFoundError(f"lm_data {config.lm_data} does not exist")
             self.lm_blocks = encode_text(tokenizer, Path(config.lm_data).read_text(encoding="utf-8"),
-                                         config.max_length)[0]
+                                         config.max_length).train
 
     def _micro_batches(self, examples: list[Example]) -> list[Batch]:
         micro = self.config.micro_batch_size or len(examples)

@@ -8,7 +8,7 @@ import torch
 
 from cbd_engine.batches import Example, collate, encode_rows, next_token_targets, pad_id_of, response_positions
 from cbd_engine.data import InstructionRow, read_instruction_rows, split_rows
-from cbd_engine.losses import LossConfig, chunked_token_losses
+from cbd_engine.losses import CHUNK_ELEMENTS
 
 DEVICES = ("auto", "cpu", "gpu", "npu")
 
@@ -74,26 +74,41 @@ def autocast_for(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def examples_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8, bf16: bool = False) -> float:
-    """Mean cross-entropy per scored token over `examples` (one mean over all tokens, not a mean of batch means)."""
+def example_losses(model, examples: list[Example], pad_id: int, batch_size: int = 8, bf16: bool = False,
+                   ) -> list[tuple[float, int]]:
+    """(cross-entropy sum, scored tokens) of each example, in the order given: the per-row numbers that paired
+    comparisons of two models need (cbd_engine.evaluation.stats.paired_difference)."""
     if not examples:
         raise ValueError("no examples to score")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    head = output_head(model)
+    chunk = max(1, CHUNK_ELEMENTS // int(head.weight.shape[0]))  # positions whose logits exist at once
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))  # similar lengths together: less padding
     for start in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id).to(device)
+        members = order[start : start + batch_size]
+        batch = collate([examples[i] for i in members], pad_id).to(device)
         scored = response_positions(batch.labels)
         with autocast_for(device, bf16):
-            hidden = hidden_states(model, batch.input_ids, batch.attention_mask)
-            _, ce = chunked_token_losses(hidden[scored], output_head(model), next_token_targets(batch.labels)[scored],
-                                         config=LossConfig())
-        total += float(ce)
-        count += int(scored.sum())
+            hidden = hidden_states(model, batch.input_ids, batch.attention_mask)[scored]
+        targets, rows = next_token_targets(batch.labels)[scored], scored.nonzero()[:, 0]
+        sums = torch.zeros(len(members), dtype=torch.float64, device=device)
+        for first in range(0, hidden.shape[0], chunk):
+            logits = head(hidden[first : first + chunk]).float()
+            token_ce = torch.nn.functional.cross_entropy(logits, targets[first : first + chunk], reduction="none")
+            sums.index_add_(0, rows[first : first + chunk], token_ce.double())
+        for member, total, count in zip(members, sums.tolist(), scored.sum(1).tolist(), strict=True):
+            results[member] = (total, int(count))
     model.train(was_training)
-    return total / max(count, 1)
+    return results
+
+
+def examples_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8, bf16: bool = False) -> float:
+    """Mean cross-entropy per scored token over `examples` (one mean over all tokens, not a mean of row means)."""
+    losses = example_losses(model, examples, pad_id, batch_size, bf16)
+    return sum(total for total, _ in losses) / max(sum(count for _, count in losses), 1)
 
 
 def response_loss(model, tokenizer, rows: list[InstructionRow], max_length: int = 512, batch_size: int = 8,
@@ -107,7 +122,7 @@ def response_loss(model, tokenizer, rows: list[InstructionRow], max_length: int 
 def validation_loss(model_dir: str | Path, data_path: str | Path, max_rows: int | None = 200, max_length: int = 512,
                     batch_size: int = 8, prompt_format: str = "alpaca", device: str = "cpu") -> float:
     """response_loss of a model folder on the contract's validation rows of an instruction JSONL file."""
-    _, valid = split_rows(read_instruction_rows(data_path))
+    valid = split_rows(read_instruction_rows(data_path)).validation
     if not valid:
         raise ValueError(f"{data_path} has no validation rows (sha256 of instruction + input is 0 mod 10)")
     model = load_model(model_dir, resolve_device(device))

@@ -34,13 +34,13 @@ def train(model_dir: str | Path, data: str | Path, out: str | Path, tokens: int,
           *, resume: bool = False, progress: ProgressCallback = no_progress,
           should_stop: Callable[[], bool] | None = None) -> DistillResult:
     """Train `model_dir` on `data` (instruction JSONL: SFT on the responses; text: every token) for a budget of
-    `tokens` and write the best checkpoint by validation loss to `out` (a Hugging Face folder with curves)."""
+    `tokens` and write the best checkpoint by dev loss to `out` (a Hugging Face folder with curves)."""
     config = config or DistillConfig()
-    train_examples, valid = encode_file(load_tokenizer(model_dir), data, config.prompt_format, config.max_length)
-    if not train_examples:
+    examples = encode_file(load_tokenizer(model_dir), data, config.prompt_format, config.max_length)
+    if not examples.train:
         raise ValueError(f"{data} gives no training examples at max_length {config.max_length}")
-    steps = steps_for_budget(train_examples, tokens, config.batch_size)
+    steps = steps_for_budget(examples.train, tokens, config.batch_size)
     config = replace(config, loss="ce", mode="off_policy", ce_weight=0.0, steps=steps)
     provenance = {"role": "train", "data": str(data), "token_budget": tokens}
-    return distill(None, model_dir, train_examples, valid, out, config, resume=resume, stage="train",
-                   provenance=provenance, progress=progress, should_stop=should_stop)
+    return distill(None, model_dir, examples, out, config, resume=resume, stage="train", provenance=provenance,
+                   progress=progress, should_stop=should_stop)

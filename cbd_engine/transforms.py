@@ -8,7 +8,8 @@ unit. `transform_tensor` applies a plan to one tensor using the family's axis de
 * new heads / KV heads / FFN neurons that a tensor *produces* get seeded random rows (their readers are zero);
 * new residual channels produced by a tensor are zero under RMSNorm and the mean of the old channels under
   LayerNorm (mean-padding keeps the LayerNorm statistics; zero-padding would shift the mean);
-* norm gains are rescaled by sqrt(d/d') and epsilon by d/d' (`grown_eps`), so a wider residual keeps the function;
+* norm gains are rescaled by sqrt(d/d') and epsilon by d/d' (`grown_eps`), so a wider residual keeps the function
+  (`rescale_gains=False` leaves them as they are: the per-unit mix keeps the larger anchor's width statistics);
 * a fresh layer (-1 in the layer map) is a copy of a neighbour with its residual writers zeroed: an exact identity.
 """
 
@@ -204,7 +205,7 @@ def _seeded_generator(seed: int, name: str) -> torch.Generator:
 
 
 def _fill(tensor: torch.Tensor, dim: int, new: torch.Tensor, axis: Axis, norm: str, std: float,
-          generator: torch.Generator) -> torch.Tensor:
+          generator: torch.Generator, rescale_gains: bool) -> torch.Tensor:
     """Values for the new rows (`new` marks them along `dim`) of one dimension, by what the dimension means. Runs on
     the tensor in its final layout, so a fill never depends on how the source's units were ordered."""
     shape = [1] * tensor.ndim
@@ -218,7 +219,7 @@ def _fill(tensor: torch.Tensor, dim: int, new: torch.Tensor, axis: Axis, norm: s
             return torch.where(mask, kept.mean(dim=dim, keepdim=True).expand_as(tensor), tensor)
         return tensor.masked_fill(mask, 0.0)
     if axis.role == GAIN:
-        scale = math.sqrt(kept.shape[dim] / new.numel())
+        scale = math.sqrt(kept.shape[dim] / new.numel()) if rescale_gains else 1.0
         fill = kept.mean() * scale if kept.numel() else torch.tensor(1.0)
         return torch.where(mask, fill, tensor * scale)
     # a produced head / KV head / FFN unit: random rows (its readers are zero), biases zero
@@ -229,7 +230,7 @@ def _fill(tensor: torch.Tensor, dim: int, new: torch.Tensor, axis: Axis, norm: s
 
 
 def transform_tensor(tensor: torch.Tensor, spec: TensorSpec, name: str, plan: Plan, layer: LayerMap | None,
-                     source: Shape, norm: str, seed: int) -> torch.Tensor:
+                     source: Shape, norm: str, seed: int, rescale_gains: bool = True) -> torch.Tensor:
     """Apply `plan` to one float32 tensor of the source model. Kept dimensions are untouched (bitwise).
 
     First every dimension is gathered into the target layout, then new rows are filled dimension by dimension."""
@@ -243,10 +244,25 @@ def transform_tensor(tensor: torch.Tensor, spec: TensorSpec, name: str, plan: Pl
                 new_rows.append((dim, index == NEW, axes[0]))
     generator = _seeded_generator(seed, name)
     for dim, new, axis in new_rows:
-        tensor = _fill(tensor, dim, new, axis, norm, std or 0.02, generator)
+        tensor = _fill(tensor, dim, new, axis, norm, std or 0.02, generator, rescale_gains)
     if layer is not None and layer.fresh and spec.writes_residual:
         tensor = torch.zeros_like(tensor)
     return tensor
+
+
+def presence(shape: torch.Size, spec: TensorSpec, plan: Plan, layer: LayerMap | None, source: Shape) -> torch.Tensor:
+    """True at the entries of a transformed tensor (of `shape`) that hold the source's own weights: every index along
+    every dimension a kept unit, in a layer that is not a fresh copy. False marks fills (new units, inert layers)."""
+    if layer is not None and layer.fresh:
+        return torch.zeros(shape, dtype=torch.bool)
+    mask = torch.ones(shape, dtype=torch.bool)
+    for dim, axes in enumerate(spec.dims):
+        index = _row_index(axes, plan, layer, source)
+        if index is not None:
+            view = [1] * len(shape)
+            view[dim] = -1
+            mask = mask & (index != NEW).view(view)
+    return mask
 
 
 def grown_eps(eps: float, plan: Plan, target: Shape) -> float:

@@ -8,7 +8,7 @@ import argparse
 import torch.distributed as dist
 
 from cbd_engine.batches import encode_rows
-from cbd_engine.data import read_instruction_rows, split_rows
+from cbd_engine.data import Splits, read_instruction_rows, split_rows
 from cbd_engine.distill import DistillConfig, distill
 from cbd_engine.models import load_tokenizer
 from cbd_engine.progress import Cancelled
@@ -26,9 +26,10 @@ def main() -> None:
     parser.add_argument("--minillm", metavar="LM_TEXT", help="mode minillm with this language-modeling text")
     args = parser.parse_args()
     tokenizer = load_tokenizer(args.student)
-    train_rows, valid_rows = split_rows(read_instruction_rows(args.data))
-    train = encode_rows(tokenizer, train_rows[:32], max_length=64)
-    valid = encode_rows(tokenizer, valid_rows[:4], max_length=64)
+    rows = split_rows(read_instruction_rows(args.data))
+    data = Splits(encode_rows(tokenizer, rows.train[:32], max_length=64),
+                  encode_rows(tokenizer, rows.dev[:4], max_length=64),
+                  encode_rows(tokenizer, rows.validation[:4], max_length=64))
     # best-checkpoint selection and checkpoints every step, so that both run under every world size
     settings = dict(steps=4, batch_size=4, micro_batch_size=1, learning_rate=3e-3, max_length=64, device="cpu",
                     ce_weight=0.3, fsdp=args.fsdp, eval_every=1, checkpoint_every=1)
@@ -47,7 +48,7 @@ def main() -> None:
         return args.stop_after is not None and steps_seen["n"] > args.stop_after
 
     try:
-        distill(args.teacher, args.student, train, valid, args.out, config, resume=args.resume,
+        distill(args.teacher, args.student, data, args.out, config, resume=args.resume,
                 should_stop=should_stop)
     except Cancelled:
         pass

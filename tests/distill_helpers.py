@@ -22,8 +22,7 @@ def small_tokenizer() -> Path:
 
     from cbd_engine.data import read_instruction_rows, split_rows
 
-    train, _ = split_rows(read_instruction_rows(DOLLY))
-    texts = [row.alpaca_prompt() + row.output for row in train]
+    texts = [row.alpaca_prompt() + row.output for row in split_rows(read_instruction_rows(DOLLY)).train]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -45,15 +44,16 @@ def tiny_with_tokenizer(folder: Path, seed: int = 0, **overrides) -> Path:
 
 
 def dolly_examples(tokenizer_dir: Path, train_rows: int = 64, valid_rows: int = 6, max_length: int = 64):
-    """(training, validation) examples: the first rows of Dolly's training and validation splits, encoded."""
+    """Splits of examples: the first rows of Dolly's training, dev and validation splits, encoded."""
     from cbd_engine.batches import encode_rows
-    from cbd_engine.data import read_instruction_rows, split_rows
+    from cbd_engine.data import Splits, read_instruction_rows, split_rows
     from cbd_engine.models import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
-    train, valid = split_rows(read_instruction_rows(DOLLY))
-    return encode_rows(tokenizer, train[:train_rows], max_length=max_length), \
-        encode_rows(tokenizer, valid[:valid_rows], max_length=max_length)
+    rows = split_rows(read_instruction_rows(DOLLY))
+    return Splits(encode_rows(tokenizer, rows.train[:train_rows], max_length=max_length),
+                  encode_rows(tokenizer, rows.dev[:valid_rows], max_length=max_length),
+                  encode_rows(tokenizer, rows.validation[:valid_rows], max_length=max_length))
 
 
 def assert_resumes_to_the_same_weights(run, root: Path):

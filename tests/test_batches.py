@@ -80,8 +80,10 @@ def test_bucketed_batches_are_deterministic_full_and_similar_in_length():
 
 def test_plain_text_blocks_split_by_hash(tokenizer, tmp_path):
     text = " ".join(f"word{i}" for i in range(3000))
-    train, valid = encode_text(tokenizer, text, max_length=64)
-    assert train and valid and all(len(e) <= 64 and e.num_response_tokens == len(e) - 1 for e in train + valid)
+    blocks = encode_text(tokenizer, text, max_length=64)
+    everything = blocks.train + blocks.dev + blocks.validation
+    assert blocks.train and blocks.dev and blocks.validation
+    assert all(len(e) <= 64 and e.num_response_tokens == len(e) - 1 for e in everything)
 
 
 def test_dataset_spec_reads_jsonl_text_and_dolly_style_records(tmp_path):

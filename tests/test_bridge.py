@@ -95,7 +95,7 @@ def test_estimate_counts_the_bridge_and_stays_torch_free(source, char_tokenizer)
 
 
 def test_answers_are_cached_by_source_prompts_and_parameters(source, tmp_path, monkeypatch):
-    rows = split_rows(read_instruction_rows(DOLLY))[0][:6]
+    rows = split_rows(read_instruction_rows(DOLLY)).train[:6]
     params = GenerationParams(**FEW_TOKENS)
     first = generate_responses(source, rows, params, tmp_path / "cache", device="cpu")
     assert not first.cached and first.stats["responses"] == 6
@@ -126,7 +126,7 @@ def test_a_cancelled_generation_resumes_after_its_last_finished_part(source, tmp
     the rest and gives the answers of an uninterrupted run (each part seeds its own sampling)."""
     from cbd_engine.bridge import BATCHES_PER_PART
 
-    rows = split_rows(read_instruction_rows(DOLLY))[0][:21]
+    rows = split_rows(read_instruction_rows(DOLLY)).train[:21]
     params = GenerationParams(max_new_tokens=6, batch_size=2, max_length=64)
     part = params.batch_size * BATCHES_PER_PART
     whole = generate_responses(source, rows, params, tmp_path / "whole", device="cpu")
@@ -154,7 +154,7 @@ def test_a_second_generation_of_the_same_answers_waits_for_the_first(source, tmp
     import threading
     import time
 
-    rows = split_rows(read_instruction_rows(DOLLY))[0][:4]
+    rows = split_rows(read_instruction_rows(DOLLY)).train[:4]
     params = GenerationParams(max_new_tokens=6, batch_size=2, max_length=64)
     key = generate_responses(source, rows, params, tmp_path / "elsewhere", device="cpu").key
     (tmp_path / "cache").mkdir()

@@ -78,8 +78,13 @@ def test_chain_prunes_then_distills_each_anchor_and_resumes(source, tmp_path):
         lineage = json.loads((anchor.path / "cbd.json").read_text())
         assert lineage["distillation"]["teacher"] == str(result.anchors[anchor.index - 1].path)
         assert "terms" in lineage  # the materializer's index maps of the pruning
-        assert anchor.metrics["validation_loss"] <= anchor.metrics["validation_loss_before"]
+        # kept by the dev rows (step 0 is a candidate), reported on the validation rows
+        assert anchor.metrics["dev_loss"] <= anchor.metrics["dev_loss_before"]
+        assert anchor.metrics["validation_loss"] > 0 and anchor.metrics["rows"]["dev"] > 0
         assert (anchor.path / "loss_curve.png").is_file()
+    for anchor in result.anchors:  # each records the chain's calibration rows: the materializer reads them
+        calibration = json.loads((anchor.path / "calibration.json").read_text())
+        assert calibration["source"] == spec["dataset"]["path"] and len(calibration["dev_rows"]) > 0
     assert read_chain(out).anchors[2].metrics == result.anchors[2].metrics
     assert sorted(p.name for p in out.iterdir()) == ["anchor-00", "anchor-01", "anchor-02", "chain.json", "spec.json"]
 
@@ -96,17 +101,23 @@ def test_cli_registers_a_checkpoint_as_it_is(source, tmp_path):
     assert main(["chain", "build", str(spec_path), "--out", str(tmp_path / "out")]) == 2  # not empty, no --resume
 
 
-def test_validation_rows_never_reach_training_or_calibration(source):
+def test_dev_and_validation_rows_never_reach_training_or_calibration(source):
     from cbd_engine.chain import ChainData
     from cbd_engine.distill_config import DistillConfig
     from cbd_engine.models import load_tokenizer
 
     data = ChainData.load({"path": str(DOLLY)}, source, DistillConfig(max_length=64))
     tokenizer = load_tokenizer(source)
-    train_prompts = {tokenizer.decode(e.input_ids[: e.prompt_length]) for e in data.train}
-    valid_prompts = {tokenizer.decode(e.input_ids[: e.prompt_length]) for e in data.valid}
-    assert data.valid and data.train and not train_prompts & valid_prompts
-    assert 80 <= len(data.valid) <= 120  # ~1 in 10 of Dolly's 1000 rows
+    prompts = {name: {tokenizer.decode(e.input_ids[: e.prompt_length]) for e in getattr(data.examples, name)}
+               for name in ("train", "dev", "validation")}
+    assert all(prompts.values())
+    assert not prompts["train"] & prompts["validation"] and not prompts["train"] & prompts["dev"]
+    assert not prompts["dev"] & prompts["validation"]
+    assert 80 <= len(data.examples.validation) <= 120 and 80 <= len(data.examples.dev) <= 120  # ~1 in 10 each
+    importance = set(data.calibration.importance)  # calibration reads training rows only; dev rows score alphas
+    assert len(importance) == 256 and not importance & {row.alpaca_prompt() + row.output for row in
+                                                         data.calibration.dev_rows}
+    assert all(row.split == "dev" for row in data.calibration.dev_rows)
 
 
 def test_chain_data_from_a_hugging_face_folder_matches_the_jsonl_file(tmp_path):
@@ -115,7 +126,6 @@ def test_chain_data_from_a_hugging_face_folder_matches_the_jsonl_file(tmp_path):
     from distill_helpers import small_tokenizer
 
     from cbd_engine.chain import ChainData
-    from cbd_engine.data import calibration_texts
     from cbd_engine.distill_config import DistillConfig
 
     lines = DOLLY.read_text().splitlines()[:200]
@@ -129,5 +139,5 @@ def test_chain_data_from_a_hugging_face_folder_matches_the_jsonl_file(tmp_path):
     config = DistillConfig(max_length=64)
     from_file = ChainData.load({"path": str(tmp_path / "rows.jsonl")}, small_tokenizer(), config)
     from_hf = ChainData.load({"hf": str(folder), "split": "train"}, small_tokenizer(), config)
-    assert from_hf.train == from_file.train and from_hf.valid == from_file.valid and from_hf.valid
-    assert from_hf.calibration == calibration_texts(from_file.calibration)
+    assert from_hf.examples == from_file.examples and from_hf.examples.validation
+    assert from_hf.calibration.importance == from_file.calibration.importance

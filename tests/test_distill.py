@@ -44,7 +44,7 @@ def _grads(model):
 def test_changing_padding_changes_nothing(pair, data, kind):
     teacher, student = _models(pair)
     loss = StudentLoss(student, DistillConfig(loss=kind).loss_config)
-    batch = collate(data[0][:4], pad_id=0)
+    batch = collate(data.train[:4], pad_id=0)
     repadded = Batch(batch.input_ids.masked_fill(batch.attention_mask == 0, 123), batch.attention_mask,
                      batch.labels, batch.reference)
     results = []
@@ -59,7 +59,7 @@ def test_changing_padding_changes_nothing(pair, data, kind):
 
 def test_all_masked_batch_gives_zero_with_finite_gradients(pair, data):
     teacher, student = _models(pair)
-    batch = collate(data[0][:2], pad_id=0)
+    batch = collate(data.train[:2], pad_id=0)
     batch.labels.fill_(IGNORE)
     config = DistillConfig(ce_weight=1.0)
     div, ce, tokens, _ = accumulate_gradients(StudentLoss(student, config.loss_config), teacher, [batch],
@@ -70,7 +70,7 @@ def test_all_masked_batch_gives_zero_with_finite_gradients(pair, data):
 
 def test_cross_entropy_matches_transformers_shifted_loss(pair, data):
     _, student = _models(pair)
-    batch = collate(data[0][:3], pad_id=0)
+    batch = collate(data.train[:3], pad_id=0)
     _, ce = batch_loss_sums(StudentLoss(student, DistillConfig().loss_config), None, batch, ce_only=True)
     with torch.no_grad():
         reference = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
@@ -80,7 +80,7 @@ def test_cross_entropy_matches_transformers_shifted_loss(pair, data):
 def test_compiled_decoders_keep_state_dict_keys_losses_and_gradients(pair, data):
     """DistillConfig.compile: the traced decoders (dynamo with the eager backend, fast enough for a test; inductor on
     accelerators) give the eager losses and gradients, and the weights keep their names for checkpoints."""
-    batch = collate(data[0][:3], pad_id=0)
+    batch = collate(data.train[:3], pad_id=0)
     results = []
     for compiled in (False, True):
         teacher, student = _models(pair)
@@ -101,7 +101,7 @@ def test_compiled_decoders_keep_state_dict_keys_losses_and_gradients(pair, data)
 def test_same_global_batch_gives_same_gradients_for_any_micro_batch_split(pair, data, kind):
     teacher, student = _models(pair)
     config = DistillConfig(loss=kind, ce_weight=0.5)
-    examples = data[0][:8]
+    examples = data.train[:8]
     grads = []
     for micro in (8, 4, 1):
         student.zero_grad()
@@ -114,7 +114,7 @@ def test_same_global_batch_gives_same_gradients_for_any_micro_batch_split(pair, 
 
 
 def _run(pair, data, out, config, **kwargs):
-    return distill(pair[0], pair[1], data[0], data[1], out, config, **kwargs)
+    return distill(pair[0], pair[1], data, out, config, **kwargs)
 
 
 def test_off_policy_distillation_lowers_the_divergence_and_writes_a_model_folder(pair, data, tmp_path):
@@ -136,7 +136,7 @@ def test_off_policy_distillation_lowers_the_divergence_and_writes_a_model_folder
     assert [e.step for e in events][-1] == 12 and events[-1].loss is not None and events[-1].stage == "distill"
     # the kept model is the best checkpoint by validation loss, and response_loss measures it again
     model, tokenizer = load_model(out), load_tokenizer(out)
-    valid_rows = split_rows(read_instruction_rows(DOLLY))[1][:6]
+    valid_rows = split_rows(read_instruction_rows(DOLLY)).validation[:6]
     assert abs(response_loss(model, tokenizer, valid_rows, max_length=MAX_LENGTH) - metrics["validation_loss"]) < 1e-4
 
 
@@ -155,7 +155,7 @@ def test_sampled_responses_keep_the_prompt_and_skip_cross_entropy(pair, data):
 
     _, student = _models(pair)
     tokenizer = load_tokenizer(pair[1])
-    examples = data[0][:4]
+    examples = data.train[:4]
     sampled = sample_responses(student, examples, tokenizer, DistillConfig(data_mix=0.0, max_new_tokens=5,
                                                                            max_length=MAX_LENGTH), random.Random(0))
     for before, after in zip(examples, sampled, strict=True):
@@ -191,8 +191,9 @@ def test_rouge_l_can_select_the_kept_checkpoint(pair, data, tmp_path):
     metrics = result.metrics
     assert metrics["selected_by"] == "rouge_l" and 0 <= metrics["rouge_l"] <= 1
     assert metrics["rouge_l"] >= metrics["rouge_l_before"]  # the kept checkpoint is the best by Rouge-L
-    rows = (result.path / "loss_curve.csv").read_text().splitlines()
-    assert rows[0].endswith("validation_loss,rouge_l") and all(row.split(",")[-1] for row in rows[1:])
+    rows = [row.split(",") for row in (result.path / "loss_curve.csv").read_text().splitlines()]
+    column = rows[0].index("rouge_l")  # measured on the dev rows at every evaluation
+    assert rows[0][column - 1] == "dev_loss" and all(row[column] for row in rows[1:])
     with pytest.raises(ValueError, match="select_by"):
         DistillConfig(select_by="bleu")
 

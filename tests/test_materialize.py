@@ -12,9 +12,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from cbd_cli import main as cbd
+from cbd_engine.anchor import Anchor, Term
+from cbd_engine.calibration import Calibration, default_calibration
 from cbd_engine.checkpoint import read_config
 from cbd_engine.families import ModelSpec
-from cbd_engine.materialize import Anchor, Term, _state_dict, build_plan, materialize, plan_pair
+from cbd_engine.materialize import ImportanceSource, build_plan, iter_tensors, materialize, plan_pair, state_dict
+from cbd_engine.mixing import Pair
 from cbd_engine.shapes import ShapeError
 from cbd_engine.transforms import LayerMap, Plan, grown_eps
 
@@ -34,6 +37,20 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def spec_of(folder: Path) -> ModelSpec:
     return ModelSpec.from_config(read_config(folder))
+
+
+def transformed(term: Term, target) -> dict[str, torch.Tensor]:
+    """One anchor transformed by its plan, whole tensors in memory."""
+    return state_dict(iter_tensors(lambda spec, name, layer, rows: term.tensor(spec, name, layer, 0, rows), target,
+                                   term.anchor))
+
+
+def mixed(pair: Pair, target, alpha: float) -> dict[str, torch.Tensor]:
+    return state_dict(iter_tensors(lambda spec, name, layer, rows: pair.tensor(spec, name, layer, 0, rows).at(alpha),
+                                   target, pair.large.anchor))
+
+
+IMPORTANCE = ImportanceSource(default_calibration())  # what materialize reads when given no calibration
 
 
 def grown_shapes(spec: ModelSpec) -> dict[str, dict]:
@@ -72,7 +89,7 @@ def test_layernorm_zero_padding_would_not_keep_the_function(tiny_model):
     for norm, should_match in (("layernorm", True), ("rmsnorm", False)):
         wrong = Anchor(anchor.path, replace(anchor.spec, architecture=replace(anchor.spec.architecture, norm=norm)))
         model = AutoModelForCausalLM.from_config(type(AutoModelForCausalLM.from_pretrained(source).config)(**config))
-        model.load_state_dict(_state_dict([Term(wrong, plan, 1.0)], target, 0), strict=False)
+        model.load_state_dict(transformed(Term(wrong, plan), target), strict=False)
         model.tie_weights()
         with torch.no_grad():
             got = model.eval()(IDS).logits
@@ -103,21 +120,59 @@ def _two_anchors(tiny_model, tmp_path, family="llama"):
     return small, large
 
 
-def test_alpha_one_and_zero_are_the_single_transforms_bitwise(tiny_model, tmp_path):
+def test_paper_mix_at_alpha_one_and_zero_is_the_single_transforms_bitwise(tiny_model, tmp_path):
     small, large = _two_anchors(tiny_model, tmp_path)
     s_small, s_large = Anchor.load(small), Anchor.load(large)
     target = replace(s_large.shape, num_layers=3, intermediate_size=96, hidden_size=56, num_heads=4, num_kv_heads=2)
     target = replace(target, hidden_size=64)
-    plan_e, plan_s, alignment = plan_pair(s_small, s_large, target, None)
+    plan_e, plan_s, alignment = plan_pair(s_small, s_large, target, IMPORTANCE)
     assert alignment["method"] == "lineage"
-    for alpha, term in ((1.0, Term(s_small, plan_e, 1.0)), (0.0, Term(s_large, plan_s, 1.0))):
+    for alpha, term in ((1.0, Term(s_small, plan_e)), (0.0, Term(s_large, plan_s))):
         out = tmp_path / f"alpha{alpha}"
-        materialize(out, small=small, large=large, shape=target.to_dict(), alpha=alpha, dtype="float32")
-        expected = _state_dict([term], target, 0)
+        materialize(out, small=small, large=large, shape=target.to_dict(), alpha=alpha, mix="paper", dtype="float32")
+        expected = transformed(term, target)
         got = weights(out)
         assert all(torch.equal(got[name], expected[name]) for name in got), alpha
     # E keeps the small anchor's function: alpha 1 is the small anchor, grown
     torch.testing.assert_close(logits(tmp_path / "alpha1.0"), logits(small), atol=1e-5, rtol=0)
+
+
+def test_unit_mix_at_alpha_zero_is_the_pruned_larger_anchor_and_at_one_the_smaller_anchor(tiny_model, tmp_path):
+    small, large = _two_anchors(tiny_model, tmp_path)
+    s_small, s_large = Anchor.load(small), Anchor.load(large)
+    target = replace(s_large.shape, num_layers=3, intermediate_size=96, hidden_size=64, num_heads=4, num_kv_heads=2)
+    _, plan_s, _ = plan_pair(s_small, s_large, target, IMPORTANCE)
+    out = tmp_path / "alpha0"
+    materialize(out, small=small, large=large, shape=target.to_dict(), alpha=0.0, dtype="float32")
+    expected = transformed(Term(s_large, plan_s), target)
+    assert all(torch.equal(t, expected[n]) for n, t in weights(out).items())
+    out = tmp_path / "alpha1"
+    materialize(out, small=small, large=large, shape=spec_of(small).shape.to_dict(), alpha=1.0, dtype="float32")
+    expected = weights(small)
+    assert all(torch.equal(t, expected[n]) for n, t in weights(out).items())
+
+
+def test_unit_mix_of_anchors_that_agree_on_their_shared_units_is_the_same_model_at_every_alpha(tiny_model, tmp_path):
+    """The small anchor is a pure prune of the large one: on every unit both have, they hold the same weights. The
+    unit mix then gives one model at every alpha; the paper's Eq. 3 scales the units only the large anchor has by
+    (1 - alpha) and mixes in E's fill, so its outputs move with alpha (the negative control)."""
+    small, large = _two_anchors(tiny_model, tmp_path)
+    s_small, s_large = Anchor.load(small), Anchor.load(large)
+    target = replace(s_large.shape, num_layers=3, intermediate_size=96, hidden_size=56, num_heads=4, num_kv_heads=2)
+    plan_e, plan_s, _ = plan_pair(s_small, s_large, target, IMPORTANCE)
+    unit, paper = (Pair(Term(s_small, plan_e), Term(s_large, plan_s), mix) for mix in ("unit", "paper"))
+    reference = mixed(unit, target, 0.0)
+    for alpha in (0.25, 0.5, 1.0):
+        assert all(torch.equal(t, reference[n]) for n, t in mixed(unit, target, alpha).items()), alpha
+    out = {}
+    for mix in ("unit", "paper"):
+        out[mix] = tmp_path / mix
+        materialize(out[mix], small=small, large=large, shape=target.to_dict(), alpha=0.75, mix=mix, dtype="float32")
+    zero = tmp_path / "zero"
+    materialize(zero, small=small, large=large, shape=target.to_dict(), alpha=0.0, dtype="float32")
+    torch.testing.assert_close(logits(out["unit"]), logits(zero), atol=0, rtol=0)
+    assert not torch.allclose(logits(out["paper"]), logits(zero), atol=1e-3)
+    assert paper.mix == "paper"
 
 
 def test_lineage_alignment_keeps_the_units_the_small_anchor_came_from(tiny_model, tmp_path):
@@ -126,7 +181,8 @@ def test_lineage_alignment_keeps_the_units_the_small_anchor_came_from(tiny_model
     # at the small anchor's own shape, S(large) keeps exactly the small anchor's units: it is the small anchor
     out = tmp_path / "s-at-small"
     materialize(out, small=small, large=large, shape=spec_of(small).shape.to_dict(), alpha=0.0, dtype="float32")
-    assert json.loads((out / "cbd.json").read_text())["terms"][0]["plan"]["residual"] == lineage["residual"]
+    terms = {term["role"]: term for term in json.loads((out / "cbd.json").read_text())["terms"]}
+    assert terms["large"]["plan"]["residual"] == lineage["residual"]
     expected = weights(small)
     assert all(torch.equal(t, expected[n]) for n, t in weights(out).items())
 
@@ -138,7 +194,7 @@ def test_hungarian_alignment_recovers_an_anchor_without_lineage(tiny_model, tmp_
     large = tiny_model("llama", num_hidden_layers=4, intermediate_size=128)
     small = tmp_path / "small"
     materialize(small, large=large, dtype="float32", shape={**spec_of(large).shape.to_dict(), "num_layers": 2,
-                "intermediate_size": 64, "hidden_size": 48, "num_heads": 2, "num_kv_heads": 1})
+                "intermediate_size": 64, "hidden_size": 48, "num_heads": 2, "num_kv_heads": 1}, importance="magnitude")
     anchor = Anchor.load(small)
     shape = anchor.shape
     generator = torch.Generator().manual_seed(1)
@@ -153,20 +209,20 @@ def test_hungarian_alignment_recovers_an_anchor_without_lineage(tiny_model, tmp_
         layers.append(LayerMap(i, False, heads, kv, perm(shape.intermediate_size)))
     permuted = tmp_path / "permuted"
     model = AutoModelForCausalLM.from_pretrained(small)
-    model.load_state_dict(_state_dict([Term(anchor, Plan(perm(shape.hidden_size), layers), 1.0)], shape, 0),
-                          strict=False)
+    model.load_state_dict(transformed(Term(anchor, Plan(perm(shape.hidden_size), layers)), shape), strict=False)
     model.tie_weights()
     model.save_pretrained(permuted)
     torch.testing.assert_close(logits(permuted), logits(small), atol=1e-5, rtol=0)
 
     target = spec_of(large).shape.to_dict()  # S keeps every unit, so only E's placement decides the mix
-    by_lineage = materialize(tmp_path / "lineage", small=small, large=large, shape=target, alpha=0.5)
-    by_weights = materialize(tmp_path / "hungarian", small=permuted, large=large, shape=target, alpha=0.5)
+    by_lineage = materialize(tmp_path / "lineage", small=small, large=large, shape=target, alpha=0.5, mix="paper")
+    by_weights = materialize(tmp_path / "hungarian", small=permuted, large=large, shape=target, alpha=0.5,
+                             mix="paper")
     assert by_lineage.provenance["alignment"]["method"] == "lineage"
     assert by_weights.provenance["alignment"]["method"] == "hungarian"
     # a lineage recorded against other weights is not trusted
     other = tiny_model("llama", seed=5, num_hidden_layers=4, intermediate_size=128)
-    result = materialize(tmp_path / "other", small=small, large=other, shape=target, alpha=0.5)
+    result = materialize(tmp_path / "other", small=small, large=other, shape=target, alpha=0.5, mix="paper")
     assert result.provenance["alignment"]["method"] == "hungarian"
     torch.testing.assert_close(logits(tmp_path / "hungarian"), logits(tmp_path / "lineage"), atol=1e-5, rtol=0)
 
@@ -208,26 +264,73 @@ def test_calibration_longer_than_the_models_positions_is_cut_to_them(tiny_model,
     large = tiny_model("gpt2")  # learned position embeddings: 64 positions, no more
     shape = {**spec_of(large).shape.to_dict(), "intermediate_size": 64}
     result = materialize(tmp_path / "small", large=large, shape=shape, calibration=["x" * 500], dtype="float32")
-    assert result.provenance["importance"] == "activation"
+    assert result.provenance["importance"]["kind"] == "activation"
 
 
-def test_default_alpha_and_mix(tiny_model, tmp_path):
+def test_proportional_alpha(tiny_model, tmp_path):
     small, large = _two_anchors(tiny_model, tmp_path)
     p_small, p_large = spec_of(small).num_params, spec_of(large).num_params
     out = tmp_path / "mid"
-    result = materialize(out, small=small, large=large, size=(p_small + p_large) // 2, dtype="float32")
+    result = materialize(out, small=small, large=large, size=(p_small + p_large) // 2, alpha="proportional",
+                         dtype="float32")
     assert result.alpha == pytest.approx((p_large - result.params) / (p_large - p_small))
     assert p_small < result.params < p_large and result.params == spec_of(out).num_params
     provenance = json.loads((out / "cbd.json").read_text())
     assert provenance["alignment"]["method"] == "lineage" and provenance["alpha"] == result.alpha
+    assert provenance["mix"] == "unit" and provenance["alpha_search"] == {"requested": "proportional"}
     assert [a["role"] for a in provenance["anchors"]] == ["small", "large"]
+    quality = provenance["quality"]  # a requested alpha is scored on the dev rows too, beside alpha 0
+    assert quality["dev_rows"] == 32 and quality["dev_loss"] > 0 and quality["alpha_0_dev_loss"] > 0
+    assert quality["worse_than_alpha_0"] == (quality["dev_loss"] > quality["alpha_0_dev_loss"])
 
 
-def test_auto_alpha_picks_a_candidate(tiny_model, tmp_path):
+def test_auto_alpha_is_the_default_and_picks_the_best_of_a_grid_with_both_ends(tiny_model, tmp_path):
     small, large = _two_anchors(tiny_model, tmp_path)
     result = materialize(tmp_path / "auto", small=small, large=large, shape={**spec_of(large).shape.to_dict(),
-                         "num_layers": 3}, alpha="auto", calibration=["hello world, this is text"] * 3)
-    assert result.alpha in [round(0.1 * i, 1) for i in range(1, 10)]
+                         "num_layers": 3}, dtype="float32")
+    search = result.provenance["alpha_search"]
+    grid = {float(alpha): loss for alpha, loss in search["grid"].items()}
+    assert {0.0, 0.25, 0.5, 0.75, 1.0} <= set(grid) and len(grid) in (6, 7)
+    assert result.alpha == min(grid, key=grid.get) and search["dev_loss"] == grid[result.alpha]
+    assert result.provenance["alphas"] == dict.fromkeys(("attention", "mlp", "embeddings_norms"), result.alpha)
+    assert not result.provenance["quality"]["worse_than_alpha_0"]
+    # the dev loss recorded is the written model's own (scored again from the files)
+    from cbd_engine.alpha_search import dev_examples
+    from cbd_engine.models import examples_loss, load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(tmp_path / "auto")
+    loss = examples_loss(load_model(tmp_path / "auto"), dev_examples(tokenizer, default_calibration()),
+                         tokenizer.pad_token_id)
+    assert loss == pytest.approx(search["dev_loss"], abs=1e-4)
+
+
+def test_per_module_refinement_is_kept_only_when_it_beats_the_grid(tiny_model, tmp_path):
+    small, large = _two_anchors(tiny_model, tmp_path)
+    result = materialize(tmp_path / "refined", small=small, large=large, dtype="float32", refine_steps=3,
+                         shape={**spec_of(large).shape.to_dict(), "num_layers": 3})
+    search = result.provenance["alpha_search"]
+    refined = search["refined"]
+    assert refined["steps"] == 3 and set(refined["alphas"]) == {"attention", "mlp", "embeddings_norms"}
+    assert refined["kept"] == (refined["dev_loss"] < search["grid"][f"{result.alpha:g}"])
+    assert result.provenance["alphas"] == (refined["alphas"] if refined["kept"] else
+                                           dict.fromkeys(refined["alphas"], result.alpha))
+
+
+def test_calibration_comes_from_the_request_the_anchors_or_the_package(tiny_model, tmp_path, monkeypatch):
+    """Nothing is pruned by magnitude unless asked by name: without calibration text the anchor's own
+    calibration.json is read, and without one the package's default set."""
+    monkeypatch.setenv("CBD_CACHE_DIR", str(tmp_path / "cache"))
+    large = tiny_model("llama")
+    shape = {**spec_of(large).shape.to_dict(), "intermediate_size": 64}
+    result = materialize(tmp_path / "default", large=large, shape=shape, dtype="float32")
+    assert result.provenance["importance"] == {"kind": "activation", "calibration": "default", "rows": 256}
+    own = Calibration.from_texts([f"text number {i} about anchors" for i in range(40)], source="the chain's rows")
+    own.save(large)
+    result = materialize(tmp_path / "own", large=large, shape=shape, dtype="float32")
+    assert result.provenance["importance"]["calibration"] == "the chain's rows"
+    result = materialize(tmp_path / "magnitude", large=large, shape=shape, dtype="float32", importance="magnitude")
+    assert result.provenance["importance"] == {"kind": "magnitude"}
+    assert not (tmp_path / "own" / "calibration.json").exists()  # the chain's rows stay with its anchors
 
 
 def test_gpt2_head_subset_equals_index_select_of_the_kept_heads(tiny_model, tmp_path):
@@ -268,9 +371,9 @@ def test_reload_matches_in_memory_tied_and_deterministic(tiny_model, tmp_path):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert "lm_head.weight" not in weights(tmp_path / "a")
     s_small, s_large = Anchor.load(small), Anchor.load(large)
-    plan_e, plan_s, _ = plan_pair(s_small, s_large, first.shape, None)
+    plan_e, plan_s, _ = plan_pair(s_small, s_large, first.shape, IMPORTANCE)
     in_memory = AutoModelForCausalLM.from_config(model.config)
-    in_memory.load_state_dict(_state_dict([Term(s_small, plan_e, 0.4), Term(s_large, plan_s, 0.6)], first.shape, 0),
+    in_memory.load_state_dict(mixed(Pair(Term(s_small, plan_e), Term(s_large, plan_s), "unit"), first.shape, 0.4),
                               strict=False)
     in_memory.tie_weights()
     with torch.no_grad():
@@ -383,7 +486,7 @@ def test_smollm2_grows_exactly_and_prunes_by_activation(smollm2, tmp_path):
     result = materialize(pruned, large=smollm2, size="100M", dtype="bfloat16",
                          calibration=Path(__file__).resolve().parents[2] / "shared/data/instruction/"
                                                                            "minillm_dolly_dev.jsonl")
-    assert result.provenance["importance"] == "activation"
+    assert result.provenance["importance"]["kind"] == "activation"
     assert abs(result.params - 100e6) <= 3e6 and result.shape.num_layers == 30
     model = AutoModelForCausalLM.from_pretrained(pruned)
     assert model.num_parameters() == result.params

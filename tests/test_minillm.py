@@ -196,7 +196,7 @@ def test_decoding_with_kv_caches_and_left_padding_matches_the_full_forward(pair)
 
 def test_rollouts_end_at_the_first_eos_and_padding_after_it_changes_nothing(pair, data):
     student, teacher = load_model(pair[1]).eval(), load_model(pair[0]).eval()
-    prompts = [example.input_ids[: example.prompt_length] for example in data[0][:6]]
+    prompts = [example.input_ids[: example.prompt_length] for example in data.train[:6]]
     torch.manual_seed(0)
     free = mixture_rollouts(student, teacher, prompts, 0.2, 20, None, pad_id=0)
     eos = max(range(512), key=lambda token: sum(response.count(token) for response in free))  # a frequent token
@@ -208,7 +208,7 @@ def test_rollouts_end_at_the_first_eos_and_padding_after_it_changes_nothing(pair
     assert any(len(cut) < 20 for cut in ended)
 
     # the same rollouts with junk after EOS (unattended, unscored): identical scores, losses and gradients
-    examples = [example for example in data[0][:4]]
+    examples = [example for example in data.train[:4]]
     batch = collate(examples, pad_id=0)
     padded = Batch(torch.cat([batch.input_ids, torch.full((4, 5), 77)], 1),
                    torch.cat([batch.attention_mask, torch.zeros(4, 5, dtype=torch.long)], 1),
@@ -233,7 +233,7 @@ def test_a_teacher_equal_to_the_student_gives_ratio_one_and_no_gradient(pair, da
     policy = PolicyDistillation(student, StudentLoss(student, config.loss_config), teacher, load_tokenizer(pair[1]),
                                 config, torch.device("cpu"), bf16=False)
     torch.manual_seed(0)
-    row = policy.update(0, data[0][:4], random.Random(0))
+    row = policy.update(0, data.train[:4], random.Random(0))
     assert row["response_tokens"] > 4
     rewards = torch.cat([r.rewards for r in policy.rollouts])
     assert torch.allclose(rewards, torch.zeros_like(rewards), atol=1e-6)
@@ -248,7 +248,7 @@ def test_a_teacher_equal_to_the_student_gives_ratio_one_and_no_gradient(pair, da
 
 def test_minillm_distillation_lowers_the_reverse_kl_and_records_its_settings(pair, data, tmp_path):
     config = _config(steps=16, batch_size=8, ppo_epochs=2, learning_rate=1e-2)
-    result = distill(pair[0], pair[1], data[0], data[1], tmp_path / "out", config)
+    result = distill(pair[0], pair[1], data, tmp_path / "out", config)
     with open(result.path / "loss_curve.csv") as handle:
         divergences = [float(row["divergence"]) for row in csv.DictReader(handle) if row["divergence"]]
     assert len(divergences) == 16
@@ -268,7 +268,7 @@ def test_killed_minillm_run_resumes_to_the_same_weights(pair, data, tmp_path):
     config = _config(steps=6, checkpoint_every=2, eval_every=3, micro_batch_size=2, max_new_tokens=6,
                      lm_data=str(text), lm_weight=0.5)
     whole = assert_resumes_to_the_same_weights(
-        lambda out, **kwargs: distill(pair[0], pair[1], data[0], data[1], out, config, **kwargs), tmp_path)
+        lambda out, **kwargs: distill(pair[0], pair[1], data, out, config, **kwargs), tmp_path)
     with open(whole.path / "loss_curve.csv") as handle:
         assert all(float(row["cross_entropy"]) > 0 for row in csv.DictReader(handle) if row["step"] != "0")
 

@@ -167,7 +167,7 @@ def _indexed(examples, indices):
 
 
 def test_cache_rows_are_the_teachers_top_k_and_a_second_build_does_nothing(pair, data, tmp_path, monkeypatch):
-    train = data[0]
+    train = data.train
     settings = CacheSettings(top_k=16, dtype="float32")
     folder = build_teacher_cache(pair[0], train, settings, tmp_path, batch_size=3)
     info = json.loads((folder / "cache.json").read_text())
@@ -187,7 +187,7 @@ def test_cache_rows_are_the_teachers_top_k_and_a_second_build_does_nothing(pair,
 
 
 def test_float16_storage_and_shards_give_the_same_rows(pair, data, tmp_path):
-    train = data[0]
+    train = data.train
     whole = TeacherCache(build_teacher_cache(pair[0], train, CacheSettings(8, dtype="float32"), tmp_path / "a"))
     sharded = TeacherCache(build_teacher_cache(pair[0], train, CacheSettings(8, dtype="float16"), tmp_path / "b",
                                                shard_bytes=2000))
@@ -201,7 +201,7 @@ def test_float16_storage_and_shards_give_the_same_rows(pair, data, tmp_path):
 
 
 def test_key_changes_with_k_temperature_precision_teacher_and_data(pair, data):
-    train = data[0]
+    train = data.train
     base = CacheSettings(16)
     keys = {
         cache_key(pair[0], train, base),
@@ -219,7 +219,7 @@ def test_key_changes_with_k_temperature_precision_teacher_and_data(pair, data):
 
 
 def test_cached_loss_with_k_covering_the_vocabulary_equals_the_teacher_forward(pair, data, tmp_path):
-    train = data[0]
+    train = data.train
     cache = TeacherCache(build_teacher_cache(pair[0], train, CacheSettings(VOCAB, dtype="float32"), tmp_path))
     teacher = load_model(pair[0]).eval().requires_grad_(False)
     student = load_model(pair[1]).train()
@@ -258,7 +258,7 @@ def test_distillation_from_the_cache_learns_and_loads_the_teacher_once(pair, dat
     for module in (cbd_engine.distill, teacher_cache):
         monkeypatch.setattr(module, "load_model", counting(module.load_model))
     config = _config(tmp_path, eval_every=6)
-    first = distill(pair[0], pair[1], data[0], data[1], tmp_path / "first", config)
+    first = distill(pair[0], pair[1], data, tmp_path / "first", config)
     assert loaded.count(str(pair[0])) == 1  # to build the cache
     curve = (first.path / "loss_curve.csv").read_text().splitlines()
     header = curve[0].split(",")
@@ -267,14 +267,14 @@ def test_distillation_from_the_cache_learns_and_loads_the_teacher_once(pair, dat
     assert first.metrics["validation_loss"] < first.metrics["validation_loss_before"]
 
     loaded.clear()
-    distill(pair[0], pair[1], data[0], data[1], tmp_path / "second", _config(tmp_path, steps=2, loss="forward_kl"))
+    distill(pair[0], pair[1], data, tmp_path / "second", _config(tmp_path, steps=2, loss="forward_kl"))
     assert loaded == [str(pair[1])]  # the student only: the teacher's outputs come from the cache
 
 
 def test_killed_run_with_the_cache_resumes_to_the_same_weights(pair, data, tmp_path):
     config = _config(tmp_path, steps=5, micro_batch_size=2, checkpoint_every=2, ce_weight=0.2)
     assert_resumes_to_the_same_weights(
-        lambda out, **kwargs: distill(pair[0], pair[1], data[0], data[1], out, config, **kwargs), tmp_path)
+        lambda out, **kwargs: distill(pair[0], pair[1], data, out, config, **kwargs), tmp_path)
 
 
 def test_the_cache_is_refused_on_policy_and_passes_through_a_chain_spec():

@@ -51,3 +51,27 @@ def ratio_ci(numerators: Sequence[float], denominators: Sequence[float], z: floa
     residual_sq = sum((a - ratio * b) ** 2 for a, b in zip(numerators, denominators, strict=True))
     half = z * math.sqrt(n / (n - 1) * residual_sq) / total
     return ratio, (ratio - half, ratio + half)
+
+
+BOOTSTRAP_SAMPLES = 2000
+
+
+def paired_difference(a: Sequence[tuple[float, int]], b: Sequence[tuple[float, int]],
+                      samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, tuple[float, float]]:
+    """Per-token loss of model a minus model b on the same rows, each given as (loss sum, scored tokens) per row, with
+    a 95% percentile bootstrap interval that resamples rows, the same rows for both models (a paired comparison:
+    the rows' own difficulty cancels). A difference counts only when its interval excludes 0."""
+    import numpy as np
+
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError("a paired difference needs the same rows, at least two, for both models")
+    sums = np.array([[row[0] for row in a], [row[0] for row in b]])
+    counts = np.array([[row[1] for row in a], [row[1] for row in b]], dtype=float)
+    if (counts[0] != counts[1]).any():
+        raise ValueError("the two models were scored on different tokens: not the same rows")
+    difference = sums[0].sum() / counts[0].sum() - sums[1].sum() / counts[1].sum()
+    picks = np.random.default_rng(seed).integers(0, len(a), size=(samples, len(a)))
+    tokens = counts[0][picks].sum(axis=1)
+    resampled = (sums[0][picks].sum(axis=1) - sums[1][picks].sum(axis=1)) / tokens
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    return float(difference), (float(low), float(high))
