@@ -34,9 +34,6 @@ from cbd_engine.files import write_text_atomically
 from cbd_engine.progress import Cancelled, ProgressCallback, no_progress
 from cbd_engine.shapes import Shape, ShapeError, parse_size
 
-# Defaults measured on SmolLM2-135M-Instruct and Dolly (docs/DISTILLATION.md): reverse KL, lr 3e-4.
-CHAIN_DEFAULTS = {"loss": "reverse_kl", "mode": "off_policy", "steps": 1000, "batch_size": 8, "learning_rate": 3e-4,
-                  "max_length": 512, "seed": 0}
 SFT_LEARNING_RATE = 1e-5  # the paper's fine-tuning rate (appendix B)
 CHAIN_ONLY_KEYS = ("sft_epochs", "sft_learning_rate")
 
@@ -94,7 +91,7 @@ class ChainPlan:
     source: str
     anchors: list[AnchorSpec]
     dataset: dict
-    distillation: dict  # DistillConfig fields
+    distillation: dict  # every DistillConfig field
     sft_epochs: float
     sft_learning_rate: float
     bridge: BridgeSpec | None = None  # a SeqKD bridge replaces the source as anchor 0
@@ -112,12 +109,12 @@ def parse_spec(spec: dict) -> ChainPlan:
     dataset = spec.get("dataset") or {}
     if not (dataset.get("path") or dataset.get("hf")):
         raise ValueError("dataset needs path (JSONL or text file) or hf (a data set id)")
-    distillation = {**CHAIN_DEFAULTS, **(spec.get("distillation") or {})}
+    distillation = {key: value for key, value in (spec.get("distillation") or {}).items() if value is not None}
     chain_only = {key: distillation.pop(key) for key in CHAIN_ONLY_KEYS if key in distillation}
     if spec.get("device"):
         distillation["device"] = spec["device"]
     distillation.setdefault("prompt_format", dataset.get("prompt_format", "alpaca"))
-    DistillConfig.from_dict(distillation)
+    distillation = asdict(DistillConfig.from_dict(distillation))  # every setting, the recipe's defaults filled in
     sft_epochs = float(chain_only.get("sft_epochs", 0) or 0)
     if sft_epochs < 0:
         raise ValueError(f"distillation.sft_epochs must be >= 0, got {sft_epochs}")

@@ -1,4 +1,10 @@
-"""Settings of one distillation stage; torch-free, so the service can validate a request without torch."""
+"""Settings of one distillation stage, and their defaults: the chain recipe's, read by the engine, the CLI and the
+API alike (app/schemas.py builds its request fields from them). Torch-free, so the service validates without torch.
+
+The defaults were measured (docs/DISTILLATION.md, "The anchor recipe"): forward KL off-policy (teacher-forced on the
+data set's responses, the consistent pairing; Minitron distills so), reverse KL where the student's own samples are
+scored (on_policy, minillm: MiniLLM's objective).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ from dataclasses import dataclass, fields
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
 
 MODES = ("off_policy", "on_policy", "minillm")
+LOSSES = DIVERGENCES + ("ce",)  # ce: plain fine-tuning on the responses (SFT)
+LOSS_BY_MODE = {"off_policy": "forward_kl", "on_policy": "reverse_kl", "minillm": "reverse_kl"}
 SELECT_BY = ("dev_loss", "rouge_l")  # on the dev rows
 # How a teacher cache models the teacher outside its top k (losses.sparse_divergence; measured in docs/DISTILLATION.md)
 TEACHER_CACHE_TAILS = ("bucket", "uniform")
@@ -14,14 +22,14 @@ TEACHER_CACHE_TAILS = ("bucket", "uniform")
 
 @dataclass
 class DistillConfig:
-    loss: str = "reverse_kl"  # one of losses.DIVERGENCES, or "ce" for plain fine-tuning (SFT)
+    loss: str | None = None  # one of LOSSES; None: LOSS_BY_MODE[mode]
     beta: float = 0.5  # jsd
     skew: float = 0.1  # skew_forward_kl / skew_reverse_kl
     temperature: float = 1.0  # on both models' logits
     mode: str = "off_policy"  # teacher-forced on the data set's responses, on_policy (student samples) or minillm
     data_mix: float = 0.5  # on_policy: fraction of examples that keep the data set's response
     ce_weight: float = 0.0  # weight of cross-entropy on the reference (data set) responses
-    steps: int = 100
+    steps: int = 1000
     batch_size: int = 8  # examples per optimizer step over all ranks and micro-batches
     micro_batch_size: int | None = None  # per rank; None: the whole per-rank share at once
     learning_rate: float = 3e-4
@@ -63,10 +71,12 @@ class DistillConfig:
     teacher_cache_tail: str = "bucket"
 
     def __post_init__(self) -> None:
-        if self.loss not in DIVERGENCES + ("ce",):
-            raise ValueError(f"loss must be one of {DIVERGENCES + ('ce',)}, got {self.loss!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.loss is None:
+            self.loss = LOSS_BY_MODE[self.mode]
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.steps < 1 or self.batch_size < 1 or self.max_length < 2:
             raise ValueError("steps, batch_size must be >= 1 and max_length >= 2")
         if self.select_by not in SELECT_BY:
