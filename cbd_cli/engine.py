@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
+    from cbd_engine.materialize import ALIGNMENTS, IMPORTANCES, INITS, REFINE_STEPS
+    from cbd_engine.mixing import MIXES
+
     p = subcommands.add_parser("materialize", help="build a model of any size from one or two anchors")
     p.add_argument("--small", help="the smaller anchor (a Hugging Face folder)")
     p.add_argument("--large", help="the larger anchor (a Hugging Face folder)")
@@ -15,14 +19,30 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     target.add_argument("--size", help="total parameters: 100000000, 100M, 1.2B")
     target.add_argument("--shape", help='JSON: {"num_layers", "hidden_size", "num_heads", "num_kv_heads", '
                                         '"head_dim", "intermediate_size"}')
-    p.add_argument("--alpha", help="weight of the smaller anchor in [0, 1], or 'auto' (default: by size)")
-    p.add_argument("--init", default="cbd", choices=("cbd", "random", "single", "learngene_auto", "learngene_van"))
-    p.add_argument("--calibration", help="instruction JSONL or text for activation importance and alpha 'auto'")
+    p.add_argument("--alpha", default="auto",
+                   help="weight of the smaller anchor: 'auto' (default: the best on the calibration's dev rows, "
+                        "0 and 1 included), 'proportional' (by parameter count) or a number in [0, 1]")
+    p.add_argument("--mix", default="unit", choices=MIXES,
+                   help="unit (default): alpha mixes the units both anchors have, the others keep their own anchor's "
+                        "weights; paper: Eq. 3 over the expanded smaller and pruned larger anchor")
+    p.add_argument("--init", default="cbd", choices=INITS)
+    p.add_argument("--calibration",
+                   help="instruction JSONL or text: its training rows rank units, its dev rows score alphas "
+                        "(default: the anchors' calibration.json, else the package's own set)")
+    p.add_argument("--importance", default="activation", choices=IMPORTANCES,
+                   help="how pruning ranks units: activations on the calibration (default) or weight magnitude")
+    p.add_argument("--refine-steps", type=int, default=REFINE_STEPS,
+                   help="alpha auto: fit one alpha per module group in this many steps after the grid, kept only "
+                        "if it beats the grid on the dev rows")
+    p.add_argument("--heal-steps", type=int, default=0,
+                   help="then distill the model from --large for this many steps (default 0: teacher-free)")
+    p.add_argument("--heal-data", help="instruction JSONL for healing (default: the package's calibration set)")
+    p.add_argument("--heal-lr", type=float, help="healing learning rate (default: the distillation default)")
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grow", default="zero", choices=("zero", "replicate"),
                    help="new layers: inert copies with zeroed residual writers (keeps the function) or replicas")
-    p.add_argument("--align", default="auto", choices=("auto", "lineage", "hungarian", "none"),
+    p.add_argument("--align", default="auto", choices=ALIGNMENTS,
                    help="how units of the two anchors are matched: recorded lineage, weight similarity, or position")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_materialize)
@@ -42,21 +62,42 @@ def _materialize(args: argparse.Namespace) -> int:
     from cbd_engine.materialize import materialize
     from cbd_engine.progress import TqdmProgress
 
-    alpha = args.alpha if args.alpha in (None, "auto") else float(args.alpha)
+    alpha = args.alpha if args.alpha in ("auto", "proportional") else float(args.alpha)
+    if args.heal_steps and not args.large:
+        raise ValueError("--heal-steps distills from --large: give it")
+    out = Path(args.out)
+    made = out.with_name(f".{out.name}.unhealed") if args.heal_steps else out
     progress = TqdmProgress()
     try:
-        result = materialize(
-            args.out, small=args.small, large=args.large, size=args.size,
-            shape=json.loads(args.shape) if args.shape else None, alpha=alpha, init=args.init,
-            calibration=args.calibration, dtype=args.dtype, seed=args.seed, grow=args.grow, align=args.align,
-            progress=progress,
-        )
+        if not (made / "config.json").is_file():  # an interrupted heal resumes on the model it started from
+            materialize(
+                made, small=args.small, large=args.large, size=args.size,
+                shape=json.loads(args.shape) if args.shape else None, alpha=alpha, mix=args.mix, init=args.init,
+                calibration=args.calibration, importance=args.importance, refine_steps=args.refine_steps,
+                dtype=args.dtype, seed=args.seed, grow=args.grow, align=args.align, progress=progress,
+            )
+        record = json.loads((made / "cbd.json").read_text())
+        summary = {"out": str(out), **{key: record.get(key) for key in ("params", "alpha", "shape", "quality")}}
+        if args.heal_steps:
+            summary["heal"] = _heal(made, args, progress)
     finally:
         progress.close()
-    summary = {"out": str(result.out), "params": result.params, "alpha": result.alpha,
-               "shape": result.shape.to_dict()}
     print(json.dumps(summary))
     return 0
+
+
+def _heal(made: Path, args: argparse.Namespace, progress) -> dict:
+    """Distill the materialized model from --large into --out; the unhealed folder goes once --out is written."""
+    import shutil
+
+    from cbd_engine.heal import heal
+
+    dataset = {"path": args.heal_data} if args.heal_data else None
+    result = heal(made, args.large, args.out, args.heal_steps, dataset=dataset, learning_rate=args.heal_lr,
+                  work_dir=made.with_name(made.name + "-work"), resume=True, progress=progress)
+    shutil.rmtree(made, ignore_errors=True)
+    shutil.rmtree(made.with_name(made.name + "-work"), ignore_errors=True)
+    return {key: result.metrics[key] for key in ("validation_loss_before", "validation_loss", "steps")}
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -32,10 +32,10 @@ from cbd_engine.distill_config import DistillConfig
 from cbd_engine.families import ModelSpec
 from cbd_engine.files import write_text_atomically
 from cbd_engine.progress import Cancelled, ProgressCallback, no_progress
-from cbd_engine.shapes import Shape, ShapeError, parse_size
+from cbd_engine.shapes import PRUNE_ORDERS, Shape, ShapeError, parse_size
 
 SFT_LEARNING_RATE = 1e-5  # the paper's fine-tuning rate (appendix B)
-CHAIN_ONLY_KEYS = ("sft_epochs", "sft_learning_rate")
+CHAIN_ONLY_KEYS = ("sft_epochs", "sft_learning_rate", "prune_order")  # chain settings beside DistillConfig's
 
 
 @dataclass
@@ -95,6 +95,7 @@ class ChainPlan:
     sft_epochs: float
     sft_learning_rate: float
     bridge: BridgeSpec | None = None  # a SeqKD bridge replaces the source as anchor 0
+    prune_order: str = "ffn_first"  # how an anchor given by size is cut from its predecessor (shapes.PRUNE_ORDERS)
 
 
 def parse_spec(spec: dict) -> ChainPlan:
@@ -109,6 +110,11 @@ def parse_spec(spec: dict) -> ChainPlan:
     dataset = spec.get("dataset") or {}
     if not (dataset.get("path") or dataset.get("hf")):
         raise ValueError("dataset needs path (JSONL or text file) or hf (a data set id)")
+    samples = dataset.get("teacher_samples") or 0
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise ValueError(f"dataset.teacher_samples must be a whole number >= 0, got {samples!r}")
+    if samples and spec.get("bridge") is not None:
+        raise ValueError("dataset.teacher_samples: a bridge trains on the source's answers already")
     distillation = {key: value for key, value in (spec.get("distillation") or {}).items() if value is not None}
     chain_only = {key: distillation.pop(key) for key in CHAIN_ONLY_KEYS if key in distillation}
     if spec.get("device"):
@@ -122,8 +128,12 @@ def parse_spec(spec: dict) -> ChainPlan:
     if bridge is not None and sft_epochs:
         raise ValueError("distillation.sft_epochs fine-tunes the source, which the bridge replaces as anchor 0: "
                          "fine-tune the source beforehand (as appendix B does) and give sft_epochs 0")
+    prune_order = chain_only.get("prune_order", "ffn_first")
+    if prune_order not in PRUNE_ORDERS:
+        raise ValueError(f"distillation.prune_order must be one of {', '.join(PRUNE_ORDERS)}, got {prune_order!r}")
     return ChainPlan(str(spec["source"]), [AnchorSpec.parse(i, a) for i, a in enumerate(anchors)], dataset,
-                     distillation, sft_epochs, float(chain_only.get("sft_learning_rate", SFT_LEARNING_RATE)), bridge)
+                     distillation, sft_epochs, float(chain_only.get("sft_learning_rate", SFT_LEARNING_RATE)), bridge,
+                     prune_order)
 
 
 # --- the recipe -----------------------------------------------------------------------------------------------------
@@ -144,6 +154,7 @@ def build_chain(spec: dict, out: Path, *, resume: bool = False, progress: Progre
     start = source_dir if plan.bridge is None else _bridge_start(plan.bridge, config, out)
     family = ModelSpec.from_config(read_config(start)).family.name
     data = ChainData.load(plan.dataset, start, config)  # the chain's tokenizer: the bridge's, when there is one
+    data = data.with_teacher_samples(plan.dataset, source_dir, config, progress, should_stop)
     results = [_anchor_zero(plan, config, data, source_dir, start, out, resume, progress, should_stop)]
     data.calibration.save(results[0].path)
     total = len(plan.anchors)
@@ -194,6 +205,31 @@ class ChainData:
         if not examples.validation:
             raise ValueError("the data set has no validation rows (sha256 of instruction + input is 0 mod 10)")
         return cls(examples, calibration)
+
+    def with_teacher_samples(self, dataset: dict, source_dir: Path, config, progress: ProgressCallback,
+                             should_stop) -> ChainData:
+        """`dataset.teacher_samples: N`: N answers of the source to every training prompt join the training rows
+        (SeqKD-style data for long budgets), generated once and cached like the bridge's."""
+        from cbd_engine.batches import encode_rows
+        from cbd_engine.bridge import GenerationParams
+        from cbd_engine.data import read_dataset_spec, split_rows
+        from cbd_engine.models import load_tokenizer
+
+        count = int(dataset.get("teacher_samples") or 0)
+        if not count:
+            return self
+        rows, _ = read_dataset_spec(dataset)
+        if rows is None:
+            raise ValueError("dataset.teacher_samples: the source answers the data set's prompts, so the data set "
+                             "must hold instruction rows")
+        params = GenerationParams(responses_per_prompt=count, max_new_tokens=config.max_length // 2,
+                                  max_length=config.max_length, seed=config.seed)
+        found = generate_responses(source_dir, split_rows(rows).train, params, generation_cache_dir(),
+                                   config.prompt_format, device=config.device, stage="teacher samples",
+                                   progress=progress, should_stop=should_stop)
+        sampled = encode_rows(load_tokenizer(source_dir), found.rows, config.prompt_format, config.max_length)
+        return ChainData(Splits(self.examples.train + sampled, self.examples.dev, self.examples.validation),
+                         self.calibration)
 
 
 def resolve_source(source: str, cache: Path) -> Path:
@@ -285,8 +321,9 @@ def _build_anchor(index: int, total: int, anchor: AnchorSpec, previous: AnchorRe
     else:
         start = out / f"anchor-{index:02d}.pruned"
         if not (start / "config.json").is_file():
-            _prune(previous.path, start, anchor, data, config, label, progress, should_stop)
-        origin = {"init": "pruned", "size": anchor.size, "shape": anchor.shape}
+            _prune(previous.path, start, anchor, data, config, plan.prune_order, label, progress, should_stop)
+        origin = {"init": "pruned", "size": anchor.size, "shape": anchor.shape,
+                  "prune_order": plan.prune_order if anchor.size is not None else None}
     provenance = {"anchor_index": index, "teacher_anchor_index": previous.index, **origin}
     distill(previous.path, start, data.examples, folder, config, work_dir=out / f"anchor-{index:02d}.work",
             resume=resume, stage=f"{label}: distill", provenance=provenance, progress=progress,
@@ -296,20 +333,22 @@ def _build_anchor(index: int, total: int, anchor: AnchorSpec, previous: AnchorRe
     return _result(index, folder)
 
 
-def _prune(large: Path, out: Path, anchor: AnchorSpec, data: ChainData, config, label: str,
+def _prune(large: Path, out: Path, anchor: AnchorSpec, data: ChainData, config, prune_order: str, label: str,
            progress: ProgressCallback, should_stop) -> None:
     """The materializer's subset transform with activation importance on the training rows."""
     from cbd_engine.materialize import materialize
 
     materialize(out, large=large, size=anchor.size, shape=anchor.shape, calibration=data.calibration,
-                dtype="float32", seed=config.seed, progress=_renamed(progress, f"{label}: prune"),
+                prune_order=prune_order,
+                dtype="float32", seed=config.seed, progress=_prefixed(progress, f"{label}: prune"),
                 should_stop=should_stop)
 
 
-def _renamed(progress: ProgressCallback, stage: str) -> ProgressCallback:
+def _prefixed(progress: ProgressCallback, prefix: str) -> ProgressCallback:
+    """The materializer's stages (importance, materialize) as stages of this anchor's pruning."""
     from dataclasses import replace
 
-    return lambda event: progress(replace(event, stage=stage))
+    return lambda event: progress(replace(event, stage=f"{prefix} ({event.stage})"))
 
 
 def _train_bridge(plan: ChainPlan, config, source_dir: Path, start: Path, out: Path, resume: bool,
@@ -444,6 +483,8 @@ def estimate_chain_seconds(spec: dict) -> float:
         seconds += sft_steps * tokens_per_step * 6 * sizes[0] / speed
     if plan.bridge is not None:
         seconds += _bridge_flops(plan, sizes[0], tokens_per_step) / speed
+    samples = int(plan.dataset.get("teacher_samples") or 0)  # the source answers every training prompt N times
+    seconds += samples * DATASET_ROWS * config["max_length"] / 2 * 2 * sizes[0] * DECODING_SLOWDOWN / speed
     eval_every = config.get("eval_every") or steps
     eval_tokens = config.get("eval_rows", 200) * config["max_length"] * 0.6
     for teacher, student, anchor in zip(sizes, sizes[1:], plan.anchors, strict=False):

@@ -1,17 +1,24 @@
-"""`run_experiment(spec, out)`: a resumable grid that reproduces the paper's comparisons on one machine (issue 5).
+"""`run_experiment(spec, out)`: a resumable grid that reproduces the paper's comparisons on one machine, with the
+baselines the paper leaves out (docs/RESULTS.md).
 
 The recipe, top to bottom:
   1. chains: each named chain spec (a POST /chains body) is built into out/chains/NAME (build_chain, resumable),
      the chain the grid interpolates first; right after it:
-  2. models: SLMs between two anchors of that chain, for every (size, init) of the grid and every alpha of the
-     alpha sweep, written by the materializer into out/models/ID
-  3. training: the runs of the training grid (a model id x a token budget) with `cbd train` into out/trained/ID
-  4. evaluation, once every chain is built: every anchor, model and trained model on the held-out validation loss
-     and the listed tasks, into out/evals/ID.json
-  5. report: results.csv (one row per model and metric), results.md (the paper's tables), plots, manifest.json
+  2. models between two anchors of that chain, for every (variant, size): a variant is a set of materialize
+     options (alpha, mix, init), so the defaults, alpha 0 (the larger anchor pruned to the size), alpha 1, the
+     paper's Eq. 3 and the baselines of fresh initializations sit side by side; then the alpha sweep;
+  3. heal: every model of step 2 distilled from the larger anchor for each K of `heal_steps` (K > 0);
+  4. direct: the Minitron-style baseline, the chain's source pruned to each size (the interpolated models' very
+     shape) and distilled from the source for the same number of student steps the chain spent;
+  5. two_by_two: an anchor's two causes apart at equal steps: initialized from its predecessor anchor or from
+     the source, taught by either;
+  6. training: the runs of the training grid (a model id x a token budget) with `cbd train`;
+  7. evaluation, once every chain is built: every model on the held-out rows (per-row losses kept, so any two
+     models compare pair-wise) and the listed tasks, into out/evals/ID.json;
+  8. report: results.csv, results.md (tables with paired intervals), plots, manifest.json.
 
 Every unit writes its output atomically and is skipped when that output exists, so an interrupted run continues
-where it stopped; `manifest.json` records the spec, versions, seeds, the command and each unit's seconds.
+where it stopped; `manifest.json` records the spec, versions, seeds, the commands and each unit's seconds.
 """
 
 from __future__ import annotations
@@ -28,22 +35,24 @@ from cbd_engine.files import write_text_atomically
 from cbd_engine.progress import ProgressCallback, no_progress
 from cbd_engine.shapes import parse_size
 
-VALIDATION = "validation_loss"  # the contract's validation rows of the training data: the curves' own metric
-EXPERIMENT_KEYS = {"name", "seed", "chains", "interpolate", "training", "evaluation"}
+VALIDATION = "validation_loss"  # the contract's validation rows of the chain's data: the curves' own metric
+EXPERIMENT_KEYS = {"name", "seed", "chains", "interpolate", "direct", "two_by_two", "training", "evaluation"}
+DEFAULT_VARIANTS = {"auto": {}}  # materialize's defaults: unit mix, alpha chosen on the dev rows
 
 
 @dataclass(frozen=True)
 class ModelUnit:
-    """One model of the grid: an anchor of a chain, a materialized SLM, or a trained one."""
+    """One model of the grid."""
 
     id: str
-    kind: str  # "anchor", "materialized" or "trained"
-    init: str  # "anchor", "cbd", "random", "single", "learngene_auto", "learngene_van"
-    size: int | None = None  # the requested size (materialized, trained)
-    alpha: float | str | None = None  # cbd only: a number or "default"
+    kind: str  # "anchor", "materialized", "healed", "direct", "cross" (two_by_two), "trained"
+    init: str  # the variant's name ("auto", "alpha0", ...), "anchor", or how it was made
+    size: int | None = None  # the requested size
     chain: str | None = None
+    options: dict = field(default_factory=dict, hash=False)  # materialize options; cross: init/teacher anchors
+    heal: int = 0  # healing steps after materialization
     tokens: int = 0  # training budget read after materialization
-    base: str | None = None  # trained: the model id it started from
+    base: str | None = None  # healed and trained: the model id it started from
     path: Path = field(default=Path())
 
 
@@ -51,12 +60,8 @@ def _size_label(size: int) -> str:
     return f"{size / 1e6:g}M"
 
 
-def _alpha_label(alpha: float | str) -> str:
-    return "default" if alpha == "default" else f"{float(alpha):g}"
-
-
 @dataclass
-class Plan:
+class Grid:
     spec: dict
     out: Path
     models: list[ModelUnit]
@@ -68,7 +73,7 @@ class Plan:
         raise ValueError(f"no model {model_id!r} in the grid; known: {[u.id for u in self.models]}")
 
 
-def plan_experiment(spec: dict, out: Path) -> Plan:
+def plan_experiment(spec: dict, out: Path) -> Grid:
     """Every model of the grid with its id and folder; errors name the spec field."""
     unknown = sorted(set(spec) - EXPERIMENT_KEYS)
     if unknown:
@@ -78,69 +83,105 @@ def plan_experiment(spec: dict, out: Path) -> Plan:
         raise ValueError("chains: at least one named chain spec (a POST /chains body) is needed")
     models: list[ModelUnit] = []
     for name, chain_spec in chains.items():
-        anchors = len(chain_spec.get("anchors") or [])
-        for index in range(anchors + 1):
+        for index in range(len(chain_spec.get("anchors") or []) + 1):
             models.append(ModelUnit(f"{name}-anchor{index}", "anchor", "anchor", chain=name,
                                     path=out / "chains" / name / f"anchor-{index:02d}"))
-    grid = spec.get("interpolate")
-    if grid:
-        if grid.get("chain") not in chains:
-            raise ValueError(f"interpolate.chain must name one of the chains {sorted(chains)}")
-        for size in grid.get("sizes", []):
-            for init in grid.get("inits", ["cbd"]):
-                alpha = "default" if init == "cbd" else None
-                models.append(_materialized(out, grid["chain"], init, parse_size(size), alpha))
-        sweep = grid.get("alpha_sweep")
-        if sweep:
-            for alpha in sweep["alphas"]:
-                unit = _materialized(out, grid["chain"], "cbd", parse_size(sweep["size"]), alpha)
-                if unit.id not in {m.id for m in models}:
-                    models.append(unit)
-    training = spec.get("training") or {}
+    for section in ("interpolate", "direct", "two_by_two"):
+        if spec.get(section) and spec[section].get("chain") not in chains:
+            raise ValueError(f"{section}.chain must name one of the chains {sorted(chains)}")
+    models += _interpolated(spec.get("interpolate"), out)
+    models += _direct(spec.get("direct"), spec.get("interpolate"), out)
+    models += _two_by_two(spec.get("two_by_two"), out)
+    models += _trained(spec.get("training") or {}, models, out)
+    return Grid(spec, out, models)
+
+
+def _interpolated(grid: dict | None, out: Path) -> list[ModelUnit]:
+    if not grid:
+        return []
+    variants = grid.get("variants") or DEFAULT_VARIANTS
+    units = [ModelUnit(f"{name}-{_size_label(parse_size(size))}", "materialized", name, parse_size(size),
+                       grid["chain"], dict(options), path=out / "models" / f"{name}-{_size_label(parse_size(size))}")
+             for size in grid.get("sizes", []) for name, options in variants.items()]
+    healed = [ModelUnit(f"{u.id}+heal{k}", "healed", u.init, u.size, u.chain, u.options, heal=k, base=u.id,
+                        path=out / "healed" / f"{u.id}+heal{k}") for k in grid.get("heal_steps", []) if k
+              for u in units]
+    sweep = grid.get("alpha_sweep") or {}
+    swept = [ModelUnit(f"sweep-{mix}-{_size_label(size)}-a{float(alpha):g}", "materialized", f"sweep-{mix}", size,
+                       grid["chain"], {"alpha": float(alpha), "mix": mix},
+                       path=out / "models" / f"sweep-{mix}-{_size_label(size)}-a{float(alpha):g}")
+             for size in _sweep_sizes(sweep) for mix in sweep.get("mixes", ["unit"]) for alpha in sweep["alphas"]]
+    return units + healed + swept
+
+
+def _sweep_sizes(sweep: dict) -> list[int]:
+    return [parse_size(size) for size in sweep.get("sizes", [sweep["size"]] if "size" in sweep else [])]
+
+
+def _direct(direct: dict | None, grid: dict | None, out: Path) -> list[ModelUnit]:
+    """The source pruned to each size of the interpolation grid and distilled from the source."""
+    if not direct:
+        return []
+    return [ModelUnit(f"direct-{_size_label(parse_size(size))}", "direct", "direct", parse_size(size),
+                      direct["chain"], {"steps": direct["steps"]},
+                      path=out / "direct" / f"direct-{_size_label(parse_size(size))}")
+            for size in (grid or {}).get("sizes", [])]
+
+
+def _two_by_two(cross: dict | None, out: Path) -> list[ModelUnit]:
+    """Anchor k of a chain (its shape) made four ways: pruned from anchor k - 1 or from the source, distilled from
+    either, the same steps. (Pruned from and taught by anchor k - 1 is the chain's own anchor k when the steps are
+    the chain's.)"""
+    if not cross:
+        return []
+    units = []
+    for start in ("anchor", "source"):
+        for teacher in ("anchor", "source"):
+            unit_id = f"2x2-init_{start}-teacher_{teacher}"
+            units.append(ModelUnit(unit_id, "cross", unit_id, None, cross["chain"],
+                                   {"anchor": cross.get("anchor", 2), "init": start, "teacher": teacher,
+                                    "steps": cross["steps"]}, path=out / "cross" / unit_id))
+    return units
+
+
+def _trained(training: dict, models: list[ModelUnit], out: Path) -> list[ModelUnit]:
+    units = []
     for run in training.get("runs", []):
         base = next((m for m in models if m.id == run["model"]), None)
         if base is None:
             raise ValueError(f"training.runs: no model {run['model']!r} in the grid")
         for tokens in training.get("budgets", []):
             unit_id = f"{base.id}+{int(tokens)}tok"
-            models.append(ModelUnit(unit_id, "trained", base.init, base.size, base.alpha, base.chain, int(tokens),
-                                    base.id, out / "trained" / unit_id))
-    return Plan(spec, out, models)
-
-
-def _materialized(out: Path, chain: str, init: str, size: int, alpha: float | str | None) -> ModelUnit:
-    unit_id = f"{init}-{_size_label(size)}" + (f"-a{_alpha_label(alpha)}" if alpha is not None else "")
-    return ModelUnit(unit_id, "materialized", init, size, alpha, chain, path=out / "models" / unit_id)
+            units.append(ModelUnit(unit_id, "trained", base.init, base.size, base.chain, base.options,
+                                   tokens=int(tokens), base=base.id, path=out / "trained" / unit_id))
+    return units
 
 
 # --- the recipe -----------------------------------------------------------------------------------------------------
 
 
 def run_experiment(spec: dict, out: str | Path, *, progress: ProgressCallback = no_progress,
-                   command: list[str] | None = None, log: Callable[[str], None] = print) -> Plan:
+                   command: list[str] | None = None, log: Callable[[str], None] = print) -> Grid:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = plan_experiment(spec, out)
+    grid = plan_experiment(spec, out)
     manifest = _manifest(out, spec, command)
     interpolated = (spec.get("interpolate") or {}).get("chain")
     chains = sorted(spec["chains"], key=lambda name: name != interpolated)  # the grid's own chain first
+    makers = {"materialized": _materialize, "healed": _heal, "direct": _direct_distill, "cross": _cross,
+              "trained": _train}
     for name in chains:
         _timed(manifest, f"chain {name}", lambda n=name: _build_chain(out, n, spec["chains"][n], progress), log)
-        if name != interpolated:
-            continue
-        for unit in plan.models:
-            if unit.kind == "materialized":
-                _timed(manifest, f"materialize {unit.id}", lambda u=unit: _materialize(plan, u), log)
-        for unit in plan.models:
-            if unit.kind == "trained":
-                _timed(manifest, f"train {unit.id}", lambda u=unit: _train(plan, u, progress), log)
-    for unit in plan.models:
-        _timed(manifest, f"evaluate {unit.id}", lambda u=unit: _evaluate(plan, u, progress), log)
+        for kind, make in makers.items():  # models of this chain, in dependency order
+            for unit in (u for u in grid.models if u.kind == kind and u.chain == name):
+                _timed(manifest, f"{kind} {unit.id}", lambda u=unit, m=make: m(grid, u, progress), log)
+    for unit in grid.models:
+        _timed(manifest, f"evaluate {unit.id}", lambda u=unit: _evaluate(grid, u, progress), log)
     from cbd_engine.experiment_report import write_report
 
-    write_report(plan, _collect(plan))
+    write_report(grid, _collect(grid))
     _save_manifest(out, manifest)
-    return plan
+    return grid
 
 
 def _timed(manifest: dict, label: str, work: Callable[[], bool], log: Callable[[str], None]) -> None:
@@ -163,46 +204,116 @@ def _build_chain(out: Path, name: str, chain_spec: dict, progress: ProgressCallb
     return True
 
 
-def _anchor_paths(plan: Plan, chain: str) -> tuple[Path, Path]:
-    small, large = plan.spec["interpolate"].get("between", [1, 2])[::-1]
-    folder = plan.out / "chains" / chain
-    return folder / f"anchor-{small:02d}", folder / f"anchor-{large:02d}"
+def _anchor(grid: Grid, chain: str, index: int) -> Path:
+    return grid.out / "chains" / chain / f"anchor-{index:02d}"
 
 
-def _materialize(plan: Plan, unit: ModelUnit) -> bool:
+def _pair(grid: Grid, chain: str) -> tuple[Path, Path]:
+    small, large = grid.spec["interpolate"].get("between", [1, 2])[::-1]
+    return _anchor(grid, chain, small), _anchor(grid, chain, large)
+
+
+def _materialize(grid: Grid, unit: ModelUnit, progress: ProgressCallback) -> bool:
     from cbd_engine.materialize import materialize
 
     if (unit.path / "config.json").is_file():
         return False
-    grid = plan.spec["interpolate"]
-    small, large = _anchor_paths(plan, unit.chain)
-    alpha = None if unit.alpha in (None, "default") else float(unit.alpha)
-    materialize(unit.path, small=small, large=large, size=unit.size, alpha=alpha, init=unit.init,
-                calibration=grid.get("calibration"), dtype=grid.get("dtype", "float32"),
-                seed=plan.spec.get("seed", 0))
+    settings = grid.spec["interpolate"]
+    small, large = _pair(grid, unit.chain)
+    materialize(unit.path, small=small, large=large, size=unit.size, calibration=settings.get("calibration"),
+                dtype=settings.get("dtype", "float32"), seed=grid.spec.get("seed", 0), progress=progress,
+                **unit.options)
     return True
 
 
-def _train(plan: Plan, unit: ModelUnit, progress: ProgressCallback) -> bool:
+def _chain_settings(grid: Grid, chain: str):
+    """The chain's data set and distillation settings (every default filled in), for training outside it."""
+    from cbd_engine.chain import parse_spec
+    from cbd_engine.distill_config import DistillConfig
+
+    plan = parse_spec(grid.spec["chains"][chain])
+    return plan.dataset, DistillConfig.from_dict(plan.distillation)
+
+
+def _heal(grid: Grid, unit: ModelUnit, progress: ProgressCallback) -> bool:
+    from cbd_engine.heal import heal
+
+    if (unit.path / "metrics.json").is_file():
+        return False
+    dataset, config = _chain_settings(grid, unit.chain)
+    heal(grid.model(unit.base).path, _pair(grid, unit.chain)[1], unit.path, unit.heal, dataset=dataset,
+         config=config, work_dir=unit.path.with_name(unit.path.name + ".work"), resume=True, progress=progress)
+    return True
+
+
+def _distill_from(grid: Grid, unit: ModelUnit, teacher: Path, start: Path, target: dict, steps: int,
+                  progress: ProgressCallback) -> None:
+    """Prune `start` to `target` (size or shape, with the chain's calibration) and distill it from `teacher` for
+    `steps` steps on the chain's data, as a chain anchor is made."""
+    from dataclasses import replace
+
+    from cbd_engine.chain import ChainData
+    from cbd_engine.distill import distill
+    from cbd_engine.materialize import materialize
+
+    dataset, config = _chain_settings(grid, unit.chain)
+    config = replace(config, steps=steps)
+    data = ChainData.load(dataset, start, config)
+    pruned = unit.path.with_name(unit.path.name + ".pruned")
+    if not (pruned / "config.json").is_file():
+        materialize(pruned, large=start, calibration=data.calibration, dtype="float32", seed=config.seed,
+                    progress=progress, **target)
+    distill(teacher, pruned, data.examples, unit.path, config, work_dir=unit.path.with_name(unit.path.name + ".work"),
+            resume=True, stage=unit.id, progress=progress)
+
+
+def _direct_distill(grid: Grid, unit: ModelUnit, progress: ProgressCallback) -> bool:
+    """At the very shape the interpolated models of its size have, so only how the weights were made differs."""
+    if (unit.path / "metrics.json").is_file():
+        return False
+    source = _anchor(grid, unit.chain, 0)
+    twin = next(u for u in grid.models if u.kind == "materialized" and u.size == unit.size and u.init != "random"
+                and not u.options.get("init"))
+    shape = json.loads((twin.path / "cbd.json").read_text())["shape"]
+    _distill_from(grid, unit, source, source, {"shape": shape}, unit.options["steps"], progress)
+    return True
+
+
+def _cross(grid: Grid, unit: ModelUnit, progress: ProgressCallback) -> bool:
+    from cbd_engine.checkpoint import read_config
+    from cbd_engine.families import ModelSpec
+
+    if (unit.path / "metrics.json").is_file():
+        return False
+    index = unit.options["anchor"]
+    ends = {"anchor": _anchor(grid, unit.chain, index - 1), "source": _anchor(grid, unit.chain, 0)}
+    shape = ModelSpec.from_config(read_config(_anchor(grid, unit.chain, index))).shape.to_dict()
+    _distill_from(grid, unit, ends[unit.options["teacher"]], ends[unit.options["init"]], {"shape": shape},
+                  unit.options["steps"], progress)
+    return True
+
+
+def _train(grid: Grid, unit: ModelUnit, progress: ProgressCallback) -> bool:
     from cbd_engine.distill_config import DistillConfig
     from cbd_engine.train import train
 
     if (unit.path / "metrics.json").is_file():
         return False
-    training = plan.spec["training"]
-    settings = {"seed": plan.spec.get("seed", 0), **training.get("settings", {})}
-    train(plan.model(unit.base).path, training["data"], unit.path, unit.tokens, DistillConfig.from_dict(settings),
+    training = grid.spec["training"]
+    settings = {"seed": grid.spec.get("seed", 0), **training.get("settings", {})}
+    train(grid.model(unit.base).path, training["data"], unit.path, unit.tokens, DistillConfig.from_dict(settings),
           resume=True, progress=progress)
     return True
 
 
-def _evaluate(plan: Plan, unit: ModelUnit, progress: ProgressCallback) -> bool:
+def _evaluate(grid: Grid, unit: ModelUnit, progress: ProgressCallback) -> bool:
+    """The held-out losses (per row, so that models compare pair-wise) and the listed tasks of one model."""
     from cbd_engine.evaluation import evaluate
-    from cbd_engine.models import validation_loss
 
-    target = plan.out / "evals" / f"{unit.id}.json"
-    evaluation = plan.spec.get("evaluation") or {}
-    data = evaluation.get("validation_data") or (plan.spec.get("training") or {}).get("data")
+    target = grid.out / "evals" / f"{unit.id}.json"
+    evaluation = grid.spec.get("evaluation") or {}
+    data = evaluation.get("validation_data") or (grid.spec.get("training") or {}).get("data") or \
+        grid.spec["chains"][unit.chain]["dataset"]["path"]
     asked = {"evaluation": evaluation, "validation_data": data}  # other settings: evaluate again
     if target.is_file() and json.loads(target.read_text()).get("experiment_settings") == asked:
         return False
@@ -211,42 +322,61 @@ def _evaluate(plan: Plan, unit: ModelUnit, progress: ProgressCallback) -> bool:
     results = evaluate(unit.path, evaluation["tasks"], progress=progress, **settings) \
         if evaluation.get("tasks") else {"tasks": {}}
     results["experiment_settings"] = asked
-    if data:
-        loss = validation_loss(unit.path, data, max_length=evaluation.get("validation_max_length", 256),
-                               device=evaluation.get("device", "auto"))
-        results["tasks"][VALIDATION] = {"rows": None, "metrics": {"loss": {"value": loss, "ci95": None}}}
+    length = evaluation.get("validation_max_length", 256)
+    results["tasks"][VALIDATION] = _held_out(unit.path, data, length)
+    for path in evaluation.get("held_out", []):
+        results["tasks"][f"held_out:{Path(path).stem}"] = _held_out(unit.path, path, length)
     write_text_atomically(target, json.dumps(results, indent=1))
     return True
+
+
+def _held_out(model_dir: Path, data: str | Path, max_length: int) -> dict:
+    """The response-token loss on the validation rows of an instruction file, with every row's (sum, tokens)."""
+    from cbd_engine.batches import encode_rows, pad_id_of
+    from cbd_engine.data import read_instruction_rows, split_rows
+    from cbd_engine.evaluation.stats import ratio_ci
+    from cbd_engine.models import example_losses, load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    examples = encode_rows(tokenizer, split_rows(read_instruction_rows(data)).validation, max_length=max_length)
+    rows = example_losses(load_model(model_dir), examples, pad_id_of(tokenizer))
+    loss, ci = ratio_ci([s for s, _ in rows], [c for _, c in rows])
+    return {"rows": rows, "metrics": {"loss": {"value": loss, "ci95": list(ci) if ci else None}}}
 
 
 # --- results --------------------------------------------------------------------------------------------------------
 
 
-def _collect(plan: Plan) -> list[dict]:
+def _collect(grid: Grid) -> list[dict]:
     """One row per (model, task, metric), with what the model is."""
     from cbd_engine.checkpoint import read_config
     from cbd_engine.families import ModelSpec
 
     rows = []
-    for unit in plan.models:
-        results = json.loads((plan.out / "evals" / f"{unit.id}.json").read_text())
+    for unit in grid.models:
+        results = json.loads((grid.out / "evals" / f"{unit.id}.json").read_text())
         params = ModelSpec.from_config(read_config(unit.path)).num_params
-        alpha = _recorded_alpha(unit)
+        alpha = recorded_alpha(unit)
         for task, result in results["tasks"].items():
             for name, value in result["metrics"].items():
                 ci = value.get("ci95") or [None, None]
                 rows.append({"model": unit.id, "kind": unit.kind, "init": unit.init, "chain": unit.chain,
-                             "size": unit.size, "params": params, "alpha": alpha, "tokens": unit.tokens,
-                             "task": task, "metric": name, "value": value["value"], "ci_low": ci[0],
-                             "ci_high": ci[1]})
+                             "size": unit.size, "params": params, "alpha": alpha, "heal": unit.heal,
+                             "tokens": unit.tokens, "task": task, "metric": name, "value": value["value"],
+                             "ci_low": ci[0], "ci_high": ci[1]})
     return rows
 
 
-def _recorded_alpha(unit: ModelUnit) -> float | None:
-    """The alpha the materializer used (the default resolves to a number in the model's cbd.json)."""
-    if unit.init != "cbd":
-        return None
-    return json.loads((unit.path / "cbd.json").read_text()).get("alpha")  # a trained model keeps its init's record
+def recorded_alpha(unit: ModelUnit) -> float | None:
+    """The alpha the materializer used, from the model's cbd.json (a healed or trained model keeps its init's)."""
+    path = unit.path / "cbd.json"
+    return json.loads(path.read_text()).get("alpha") if unit.kind in ("materialized", "healed") else None
+
+
+def row_losses(grid: Grid, unit_id: str, task: str = VALIDATION) -> list[tuple[float, int]] | None:
+    path = grid.out / "evals" / f"{unit_id}.json"
+    result = json.loads(path.read_text())["tasks"].get(task) if path.is_file() else None
+    return [tuple(row) for row in result["rows"]] if result and "rows" in result else None
 
 
 def _manifest(out: Path, spec: dict, command: list[str] | None) -> dict:

@@ -1,13 +1,16 @@
-"""The experiment's report: results.csv, results.md (the paper's tables in miniature) and plots.
+"""The experiment's report: results.csv, results.md (the paper's tables in miniature, with the baselines it leaves
+out) and plots.
 
-Tables (each only when the grid has what it needs):
+Sections (each only when the grid has what it needs):
   - all models: every metric with its 95% confidence interval
-  - Table 1 analogue: CBD against Rand (random init) at equal token budgets, per size
-  - Table 3 analogue: inits side by side per size, as materialized (no training)
-  - Table 5 analogue: the anchors of every chain (stepwise against direct)
-  - Figure 4 analogue: tokens a trained run needs to reach the CBD model's untrained loss
-  - Figure 6 analogue: the alpha sweep
-The primary metric is the held-out validation loss (lower is better); the others follow as columns.
+  - anchors of every chain (Table 5 analogue when there are two chains: stepwise against direct)
+  - interpolation: at each size every variant (and the direct baseline), as materialized and after each heal,
+    with the paired difference to the reference variant (alpha 0 by default: the larger anchor pruned to the size)
+    and its 95% bootstrap interval, on every held-out set
+  - the alpha sweep (Figure 6 analogue), one line per mix
+  - two by two: initialization against teacher at equal steps
+  - Table 1 / Figure 4 analogues: the random init trained against the interpolated model untrained
+A difference counts only when its interval excludes 0; the tables mark those with *.
 """
 
 from __future__ import annotations
@@ -17,29 +20,29 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from cbd_engine.experiment import VALIDATION, ModelUnit, Plan
+from cbd_engine.evaluation.stats import paired_difference
+from cbd_engine.experiment import VALIDATION, Grid, ModelUnit, row_losses
 from cbd_engine.shapes import parse_size
 
 PRIMARY = (VALIDATION, "loss")
-CSV_FIELDS = ("model", "kind", "init", "chain", "size", "params", "alpha", "tokens", "task", "metric", "value",
-              "ci_low", "ci_high")
+CSV_FIELDS = ("model", "kind", "init", "chain", "size", "params", "alpha", "heal", "tokens", "task", "metric",
+              "value", "ci_low", "ci_high")
 
 
-def write_report(plan: Plan, rows: list[dict]) -> None:
-    with open(plan.out / "results.csv", "w", newline="") as handle:
+def write_report(grid: Grid, rows: list[dict]) -> None:
+    with open(grid.out / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
     table = _by_model(rows)
     columns = sorted({(row["task"], row["metric"]) for row in rows}, key=lambda c: (c != PRIMARY, c))
-    sections = [f"# Experiment `{plan.spec.get('name', plan.out.name)}`\n",
-                _commands(plan.out),
-                "## All models\n" + _models_table(plan.models, table, columns)]
-    for build in (_table_1, _table_3, _table_5, _figure_4, _figure_6):
-        section = build(plan, table, columns)
+    sections = [f"# Experiment `{grid.spec.get('name', grid.out.name)}`\n", _commands(grid.out),
+                "## All models\n" + _models_table(grid.models, table, columns)]
+    for build in (_anchors, _interpolation, _sweep, _two_by_two, _table_1, _figure_4):
+        section = build(grid, table, columns)
         if section:
             sections.append(section)
-    (plan.out / "results.md").write_text("\n\n".join(sections) + "\n")
+    (grid.out / "results.md").write_text("\n\n".join(sections) + "\n")
 
 
 def _by_model(rows: list[dict]) -> dict[str, dict]:
@@ -77,12 +80,13 @@ def _column_name(column: tuple[str, str]) -> str:
 
 def _describe(unit: ModelUnit, entry: dict) -> list[str]:
     alpha = entry.get("alpha")
-    return [unit.id, unit.init, f"{entry['params'] / 1e6:.4g}M", "-" if alpha is None else f"{alpha:.2f}",
-            f"{unit.tokens:,}"]
+    return [unit.id, unit.init, f"{entry['params'] / 1e6:.4g}M", "-" if alpha is None else f"{alpha:.3g}",
+            str(unit.heal), f"{unit.tokens:,}"]
 
 
 def _models_table(units: list[ModelUnit], table: dict, columns: list[tuple[str, str]]) -> str:
-    text = _header(["model", "init", "params", "alpha", "trained tokens"] + [_column_name(c) for c in columns])
+    text = _header(["model", "variant", "params", "alpha", "heal steps", "trained tokens"]
+                   + [_column_name(c) for c in columns])
     for unit in units:
         if unit.id in table:
             text += "| " + " | ".join(_describe(unit, table[unit.id]) + [_cell(table[unit.id], c) for c in columns])
@@ -90,48 +94,75 @@ def _models_table(units: list[ModelUnit], table: dict, columns: list[tuple[str, 
     return text
 
 
-def _rows_table(title: str, note: str, units: list[ModelUnit], table: dict, columns: list) -> str:
-    return f"## {title}\n{note}\n\n" + _models_table(units, table, columns)
+def _held_out_tasks(columns: list[tuple[str, str]]) -> list[str]:
+    """The loss tasks that keep per-row numbers: the chain's validation rows and each held-out set."""
+    return [task for task, metric in columns if metric == "loss" and (task == VALIDATION or
+                                                                     task.startswith("held_out:"))]
 
 
-def _table_1(plan: Plan, table: dict, columns: list) -> str | None:
-    trained_sizes = {u.size for u in plan.models if u.kind == "trained" and u.init == "random"}
-    units = [u for u in plan.models if u.size in trained_sizes and u.init in ("cbd", "random")
-             and u.alpha in (None, "default")]
-    if not units:
+def difference(grid: Grid, unit_id: str, reference_id: str, task: str) -> str:
+    """'d [low, high]' of the paired per-row difference (negative: unit better), * when 0 is outside."""
+    a, b = row_losses(grid, unit_id, task), row_losses(grid, reference_id, task)
+    if a is None or b is None or unit_id == reference_id:
+        return "-"
+    value, (low, high) = paired_difference(a, b)
+    return f"{value:+.3f} [{low:+.3f}, {high:+.3f}]" + ("*" if low > 0 or high < 0 else "")
+
+
+def _anchors(grid: Grid, table: dict, columns: list) -> str | None:
+    units = [u for u in grid.models if u.kind == "anchor" and u.id in table]
+    title = "Table 5 analogue: the anchors of each chain (stepwise against direct)" \
+        if len({u.chain for u in units}) > 1 else "The chain's anchors"
+    return (f"## {title}\nAnchor 0 is the source; each later anchor was pruned from its predecessor and distilled "
+            "from it (each chain's spec is in manifest.json).\n\n" + _models_table(units, table, columns))
+
+
+def _interpolation(grid: Grid, table: dict, columns: list) -> str | None:
+    settings = grid.spec.get("interpolate")
+    if not settings or not settings.get("sizes"):
         return None
-    return _rows_table("Table 1 analogue: CBD against Rand at equal token budgets",
-                       "Rand is a random init of the same shape trained with `cbd train`; CBD is the interpolated "
-                       "model as materialized (0 tokens) and, where listed, after the same budget.",
-                       sorted(units, key=lambda u: (u.size, u.init, u.tokens)), table, columns)
+    reference = settings.get("reference", "alpha0")
+    tasks = _held_out_tasks(columns)
+    heals = [0] + [k for k in settings.get("heal_steps", []) if k]
+    names = ["size", "heal steps", "model", "alpha"] + [f"{t} loss | vs {reference}" for t in tasks]
+    text = _header(names)
+    for size in (parse_size(s) for s in settings["sizes"]):
+        for heal in heals:
+            units = [u for u in grid.models if u.size == size and u.heal == heal and u.id in table
+                     and (u.kind in ("materialized", "healed") and not u.init.startswith("sweep")
+                          or (u.kind == "direct" and heal == 0))]
+            base = next((u.id for u in units if u.init == reference and u.kind != "direct"), None)
+            for unit in units:
+                entry = table[unit.id]
+                alpha = entry.get("alpha")
+                cells = [f"{entry[(task, 'loss')][0]:.3f} | " + (difference(grid, unit.id, base, task) if base else "-")
+                         for task in tasks]
+                text += "| " + " | ".join([f"{size / 1e6:g}M", str(heal), unit.id,
+                                            "-" if alpha is None else f"{alpha:.3g}"] + cells) + " |\n"
+    _plot_score_vs_size(grid, table)
+    return ("## Interpolation between two anchors, against the strongest simple baselines\n"
+            f"Each cell: the loss, then the paired per-row difference to `{reference}` at the same size and heal "
+            "steps with its 95% bootstrap interval (negative: better; * the interval excludes 0). `direct` is the "
+            "source pruned to the size and distilled for the chain's student steps.\n\n"
+            "![score against size](score_vs_size.png)\n\n" + text)
 
 
-def _table_3(plan: Plan, table: dict, columns: list) -> str | None:
-    units = [u for u in plan.models if u.kind == "materialized" and u.alpha in (None, "default")]
-    if len({u.init for u in units}) < 2:
-        return None
-    _plot_score_vs_size(plan, units, table)
-    return _rows_table("Table 3 analogue: initializations side by side, no training",
-                       "cbd: lineage-aligned interpolation of the two anchors; single: expansion of the smaller "
-                       "anchor only; learngene_*: LearnGene baselines from the larger anchor; random: random init."
-                       "\n\n![score against size](score_vs_size.png)",
-                       sorted(units, key=lambda u: (u.size, u.init)), table, columns)
-
-
-def _plot_score_vs_size(plan: Plan, units: list[ModelUnit], table: dict) -> None:
+def _plot_score_vs_size(grid: Grid, table: dict) -> None:
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for init in sorted({u.init for u in units}):
-        points = sorted((table[u.id]["params"] / 1e6, table[u.id][PRIMARY][0]) for u in units
-                        if u.init == init and PRIMARY in table.get(u.id, {}))
-        axis.plot([p for p, _ in points], [v for _, v in points], "o-", label=init)
-    chain = plan.spec["interpolate"]["chain"]
-    anchors = [(table[u.id]["params"] / 1e6, table[u.id][PRIMARY][0]) for u in plan.models
-               if u.kind == "anchor" and u.chain == chain and PRIMARY in table.get(u.id, {})]
-    axis.plot([p for p, _ in anchors], [v for _, v in anchors], "ks", label="anchors")
+    chain = grid.spec["interpolate"]["chain"]
+    series: dict[str, list] = defaultdict(list)
+    for unit in grid.models:
+        if unit.id in table and PRIMARY in table[unit.id] and unit.heal == 0 and not unit.init.startswith("sweep"):
+            if unit.kind in ("materialized", "direct") or (unit.kind == "anchor" and unit.chain == chain):
+                series["anchors" if unit.kind == "anchor" else unit.init].append(
+                    (table[unit.id]["params"] / 1e6, table[unit.id][PRIMARY][0]))
+    for name, points in sorted(series.items()):
+        points.sort()
+        axis.plot([p for p, _ in points], [v for _, v in points], "ks" if name == "anchors" else "o-", label=name)
     axis.set_yscale("log")
-    _save(figure, plan.out / "score_vs_size.png", "parameters (M)", "validation loss",
-          "validation loss against size, no training")
+    _save(figure, grid.out / "score_vs_size.png", "parameters (M)", "validation loss",
+          "validation loss against size, no training after materialization")
 
 
 def _save(figure, path: Path, xlabel: str, ylabel: str, title: str) -> None:
@@ -155,17 +186,85 @@ def _pyplot():
     return plt
 
 
-def _table_5(plan: Plan, table: dict, columns: list) -> str | None:
-    units = [u for u in plan.models if u.kind == "anchor"]
-    if len({u.chain for u in units}) < 2:
+def _sweep(grid: Grid, table: dict, columns: list) -> str | None:
+    sweep = (grid.spec.get("interpolate") or {}).get("alpha_sweep")
+    if not sweep:
         return None
-    return _rows_table("Table 5 analogue: the anchors of each chain (stepwise against direct)",
-                       "Anchor 0 is the source; each later anchor was pruned from its predecessor and distilled "
-                       "from it (see each chain's spec in manifest.json for the steps).", units, table, columns)
+    units = sorted((u for u in grid.models if u.init.startswith("sweep-") and u.id in table),
+                   key=lambda u: (u.size, u.init, u.options["alpha"]))
+    sizes = sorted({u.size for u in units})
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 4), squeeze=False)
+    text = _header(["size", "mix"] + [f"alpha {a:g}" for a in sorted({u.options["alpha"] for u in units})]
+                   + ["best", "auto (alpha)", "auto - best"])
+    for axis, size in zip(axes[0], sizes, strict=True):
+        auto = next((u for u in grid.models if u.size == size and u.init == "auto" and u.kind == "materialized"
+                     and u.id in table), None)
+        for mix in sorted({u.init for u in units}):
+            line = [u for u in units if u.init == mix and u.size == size]
+            losses = [table[u.id][PRIMARY][0] for u in line]
+            axis.plot([u.options["alpha"] for u in line], losses, "o-", label=mix.removeprefix("sweep-") + " mix")
+            best = min(losses)
+            auto_cells = ["-", "-"] if auto is None else [
+                f"{table[auto.id][PRIMARY][0]:.3f} ({table[auto.id]['alpha']:.3g})",
+                f"{table[auto.id][PRIMARY][0] - best:+.3f}"]
+            text += "| " + " | ".join([f"{size / 1e6:g}M", mix.removeprefix("sweep-")] + [f"{v:.3f}" for v in losses]
+                                      + [f"{best:.3f}"] + auto_cells) + " |\n"
+        if auto is not None:
+            axis.plot([table[auto.id]["alpha"]], [table[auto.id][PRIMARY][0]], "r*", markersize=12, label="auto")
+        axis.set_title(f"{size / 1e6:g}M")
+        axis.set_xlabel("alpha (weight of the smaller anchor)")
+        axis.legend(fontsize=8)
+    axes[0][0].set_ylabel("validation loss")
+    figure.suptitle("Figure 6 analogue: alpha sweeps")
+    figure.tight_layout()
+    figure.savefig(grid.out / "figure6_alpha_sweep.png", dpi=100)
+    plt.close(figure)
+    return ("## Figure 6 analogue: alpha sweeps\n"
+            "alpha 1 is the smaller anchor's side alone, alpha 0 the larger anchor pruned to the size; `auto` chose "
+            "its alpha on the dev rows, these losses are on the validation rows.\n\n"
+            "![alpha sweep](figure6_alpha_sweep.png)\n\n" + text)
 
 
-def _figure_4(plan: Plan, table: dict, columns: list) -> str | None:
-    trained = [u for u in plan.models if u.kind == "trained"]
+def _two_by_two(grid: Grid, table: dict, columns: list) -> str | None:
+    units = {u.options["init"] + "/" + u.options["teacher"]: u for u in grid.models if u.kind == "cross"
+             and u.id in table}
+    if len(units) < 4:
+        return None
+    tasks = _held_out_tasks(columns)
+    text = _header(["initialized from", "taught by"] + [f"{t} loss" for t in tasks])
+    for key, unit in units.items():
+        start, teacher = key.split("/")
+        text += "| " + " | ".join([start, teacher] + [f"{table[unit.id][(t, 'loss')][0]:.3f}" for t in tasks])
+        text += " |\n"
+    effects = _header(["effect", "at", "held-out set", "difference [95% interval]"])
+    for task in tasks:
+        for other in ("anchor", "source"):
+            effects += (f"| initialization: anchor - source | teacher {other} | {task} | "
+                        f"{difference(grid, units[f'anchor/{other}'].id, units[f'source/{other}'].id, task)} |\n")
+            effects += (f"| teacher: anchor - source | init {other} | {task} | "
+                        f"{difference(grid, units[f'{other}/anchor'].id, units[f'{other}/source'].id, task)} |\n")
+    steps = next(iter(units.values())).options["steps"]
+    return ("## Stepwise against direct, the two causes apart (2 x 2 at equal steps)\n"
+            f"The anchor's shape made four ways, each distilled {steps} steps: pruned from the previous anchor or "
+            "from the source, taught by either. Negative differences favour the anchor.\n\n" + text + "\n" + effects)
+
+
+def _table_1(grid: Grid, table: dict, columns: list) -> str | None:
+    trained = [u for u in grid.models if u.kind == "trained"]
+    if not trained:
+        return None
+    sizes = {u.size for u in trained}
+    units = [u for u in grid.models if u.size in sizes and u.heal == 0 and u.kind in ("materialized", "trained")
+             and (u.init in ("auto", "random") or u.kind == "trained")]
+    return ("## Table 1 analogue: CBD against Rand at equal token budgets\n"
+            "Rand is a random init of the same shape trained with `cbd train`; `auto` is the interpolated model as "
+            "materialized (0 tokens).\n\n" + _models_table(sorted(units, key=lambda u: (u.size, u.tokens)), table,
+                                                          columns))
+
+
+def _figure_4(grid: Grid, table: dict, columns: list) -> str | None:
+    trained = [u for u in grid.models if u.kind == "trained"]
     if not trained:
         return None
     plt = _pyplot()
@@ -175,55 +274,33 @@ def _figure_4(plan: Plan, table: dict, columns: list) -> str | None:
     for unit in trained:
         curve = _validation_curve(unit.path / "loss_curve.csv")
         axis.plot([t for t, _ in curve], [v for _, v in curve], "o-", label=unit.id)
-        reference = _untrained_cbd(plan, unit.size, table)
+        reference = _untrained_cbd(grid, unit.size, table)
         reached = next((tokens for tokens, value in curve if reference is not None and value <= reference), None)
         lines.append(f"| {unit.id} | {curve[0][1]:.3f} | {_maybe(reference)} | {curve[-1][1]:.3f} | "
                      f"{'not within the budget' if reached is None else f'{reached:,}'} |\n")
     for size in sorted({u.size for u in trained}):
-        reference = _untrained_cbd(plan, size, table)
+        reference = _untrained_cbd(grid, size, table)
         if reference is not None:
             axis.axhline(reference, linestyle="--", color="gray")
             axis.annotate(f"CBD {size / 1e6:g}M, 0 tokens", (0, reference), textcoords="offset points",
                           xytext=(4, 4), fontsize=8)
-    _save(figure, plan.out / "figure4_loss_curves.png", "training tokens", "validation loss (response tokens)",
+    _save(figure, grid.out / "figure4_loss_curves.png", "training tokens", "dev loss (response tokens)",
           "Figure 4 analogue: training curves against CBD's step-0 loss")
     return ("## Figure 4 analogue: tokens to reach CBD's untrained loss\n"
+            "The curves are dev losses (the rows training selects on); the reference is CBD's validation loss.\n\n"
             "![loss curves](figure4_loss_curves.png)\n\n" + "".join(lines))
 
 
 def _validation_curve(path: Path) -> list[tuple[int, float]]:
     with open(path, newline="") as handle:
-        return [(int(row["tokens"] or 0), float(row["validation_loss"])) for row in csv.DictReader(handle)
-                if row.get("validation_loss")]
+        return [(int(row["tokens"] or 0), float(row["dev_loss"])) for row in csv.DictReader(handle)
+                if row.get("dev_loss")]
 
 
-def _untrained_cbd(plan: Plan, size: int | None, table: dict) -> float | None:
-    unit = next((u for u in plan.models if u.kind == "materialized" and u.init == "cbd" and u.size == size
-                 and u.alpha == "default"), None)
+def _untrained_cbd(grid: Grid, size: int | None, table: dict) -> float | None:
+    unit = next((u for u in grid.models if u.kind == "materialized" and u.init == "auto" and u.size == size), None)
     return table[unit.id][PRIMARY][0] if unit is not None and PRIMARY in table.get(unit.id, {}) else None
 
 
 def _maybe(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
-
-
-def _figure_6(plan: Plan, table: dict, columns: list) -> str | None:
-    sweep = (plan.spec.get("interpolate") or {}).get("alpha_sweep")
-    if not sweep:
-        return None
-    units = [u for u in plan.models if u.kind == "materialized" and u.init == "cbd" and u.alpha is not None
-             and u.size == parse_size(sweep["size"]) and u.id in table]
-    units.sort(key=lambda u: table[u.id]["alpha"])
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(6, 4))
-    alphas = [table[u.id]["alpha"] for u in units]
-    axis.plot(alphas, [table[u.id][PRIMARY][0] for u in units], "o-")
-    default = next((u for u in units if u.alpha == "default"), None)
-    if default is not None:
-        axis.plot([table[default.id]["alpha"]], [table[default.id][PRIMARY][0]], "r*", markersize=12,
-                  label="default alpha")
-    _save(figure, plan.out / "figure6_alpha_sweep.png", "alpha (weight of the expanded smaller anchor)",
-          "validation loss", f"Figure 6 analogue: alpha sweep at {parse_size(sweep['size']) / 1e6:g}M")
-    return _rows_table(f"Figure 6 analogue: alpha sweep at {parse_size(sweep['size']) / 1e6:g}M",
-                       "alpha 1 is the smaller anchor expanded alone, alpha 0 the larger anchor pruned alone.\n\n"
-                       "![alpha sweep](figure6_alpha_sweep.png)", units, table, columns)

@@ -43,7 +43,14 @@ from cbd_engine.families import POSITIONS, VOCAB, TensorSpec
 from cbd_engine.importance import Importance, cached_activation_importance, magnitude_importance
 from cbd_engine.mixing import MIXES, Pair, tensor_group, uniform
 from cbd_engine.progress import Cancelled, ProgressCallback, StageTimer, no_progress
-from cbd_engine.shapes import FFN_MULTIPLE, Shape, ShapeError, check_same_chain, parse_size, solve_shape
+from cbd_engine.shapes import (
+    Shape,
+    ShapeError,
+    check_same_chain,
+    parse_size,
+    solve_derived_shape,
+    solve_shape,
+)
 from cbd_engine.transforms import (
     NEW,
     LayerMap,
@@ -95,6 +102,7 @@ def materialize(
     init: str = "cbd",
     calibration: CalibrationInput = None,
     importance: str = "activation",
+    prune_order: str = "ffn_first",
     refine_steps: int = REFINE_STEPS,
     dtype: str = "bfloat16",
     seed: int = 0,
@@ -111,7 +119,7 @@ def materialize(
     _check_options(init, align, grow, mix, importance, alpha)
     out_dtype = parse_dtype(dtype)
     anchors = _load_anchors(small, large)
-    target = resolve_target(anchors, size, shape)
+    target = resolve_target(anchors, size, shape, prune_order)
     if init in ("random", "learngene_auto", "learngene_van"):
         return _materialize_baseline(out, init, anchors[-1], target, seed, out_dtype, progress, should_stop)
     calib = resolve_calibration(calibration, [a.path for a in anchors])
@@ -173,9 +181,10 @@ def _load_anchors(small: str | Path | None, large: str | Path | None) -> list[An
     return anchors
 
 
-def resolve_target(anchors: list[Anchor], size: int | str | None, shape: Shape | dict | None) -> Shape:
-    """The target shape: given, or solved from a size between the anchors (with one anchor: between a floor of the
-    same depth and the anchor, so deriving by size prunes width only, as Minitron recommends over depth)."""
+def resolve_target(anchors: list[Anchor], size: int | str | None, shape: Shape | dict | None,
+                   prune_order: str = "ffn_first") -> Shape:
+    """The target shape: given, or solved from a size between the anchors by the contract's one-fraction rule; with
+    one anchor, cut from it in `prune_order` (shapes.solve_derived_shape: width only)."""
     if (size is None) == (shape is None):
         raise ValueError("give exactly one of size or shape")
     arch = anchors[-1].spec.architecture
@@ -188,15 +197,12 @@ def resolve_target(anchors: list[Anchor], size: int | str | None, shape: Shape |
     params = parse_size(size)
     if len(anchors) == 2:
         return solve_shape(arch, anchors[0].shape, anchors[1].shape, params)
-    anchor = anchors[0].shape
     if params > anchors[0].params * 1.03:
         raise ShapeError(
             f"size {params} is above the only anchor's {anchors[0].params}; give --small and --large, "
             "or a --shape to expand one anchor"
         )
-    floor = replace(anchor, num_kv_heads=1, num_heads=anchor.group_size, intermediate_size=FFN_MULTIPLE,
-                    hidden_size=anchor.group_size * anchor.head_dim if arch.hidden_follows_heads else FFN_MULTIPLE)
-    return solve_shape(arch, floor, anchor, params)
+    return solve_derived_shape(arch, anchors[0].shape, params, prune_order)
 
 
 def proportional_alpha(p_small: int, p_large: int, p_target: int) -> float:

@@ -17,6 +17,8 @@ FFN_MULTIPLE = 64
 # steps of 64 move a 49k-vocabulary embedding by 3M parameters at once, missing the 3% tolerance below ~100M.
 HIDDEN_MULTIPLE = 16
 SIZE_TOLERANCE = 0.03
+PRUNE_ORDERS = ("ffn_first", "uniform")  # how one anchor is cut to a size (derived anchors); see solve_derived_shape
+FFN_KEEP = 0.5  # ffn_first: the FFN alone is cut down to this fraction of its width before anything else
 
 
 class ShapeError(ValueError):
@@ -194,3 +196,28 @@ def _bisect(arch: ParamCounter, small: Shape, large: Shape, target: int, fine: b
     candidates = {interpolate_shape(arch, small, large, t, fine) for t in (lo, hi)}
     # closest count first; ties go to fewer layers, then to the smaller model
     return min(candidates, key=lambda s: (abs(arch.num_params(s) - target), s.num_layers, arch.num_params(s)))
+
+
+def solve_derived_shape(arch: ParamCounter, anchor: Shape, target: int, order: str = "ffn_first",
+                        ffn_keep: float = FFN_KEEP) -> Shape:
+    """The shape of a model cut from one anchor to `target` parameters, width only (depth stays: Minitron finds
+    width pruning recovers better than depth).
+
+    uniform: the contract's one-fraction rule between a floor of the same depth (one KV group, FFN 64) and the
+    anchor. ffn_first: the FFN alone down to `ffn_keep` of its width, then the one-fraction rule on every width axis
+    from there (NVIDIA's pruning guidance and Minitron cut the FFN first and the hidden size last); measured in
+    docs/DISTILLATION.md ("The anchor recipe")."""
+    if order not in PRUNE_ORDERS:
+        raise ShapeError(f"prune_order must be one of {', '.join(PRUNE_ORDERS)}, got {order!r}")
+    if target > arch.num_params(anchor) * (1 + SIZE_TOLERANCE):
+        raise ShapeError(f"size {format_size(target)} ({target}) is above the anchor's "
+                         f"{format_size(arch.num_params(anchor))}; cutting cannot grow a model")
+    floor = replace(anchor, num_kv_heads=1, num_heads=anchor.group_size, intermediate_size=FFN_MULTIPLE,
+                    hidden_size=anchor.group_size * anchor.head_dim if arch.hidden_follows_heads else FFN_MULTIPLE)
+    if order == "uniform":
+        return solve_shape(arch, floor, anchor, target)
+    kept = max(FFN_MULTIPLE, math.floor(anchor.intermediate_size * ffn_keep / FFN_MULTIPLE) * FFN_MULTIPLE)
+    ffn_cut = replace(anchor, intermediate_size=min(kept, anchor.intermediate_size))
+    if target >= arch.num_params(ffn_cut) * (1 - SIZE_TOLERANCE):
+        return solve_shape(arch, ffn_cut, anchor, target)  # the two ends differ in the FFN only
+    return solve_shape(arch, floor, ffn_cut, target)

@@ -69,7 +69,7 @@ def test_chain_prunes_then_distills_each_anchor_and_resumes(source, tmp_path):
     with pytest.raises(Cancelled):
         build_chain(spec, out, progress=lambda e: stages.append(e.stage), should_stop=stop_in_second_anchor)
     assert (out / "anchor-01" / "metrics.json").is_file() and not (out / "anchor-02").exists()
-    assert "anchor 1/2: prune" in stages
+    assert {"anchor 1/2: prune (importance)", "anchor 1/2: prune (materialize)"} <= set(stages)
     result = build_chain(spec, out, resume=True)
     assert [a.index for a in result.anchors] == [0, 1, 2]
     assert [a.shape.num_layers for a in result.anchors] == [3, 2, 1]
@@ -141,3 +141,23 @@ def test_chain_data_from_a_hugging_face_folder_matches_the_jsonl_file(tmp_path):
     from_hf = ChainData.load({"hf": str(folder), "split": "train"}, small_tokenizer(), config)
     assert from_hf.examples == from_file.examples and from_hf.examples.validation
     assert from_hf.calibration.importance == from_file.calibration.importance
+
+
+def test_teacher_samples_join_the_training_rows_and_are_cached(source, tmp_path, monkeypatch):
+    from cbd_engine.chain import ChainData
+    from cbd_engine.distill_config import DistillConfig
+
+    monkeypatch.setenv("CBD_GENERATIONS_DIR", str(tmp_path / "generations"))
+    rows = DOLLY.read_text().splitlines()[:60]
+    (tmp_path / "rows.jsonl").write_text("\n".join(rows) + "\n")
+    dataset = {"path": str(tmp_path / "rows.jsonl"), "teacher_samples": 2}
+    config = DistillConfig(max_length=32, device="cpu")
+    plain = ChainData.load(dataset, source, config)
+    sampled = plain.with_teacher_samples(dataset, source, config, lambda event: None, None)
+    assert len(sampled.examples.train) == 3 * len(plain.examples.train)  # the data set's answer and two sampled
+    assert sampled.examples.dev == plain.examples.dev and sampled.examples.validation == plain.examples.validation
+    again = plain.with_teacher_samples(dataset, source, config, lambda event: None, None)
+    assert again.examples.train == sampled.examples.train  # read back from the cache, the same answers
+    assert len(list((tmp_path / "generations").glob("*.jsonl"))) == 1
+    with pytest.raises(ValueError, match="teacher_samples"):
+        parse_spec({**_spec(source, [{"size": "1M"}]), "dataset": {**dataset, "teacher_samples": -1}})

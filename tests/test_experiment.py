@@ -19,6 +19,7 @@ SHAPE = {"num_layers": 2, "hidden_size": 48, "num_heads": 2, "num_kv_heads": 1, 
 SMALLER = {**SHAPE, "num_layers": 1, "intermediate_size": 32}
 FAST = {"steps": 3, "batch_size": 4, "max_length": 64, "learning_rate": 3e-3, "eval_rows": 6, "device": "cpu"}
 ARC = SHARED_DATA / "multiple_choice" / "arc_easy_test.jsonl"
+UINST = SHARED_DATA / "instruction" / "minillm_uinst_valid.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +45,17 @@ def _grid(source, out) -> dict:
     return {
         "name": "tiny", "seed": 0, "chains": _chains(source),
         "interpolate": {"chain": "stepwise", "between": [1, 2], "sizes": [middle, (middle + large) // 2],
-                        "inits": ["cbd", "random", "single"], "calibration": str(DOLLY),
-                        "alpha_sweep": {"size": middle, "alphas": [0, 0.5, 1]}},
+                        "variants": {"auto": {}, "alpha0": {"alpha": 0}, "random": {"init": "random"},
+                                     "single": {"init": "single"}},
+                        "heal_steps": [0, 2],
+                        "alpha_sweep": {"size": middle, "alphas": [0, 0.5, 1], "mixes": ["unit", "paper"]}},
+        "direct": {"chain": "stepwise", "steps": 2},
+        "two_by_two": {"chain": "stepwise", "anchor": 2, "steps": 2},
         "training": {"data": str(DOLLY), "budgets": [1500], "runs": [{"model": "random-" + f"{middle / 1e6:g}M"}],
                      "settings": {"batch_size": 4, "max_length": 64, "learning_rate": 3e-3, "eval_every": 2,
                                   "eval_rows": 6, "device": "cpu"}},
         "evaluation": {"tasks": [f"multiple_choice={ARC}"], "limit": 4, "batch_size": 4, "max_length": 128,
-                       "validation_max_length": 64, "device": "cpu"},
+                       "validation_max_length": 64, "device": "cpu", "held_out": [str(UINST)]},
     }
 
 
@@ -59,12 +64,18 @@ def test_plan_names_every_model_and_rejects_bad_fields(source, tmp_path):
         plan_experiment({"chains": _chains(source), "grid": {}}, tmp_path)
     with pytest.raises(ValueError, match="interpolate.chain"):
         plan_experiment({"chains": _chains(source), "interpolate": {"chain": "other", "sizes": [1]}}, tmp_path)
-    spec = {"chains": _chains(source), "interpolate": {"chain": "stepwise", "sizes": ["1M"], "inits": ["cbd", "random"],
-                                                      "alpha_sweep": {"size": "1M", "alphas": [0.5]}},
+    spec = {"chains": _chains(source),
+            "interpolate": {"chain": "stepwise", "sizes": ["1M"],
+                            "variants": {"auto": {}, "random": {"init": "random"}},
+                            "heal_steps": [0, 30], "alpha_sweep": {"size": "1M", "alphas": [0.5]}},
+            "direct": {"chain": "stepwise", "steps": 10}, "two_by_two": {"chain": "stepwise", "steps": 5},
             "training": {"data": str(DOLLY), "budgets": [100, 200], "runs": [{"model": "random-1M"}]}}
     ids = [unit.id for unit in plan_experiment(spec, tmp_path).models]
     assert ids == ["stepwise-anchor0", "stepwise-anchor1", "stepwise-anchor2", "direct-anchor0", "direct-anchor1",
-                   "cbd-1M-adefault", "random-1M", "cbd-1M-a0.5", "random-1M+100tok", "random-1M+200tok"]
+                   "auto-1M", "random-1M", "auto-1M+heal30", "random-1M+heal30", "sweep-unit-1M-a0.5", "direct-1M",
+                   "2x2-init_anchor-teacher_anchor", "2x2-init_anchor-teacher_source",
+                   "2x2-init_source-teacher_anchor", "2x2-init_source-teacher_source",
+                   "random-1M+100tok", "random-1M+200tok"]
     with pytest.raises(ValueError, match="training.runs"):
         plan_experiment({**spec, "training": {**spec["training"], "runs": [{"model": "nope"}]}}, tmp_path)
 
@@ -90,18 +101,23 @@ def test_grid_runs_reports_and_resumes(source, tmp_path):
     trained = next(unit for unit in plan.models if unit.kind == "trained")
     assert losses[trained.id] < losses[trained.base]  # training lowered the random init's loss
     alphas = {row["model"]: row["alpha"] for row in rows if row["task"] == "validation_loss"}
-    middle_cbd = [unit.id for unit in plan.models if unit.init == "cbd" and unit.kind == "materialized"]
-    assert {float(alphas[m]) for m in middle_cbd if not m.endswith("adefault")} == {0.0, 0.5, 1.0}
-
+    swept = [unit for unit in plan.models if unit.init.startswith("sweep-")]
+    assert {float(alphas[unit.id]) for unit in swept} == {0.0, 0.5, 1.0}
+    healed = [unit for unit in plan.models if unit.kind == "healed"]
+    assert len(healed) == 8 and all(json.loads((u.path / "cbd.json").read_text())["distillation"]["role"] == "heal"
+                                    for u in healed)
+    held_out = [row for row in rows if row["task"] == "held_out:minillm_uinst_valid"]
+    assert len(held_out) == len(plan.models)  # the second held-out set, for every model
     report = (out / "results.md").read_text()
-    for heading in ("Table 1 analogue", "Table 3 analogue", "Table 5 analogue", "Figure 4 analogue",
-                    "Figure 6 analogue"):
+    for heading in ("Table 1 analogue", "Interpolation between two anchors", "Table 5 analogue",
+                    "Figure 4 analogue", "Figure 6 analogue", "the two causes apart"):
         assert heading in report
+    assert "vs alpha0" in report and "[" in report.split("Interpolation between two anchors")[1]
     assert "cbd experiment" in report  # the exact command is recorded
     for plot in ("figure4_loss_curves.png", "figure6_alpha_sweep.png", "score_vs_size.png"):
         assert (out / plot).stat().st_size > 1000
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["versions"]["torch"] and f"train {trained.id}" in manifest["units"]
+    assert manifest["versions"]["torch"] and f"trained {trained.id}" in manifest["units"]
 
     evaluated = (out / "evals" / f"{trained.id}.json").stat().st_mtime_ns
     missing = plan.models[6].id

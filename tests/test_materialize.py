@@ -490,3 +490,19 @@ def test_smollm2_grows_exactly_and_prunes_by_activation(smollm2, tmp_path):
     assert abs(result.params - 100e6) <= 3e6 and result.shape.num_layers == 30
     model = AutoModelForCausalLM.from_pretrained(pruned)
     assert model.num_parameters() == result.params
+
+
+def test_cli_heals_the_materialized_model_from_the_larger_anchor(tiny_model, tmp_path, capsys):
+    small, large = _two_anchors(tiny_model, tmp_path)
+    out = tmp_path / "healed"
+    shape = json.dumps({**spec_of(large).shape.to_dict(), "num_layers": 3})
+    assert cbd(["materialize", "--small", str(small), "--large", str(large), "--shape", shape, "--dtype", "float32",
+                "--heal-steps", "2", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["heal"]["steps"] == 2 and summary["heal"]["validation_loss_before"] > 0
+    record = json.loads((out / "cbd.json").read_text())
+    assert record["distillation"]["role"] == "heal" and record["distillation"]["teacher"] == str(large)
+    assert record["alpha_search"]["grid"]  # the materializer's record travels with the healed model
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".healed")) == []  # no scratch left
+    assert cbd(["materialize", "--small", str(small), "--shape", shape, "--heal-steps", "2",
+                "--out", str(tmp_path / "x")]) == 2  # healing needs the larger anchor as its teacher

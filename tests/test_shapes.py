@@ -101,3 +101,27 @@ def test_shape_validation_messages():
 def test_shapes_module_does_not_import_torch():
     code = "import sys, cbd_engine.shapes, cbd_engine.families, cbd_engine.data; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+           "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
+           "max_position_embeddings": 8192, "tie_word_embeddings": True}
+
+
+def test_derived_anchor_shapes_cut_the_ffn_first_then_every_width():
+    from cbd_engine.shapes import solve_derived_shape
+
+    spec = ModelSpec.from_config(SMOLLM2)
+    arch, source = spec.architecture, spec.shape
+    near = solve_derived_shape(arch, source, 100_000_000)  # within the FFN's half: the FFN alone moves
+    assert (near.hidden_size, near.num_heads, near.num_layers) == (576, 9, 30) and near.intermediate_size < 1536
+    far = solve_derived_shape(arch, source, 70_000_000)  # past it: the FFN at most half, then hidden and heads too
+    assert far.intermediate_size <= 768 and far.hidden_size < 576 and far.num_layers == 30
+    uniform = solve_derived_shape(arch, source, 100_000_000, order="uniform")  # the one-fraction rule
+    assert uniform.hidden_size < 576 and uniform.intermediate_size > near.intermediate_size
+    for shape, target in ((near, 100e6), (far, 70e6), (uniform, 100e6)):
+        assert abs(arch.num_params(shape) - target) <= 0.03 * target
+    with pytest.raises(ShapeError, match="above the anchor"):
+        solve_derived_shape(arch, source, 200_000_000)
+    with pytest.raises(ShapeError, match="prune_order"):
+        solve_derived_shape(arch, source, 100_000_000, order="depth")
