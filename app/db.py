@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 
 def ensure_sqlite_folder(url: str) -> None:
@@ -38,17 +42,23 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def upgrade_database(url: str) -> None:
-    """Run the Alembic migrations up to head (the API and the workers both call this at start)."""
-    from alembic import command
+def alembic_config(url: str) -> Config:
+    """The project's Alembic configuration, pointed at this database."""
     from alembic.config import Config
 
-    ensure_sqlite_folder(url)
     root = Path(__file__).resolve().parents[1]
     config = Config(str(root / "alembic.ini"))
     config.set_main_option("script_location", str(root / "migrations"))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    command.upgrade(config, "head")
+    return config
+
+
+def upgrade_database(url: str, revision: str = "head") -> None:
+    """Run the Alembic migrations up to `revision` (the API and the workers both call this at start)."""
+    from alembic import command
+
+    ensure_sqlite_folder(url)
+    command.upgrade(alembic_config(url), revision)
 
 
 def get_session(request: Request) -> Iterator[Session]:

@@ -67,7 +67,9 @@ class Model(Base):
     params: Mapped[int] = mapped_column(BigInteger)
     shape: Mapped[dict[str, Any]] = mapped_column(JSON)
     alpha: Mapped[float | None] = mapped_column(Float)
-    alpha_request: Mapped[str] = mapped_column(String(20))  # "default", "auto" or the number as given
+    alpha_request: Mapped[str] = mapped_column(String(20))  # "auto", "proportional" or the number (repr of a float)
+    mix: Mapped[str] = mapped_column(String(10))  # cbd_engine.mixing.MIXES
+    heal: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {steps, learning_rate}, or None: teacher-free
     init: Mapped[str] = mapped_column(String(20))
     seed: Mapped[int] = mapped_column(BigInteger)
     dtype: Mapped[str] = mapped_column(String(10))
@@ -94,6 +96,7 @@ class Job(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text)
+    warnings: Mapped[list[Any] | None] = mapped_column(JSON)  # sentences for the job's result (a flagged model)
     owner: Mapped[str] = mapped_column(String(64), default="anonymous", index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker_id: Mapped[str | None] = mapped_column(String(100))

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from datetime import datetime, timezone
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator, model_validator
 
+from cbd_engine.distill_config import LOSS_BY_MODE, LOSSES, MODES, SELECT_BY, TEACHER_CACHE_TAILS, DistillConfig
 from cbd_engine.shapes import ShapeError, parse_size
 
 MAX_SIZE = 10**13
+# The engine's materialization options (cbd_engine.materialize.INITS and ALPHA_MODES, cbd_engine.mixing.MIXES) live
+# in modules that import torch, which the API process never does: they are repeated here, and
+# tests/service/test_api.py::test_the_api_offers_exactly_the_engines_options holds the copies equal.
+INITS = ("cbd", "random", "single", "learngene_auto", "learngene_van")
+ALPHA_MODES = ("auto", "proportional")
+MIXES = ("unit", "paper")
+RECIPE = {f.name: f.default for f in fields(DistillConfig)}  # the chain recipe's defaults, shown in the API
 Device = Literal["auto", "cpu", "gpu", "npu"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JobKind = Literal["build_chain", "materialize_model", "evaluate_model"]
@@ -128,21 +137,35 @@ class DatasetIn(Strict):
 
 
 class DistillationIn(Strict):
-    loss: Literal["forward_kl", "reverse_kl", "js", "tvd", "sft"] = "reverse_kl"
-    mode: Literal["on_policy", "off_policy", "minillm"] = "on_policy"
-    steps: int = Field(default=5000, ge=0, le=10**7)
-    batch_size: int = Field(default=8, ge=1, le=4096)
-    learning_rate: float = Field(default=5e-5, gt=0, le=1)
-    max_length: int = Field(default=512, ge=8, le=131072)
-    sft_epochs: int = Field(default=0, ge=0, le=100)
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    teacher_cache: int | None = Field(default=None, ge=1, le=4096,
+    """The chain recipe's settings: values and defaults are the engine's (cbd_engine.distill_config.DistillConfig),
+    so the API accepts what the engine accepts."""
+
+    loss: Literal[LOSSES] | None = Field(
+        default=RECIPE["loss"], description="null: by mode (" + ", ".join(map(": ".join, LOSS_BY_MODE.items())) + ")")
+    mode: Literal[MODES] = RECIPE["mode"]
+    steps: int = Field(default=RECIPE["steps"], ge=1, le=10**7)
+    batch_size: int = Field(default=RECIPE["batch_size"], ge=1, le=4096)
+    learning_rate: float = Field(default=RECIPE["learning_rate"], gt=0, le=1)
+    max_length: int = Field(default=RECIPE["max_length"], ge=8, le=131072)
+    beta: float = Field(default=RECIPE["beta"], ge=0, le=1, description="jsd: the mixture weight")
+    skew: float = Field(default=RECIPE["skew"], ge=0, le=1, description="skew_forward_kl / skew_reverse_kl")
+    eval_every: int = Field(default=RECIPE["eval_every"], ge=0, le=10**7,
+                            description="score the dev rows every N steps to keep the best (0: before and after only)")
+    checkpoint_every: int = Field(default=RECIPE["checkpoint_every"], ge=0, le=10**7,
+                                  description="steps between resumable checkpoints (0: none)")
+    select_by: Literal[SELECT_BY] = Field(default=RECIPE["select_by"], description="what picks the kept checkpoint")
+    sft_epochs: int = Field(default=0, ge=0, le=100, description="fine-tune the source on the data set first")
+    seed: int = Field(default=RECIPE["seed"], ge=0, le=2**31 - 1)
+    teacher_cache: int | None = Field(default=RECIPE["teacher_cache"], ge=1, le=4096,
                                       description="off_policy: keep the teacher's top-k per token, computed once")
-    teacher_cache_tail: Literal["bucket", "uniform"] = Field(
-        default="bucket", description="teacher_cache: the teacher's mass outside its top-k as one bucket, or uniform")
-    ppo_epochs: int = Field(default=4, ge=1, le=64, description="minillm: policy updates per batch of rollouts")
-    ppo_clip: float = Field(default=0.2, gt=0, le=1, description="minillm: PPO clipping")
-    teacher_mix: float = Field(default=0.2, ge=0, lt=1, description="minillm: teacher share of the sampling mixture")
+    teacher_cache_tail: Literal[TEACHER_CACHE_TAILS] = Field(
+        default=RECIPE["teacher_cache_tail"],
+        description="teacher_cache: the teacher's mass outside its top-k as one bucket, or uniform")
+    ppo_epochs: int = Field(default=RECIPE["ppo_epochs"], ge=1, le=64,
+                            description="minillm: policy updates per batch of rollouts")
+    ppo_clip: float = Field(default=RECIPE["ppo_clip"], gt=0, le=1, description="minillm: PPO clipping")
+    teacher_mix: float = Field(default=RECIPE["teacher_mix"], ge=0, lt=1,
+                               description="minillm: teacher share of the sampling mixture")
 
 
 class ChainCreate(Strict):
@@ -155,24 +178,41 @@ class ChainCreate(Strict):
     device: Device = "auto"
 
 
+class HealIn(Strict):
+    steps: Annotated[int, Field(strict=True, ge=1, le=100_000)] = Field(
+        description="distillation steps from the larger anchor on the chain's data set")
+    learning_rate: Annotated[float, Field(strict=True, gt=0, le=1)] | None = Field(
+        default=None, description="null: the chain's distillation learning rate")
+
+
 class ModelCreate(Strict):
     source: str | None = Field(default=None, min_length=1, max_length=1000)
     chain: str | None = Field(default=None, min_length=1, max_length=40)
     size: int | str | None = Field(default=None, description="total parameters, e.g. 100000000 or '100M'")
     shape: ShapeIn | None = None
-    alpha: float | Literal["auto"] | None = Field(default=None, description="null, a number in [0, 1], or 'auto'")
-    init: Literal["cbd", "random", "single", "learngene_auto", "learngene_van"] = "cbd"
+    alpha: Annotated[float, Field(strict=True, ge=0, le=1)] | Literal[ALPHA_MODES] | None = Field(
+        default="auto", description="the smaller anchor's weight: 'auto' (null too: chosen on the chain's dev rows), "
+                                    "'proportional' (by parameter count) or a number in [0, 1]")
+    mix: Literal[MIXES] = Field(default="unit", description="unit: alpha mixes the units both anchors have; paper: "
+                                                             "Eq. 3 over the expanded and the pruned anchor")
+    heal: HealIn | None = Field(default=None, description="null: teacher-free; or distill the model from the larger "
+                                                          "anchor for `steps` steps after materializing it")
+    init: Literal[INITS] = "cbd"
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     device: Device = "auto"
 
     _size = field_validator("size")(_check_size)
 
-    @field_validator("alpha")
+    @field_validator("alpha", mode="before")
     @classmethod
-    def _alpha_range(cls, value: float | str | None) -> float | str | None:
-        if isinstance(value, float | int) and not 0.0 <= value <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], 'auto' or null, got {value}")
+    def _alpha(cls, value: object) -> object:
+        """One message for every wrong alpha (a boolean is not a number here)."""
+        if value is None or (isinstance(value, str) and value in ALPHA_MODES):
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"alpha must be 'auto' (the default), 'proportional' or a number in [0, 1], "
+                             f"got {value!r}")
         return value
 
     @model_validator(mode="after")
@@ -240,7 +280,11 @@ class ModelOut(BaseModel):
     size: int | None
     params: int
     shape: dict[str, Any]
-    alpha: float | str | None
+    alpha: float | str | None = Field(description="the smaller anchor's weight used; until the model is made, the "
+                                                "request ('auto', 'proportional')")
+    alpha_request: float | str = Field(description="alpha as requested: 'auto', 'proportional' or the number")
+    mix: str
+    heal: HealIn | None
     init: str
     seed: int
     dtype: str
@@ -268,6 +312,8 @@ class Progress(BaseModel):
 class JobResult(BaseModel):
     chain: str | None = None
     model: str | None = None
+    warnings: list[str] = Field(default_factory=list, description="what a user should know about the result, in "
+                                                                   "words (e.g. a model worse than uniform guessing)")
 
 
 class JobOut(BaseModel):

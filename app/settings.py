@@ -44,7 +44,6 @@ class Settings(BaseSettings):
     embedded_lanes: Annotated[list[tuple[str, ...]], NoDecode] = Field(
         default_factory=lambda: [("build_chain",), ("materialize_model", "evaluate_model")])
     validation_rows: int = 32  # validation rows scored for each new model and anchor
-    calibration_rows: int = 64  # training rows for activation importance and alpha "auto"
     webhook_url: str = ""
     webhook_secret: str = ""
     materialize_bytes_per_second: float = 150e6  # for job estimates

@@ -12,10 +12,11 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DEMO_DATASET = REPO_ROOT.parent / "shared" / "data" / "instruction" / "minillm_dolly_dev.jsonl"
+if TYPE_CHECKING:
+    from app.settings import Settings
+
 SETTING_FLAGS = ("data_dir", "database_url", "broker_url", "storage_url", "allowed_source_roots", "auth", "host",
                  "port")
 
@@ -66,6 +67,18 @@ class Supervisor:
                 self.process.kill()
 
 
+def announce_demo_chain(settings: Settings) -> None:
+    """Queue the demo chain unless it is being built or ready (a database write: the service listens at once)."""
+    from worker.demo import ensure_demo_chain
+
+    chain, job = ensure_demo_chain(settings)
+    if chain.status == "ready":
+        print(f"cbd serve: the demo chain {chain.id} ({chain.name}) is ready", file=sys.stderr)
+        return
+    print(f"cbd serve: the demo chain {chain.id} ({chain.name}) is being built; its progress and estimate: "
+          f"GET /jobs/{job.id}", file=sys.stderr)
+
+
 def serve(args: argparse.Namespace) -> int:
     _apply_flags(args)
     import uvicorn
@@ -80,9 +93,7 @@ def serve(args: argparse.Namespace) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade_database(settings.resolved_database_url)
     if args.demo:
-        dataset = [] if args.demo_dataset == "" else ["--dataset", str(args.demo_dataset or DEFAULT_DEMO_DATASET)]
-        print("cbd serve: preparing the demo chain (the first run derives a 90M anchor)", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "worker.demo", *dataset], check=True)
+        announce_demo_chain(settings)
     supervisors = []
     if settings.embedded and settings.embedded_worker:
         lanes = [",".join(lane) for lane in settings.embedded_lanes]
@@ -154,9 +165,8 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     serve_parser.add_argument("--port", type=int, help="CBD_PORT (default 8000)")
     serve_parser.add_argument("--auth", choices=["on", "off", "auto"], help="CBD_AUTH (auto: off on 127.0.0.1 only)")
     serve_parser.add_argument("--demo", action="store_true",
-                              help="register the demo chain (SmolLM2-135M-Instruct and a 90M anchor) first")
-    serve_parser.add_argument("--demo-dataset", help="instruction JSONL for the demo chain's calibration and "
-                                                     f"validation loss (default {DEFAULT_DEMO_DATASET}; '' for none)")
+                              help="build the demo chain (SmolLM2-135M-Instruct and a distilled 90M anchor) unless "
+                                   "it is being built or ready")
     serve_parser.set_defaults(func=serve)
 
     worker_parser = subcommands.add_parser("worker", help="run a worker for the given queues (Celery with a broker)")

@@ -1,73 +1,86 @@
-"""The demo chain of `cbd serve --demo`: SmolLM2-135M-Instruct and a 90M anchor derived from it (distill: false).
+"""The demo chain of `cbd serve --demo`: a real chain, built by the embedded worker, queued at once.
 
-Runs once in its own process before the service starts, so the README's POST /models works at once.
+SmolLM2-135M-Instruct (fetched offline by the worker, cbd_engine.zoo) and one anchor of DEMO_ANCHOR_SIZE derived from
+it: pruned by activations on the package's own calibration set and distilled on it, so the README's first command
+works on a machine with nothing but the package. `cbd serve` listens at once; the chain is listed as being built and
+its job reports progress per stage and an estimate. Torch-free: this runs in the API process.
+
+DEMO_RECIPE is part of the demo chain's identity (its name): a demo chain of another recipe is replaced, with its
+anchors, models, jobs and files, and a demo chain being built or ready is never built twice.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-from pathlib import Path
+import shutil
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from app.models import Chain
+from app.db import make_engine, make_session_factory
+from app.errors import ApiError
+from app.models import Chain, Job, Model
 from app.schemas import ChainCreate
-from app.services.chains import create_chain
-from worker.runner import run_job
-from worker.tasks import HANDLERS, SMOLLM2_ID, runtime
+from app.services import jobs
+from app.services.chains import create_chain, delete_chain
+from app.services.sources import SMOLLM2_ID
+from app.settings import Settings
+from app.storage import ArtifactStore, open_store
+from cbd_engine.calibration import DEFAULT_SET
 
 log = logging.getLogger("cbd.demo")
 DEMO_NAME = "smollm2-demo"
+DEMO_OWNER = "demo"  # no token has this name: token owners are token ids, or "anonymous"
+DEMO_RECIPE = 2  # 1: a 90M checkpoint derived by magnitude pruning, registered as it was (distill: false)
 DEMO_ANCHOR_SIZE = "90M"
+# The distillation of the demo's anchor; placeholders until measured: the build must stay under about 15 minutes on a
+# 2-core CPU
+DEMO_DISTILLATION = {"steps": 120, "batch_size": 4, "max_length": 256, "eval_every": 40}
+KEPT = ("queued", "running", "ready")  # a demo chain in another state (failed, cancelled) is built anew
 
 
-def derive_anchor(folder: Path, source: Path, dataset: Path | None, calibration_rows: int) -> Path:
-    if (folder / "config.json").is_file():
-        return folder
-    from cbd_engine.data import calibration_texts
-    from cbd_engine.materialize import materialize
-
-    log.info("deriving the demo's %s anchor from %s", DEMO_ANCHOR_SIZE, source)
-    materialize(folder, large=source, size=DEMO_ANCHOR_SIZE, dtype="float32",
-                calibration=calibration_texts(dataset, calibration_rows) if dataset else None)
-    return folder
+def demo_chain_name() -> str:
+    return f"{DEMO_NAME}-r{DEMO_RECIPE}"
 
 
-def ensure_demo_chain(dataset: Path | None) -> str:
-    """The id of the ready demo chain, registering (and deriving) it first if needed."""
-    from cbd_engine.zoo import smollm2_135m_instruct
-
-    settings, session_factory, _, worker_id = runtime()
-    with session_factory() as session:
-        ready = session.scalar(select(Chain.id).where(Chain.name == DEMO_NAME, Chain.status == "ready"))
-    if ready:
-        return ready
-    source = smollm2_135m_instruct()
-    anchor = derive_anchor(settings.data_dir.resolve() / "demo" / f"smollm2-{DEMO_ANCHOR_SIZE}", source, dataset,
-                            settings.calibration_rows)
-    roots = [anchor.parent] + ([dataset.parent] if dataset else [])
-    body = ChainCreate(name=DEMO_NAME, source=SMOLLM2_ID, anchors=[{"checkpoint": str(anchor), "distill": False}],
-                       dataset={"path": str(dataset)} if dataset else None, device="cpu")
-    own = settings.model_copy(update={"allowed_source_roots": [*settings.allowed_source_roots, *roots],
-                                      "max_concurrent_jobs": 0, "broker_url": ""})
-    with session_factory() as session:
-        chain, job = create_chain(session, own, body, "demo")
-    status = run_job(job.id, settings, session_factory, HANDLERS, worker_id)
-    if status != "succeeded":
-        raise RuntimeError(f"registering the demo chain ended {status}; see job {job.id}")
-    return chain.id
+def demo_chain_body() -> ChainCreate:
+    return ChainCreate(name=demo_chain_name(), source=SMOLLM2_ID, anchors=[{"size": DEMO_ANCHOR_SIZE}],
+                       dataset={"path": str(DEFAULT_SET)}, distillation=DEMO_DISTILLATION, device="cpu")
 
 
-def main() -> None:
-    from app.logging import configure_logging
+def ensure_demo_chain(settings: Settings) -> tuple[Chain, Job | None]:
+    """The demo chain of this recipe and its latest job: the one being built or ready, else a new one queued for
+    the workers. Nothing is built here: this returns at once."""
+    engine = make_engine(settings.resolved_database_url)
+    store = open_store(settings.resolved_storage_url, settings.s3_endpoint_url)
+    try:
+        with make_session_factory(engine)() as session:
+            demo_chains = list(session.scalars(select(Chain).where(Chain.owner == DEMO_OWNER).order_by(Chain.id)))
+            kept = next((c for c in reversed(demo_chains) if c.name == demo_chain_name() and c.status in KEPT), None)
+            for chain in demo_chains:
+                if chain is not kept:
+                    _replace(session, store, settings, chain)
+            if kept is None:
+                # the package's calibration set is the demo's data set: a root this server may read
+                own = settings.model_copy(update={"max_concurrent_jobs": 0, "allowed_source_roots": [
+                    *settings.allowed_source_roots, DEFAULT_SET.parent.resolve()]})
+                kept, _ = create_chain(session, own, demo_chain_body(), DEMO_OWNER)
+                log.info("demo chain %s queued (recipe %d)", kept.id, DEMO_RECIPE)
+            return kept, jobs.latest_job(session, kept.id)
+    finally:
+        engine.dispose()
 
-    configure_logging()
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--dataset", type=Path)
-    args = parser.parse_args()
-    print(ensure_demo_chain(args.dataset.resolve() if args.dataset else None))
 
-
-if __name__ == "__main__":
-    main()
+def _replace(session: Session, store: ArtifactStore, settings: Settings, chain: Chain) -> None:
+    """Delete an outdated (or failed) demo chain. Its jobs and its models' jobs are cancelled first; one still
+    running stops at its next step, and the chain is deleted at a later start."""
+    subjects = [chain.id, *session.scalars(select(Model.id).where(Model.chain_id == chain.id))]
+    for job_id in session.scalars(select(Job.id).where(Job.subject_id.in_(subjects), Job.status.in_(jobs.ACTIVE))):
+        jobs.cancel_job(session, job_id, DEMO_OWNER, is_admin=True)
+    try:
+        delete_chain(session, store, chain.id)
+    except ApiError as error:
+        log.warning("the outdated demo chain %s stays until its job stops: %s", chain.id, error.detail)
+        return
+    log.info("replaced the outdated demo chain %s (%s)", chain.id, chain.name)
+    shutil.rmtree(settings.data_dir / "demo", ignore_errors=True)  # recipe 1's derived anchor, registered from there

@@ -186,6 +186,16 @@ class JobContext:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def handing_back(self) -> bool:
+        """This worker is shutting down: a job it stops goes back to the queue (unless the user cancelled it)."""
+        return SHUTDOWN.is_set() and not self.cancelled
+
+    def runs_again_after(self, error: BaseException) -> bool:
+        """Whether the job, stopped by `error`, will run again (handed back, or its lease taken by another worker):
+        work it could resume from (checkpoints) must then be kept."""
+        return isinstance(error, LeaseLost) or (isinstance(error, Cancelled) and (self.lost or self.handing_back))
+
     def should_stop(self) -> bool:
         if time.monotonic() > self.deadline:
             limit = self.settings.soft_time_limit_seconds
@@ -257,7 +267,7 @@ def run_job(job_id: str, settings: Settings, session_factory: sessionmaker[Sessi
         log.warning("job lost its lease; another worker has it", extra=extra)
         return "lost"
     except Cancelled:
-        if SHUTDOWN.is_set() and not ctx.cancelled:
+        if ctx.handing_back:
             ctx.stop()
             _release(ctx)
             log.info("job released: this worker is shutting down", extra=extra)

@@ -8,28 +8,38 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from billiard.process import active_children
 from celery.signals import worker_process_init, worker_shutting_down
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import make_engine, make_session_factory
-from app.models import Anchor, Artifact, Chain, Model
+from app.models import Anchor, Artifact, Chain, Job, Model
+from app.services.chains import distill_settings, is_registration
 from app.services.files import record_files
+from app.services.models import alpha_requested, rows_seconds, samples_seconds
+from app.services.sources import SMOLLM2_ID
 from app.settings import Settings
 from app.storage import ArtifactStore, StoredFile, link_folder, open_store, put_folder
+from cbd_engine.chain import FLOPS_PER_SECOND
+from cbd_engine.progress import Cancelled, ProgressEvent
 from worker.celery_app import celery
 from worker.runner import SHUTDOWN, Handler, JobContext, run_job, worker_identity
 
+if TYPE_CHECKING:
+    from cbd_engine.materialize import MaterializeResult
+
 log = logging.getLogger("cbd.worker")
-SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # sent by a Celery worker's main process to its pool's children when it shuts down warm (Celery's children reset
 # SIGTERM to its default and use SIGUSR1 for the soft time limit)
 HAND_BACK_SIGNAL = signal.SIGUSR2
@@ -49,12 +59,15 @@ def store_of(ctx: JobContext) -> ArtifactStore:
 # --- quality -------------------------------------------------------------------------------------------------
 
 
+def has_tokenizer(model_dir: Path) -> bool:
+    return (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer.model").is_file()
+
+
 def measure_validation_loss(model_dir: Path, chain_spec: dict, settings: Settings) -> float | None:
     """Response-token loss on the chain dataset's validation rows (None without an instruction file or a tokenizer)."""
     dataset = chain_spec.get("dataset") or {}
     path = dataset.get("path")
-    has_tokenizer = (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer.model").is_file()
-    if not path or not path.endswith((".jsonl", ".json")) or not has_tokenizer:
+    if not path or not path.endswith((".jsonl", ".json")) or not has_tokenizer(model_dir):
         return None
     from cbd_engine.models import validation_loss
 
@@ -92,6 +105,14 @@ def anchor_folder(session: Session, store: ArtifactStore, anchor: Anchor, settin
     return link_folder(store, files, settings.work_dir / "anchors" / anchor.id)
 
 
+@contextlib.contextmanager
+def stage(ctx: JobContext, name: str, eta_seconds: float | None = None) -> Iterator[None]:
+    """Work the engine reports no progress for, shown as its own stage (with an estimate where there is one)."""
+    ctx.progress(ProgressEvent(name, 0, 1, eta_seconds=eta_seconds), force=True)
+    yield
+    ctx.progress(ProgressEvent(name, 1, 1, eta_seconds=0.0), force=True)
+
+
 def fresh_dir(path: Path) -> Path:
     """`path` gone, along with the temporary siblings a killed attempt may have left."""
     shutil.rmtree(path, ignore_errors=True)
@@ -104,9 +125,11 @@ def fresh_dir(path: Path) -> Path:
 # --- build_chain ---------------------------------------------------------------------------------------------
 
 
-def _register_folders(ctx: JobContext, chain: Chain, folders: list[Path], metrics: list[dict]) -> None:
-    """Record anchors (index 0 = the source) from model folders: shape and count from config.json, files stored,
-    the engine's metrics kept, and the validation loss measured where the engine did not report one."""
+def _register_folders(ctx: JobContext, chain: Chain, folders: list[Path], metrics: list[dict],
+                      extra: list[Path]) -> None:
+    """Record anchors (index 0 = the source) from model folders: shape and count from config.json, files stored
+    (with the `extra` files, which replace a folder's own of the same name), the engine's metrics kept, and the
+    validation loss measured where the engine did not report one."""
     from cbd_engine.families import ModelSpec
     from cbd_engine.shapes import check_same_chain
 
@@ -117,6 +140,8 @@ def _register_folders(ctx: JobContext, chain: Chain, folders: list[Path], metric
             raise ValueError(f"anchors must descend in size: anchor {i} has {specs[i].num_params} parameters, "
                              f"anchor {i - 1} {specs[i - 1].num_params}")
     store = store_of(ctx)
+    added = [store.put_file(path) for path in extra]
+    replaced = {f.name for f in added}
     with ctx.session_factory() as session:
         stale = select(Anchor.id).where(Anchor.chain_id == chain.id)  # a retried attempt starts over
         session.execute(delete(Artifact).where(Artifact.owner_id.in_(stale)))
@@ -127,15 +152,14 @@ def _register_folders(ctx: JobContext, chain: Chain, folders: list[Path], metric
                             config=spec.config, status="ready", metrics={})
             session.add(anchor)
             session.flush()
-            record_files(session, anchor.id, put_folder(store, folder))
+            own = [f for f in put_folder(store, folder) if f.name not in replaced]
+            record_files(session, anchor.id, own + added)
             anchors.append(anchor)
         row = session.get(Chain, chain.id)
         row.family = specs[0].family.name
         ctx.commit(session)
     for anchor, folder, known in zip(anchors, folders, metrics, strict=True):
         if ctx.should_stop():
-            from cbd_engine.progress import Cancelled
-
             raise Cancelled()
         loss = known.get("validation_loss")
         if loss is None:
@@ -145,31 +169,50 @@ def _register_folders(ctx: JobContext, chain: Chain, folders: list[Path], metric
             ctx.commit(session)
 
 
-def build_chain(ctx: JobContext) -> None:
-    from app.services.chains import is_registration
+def registration_calibration(spec: dict, folder: Path) -> Path:
+    """The calibration.json every anchor of a registered chain records, as build_chain writes it into the anchors
+    it builds: the chain's instruction rows, else the package's default set. Written into `folder`, never into the
+    registered checkpoints (they may be read-only user folders)."""
+    from cbd_engine.calibration import Calibration, default_calibration
+    from cbd_engine.data import is_instruction_file
 
+    dataset = spec.get("dataset") or {}
+    path = dataset.get("path")
+    if path and is_instruction_file(path):
+        calibration = Calibration.from_file(path, dataset.get("prompt_format", "alpaca"))
+    else:
+        calibration = default_calibration()
+    folder.mkdir(parents=True, exist_ok=True)
+    return calibration.save(folder)
+
+
+def build_chain(ctx: JobContext) -> None:
     with ctx.session_factory() as session:
         chain = session.get(Chain, ctx.subject_id)
         session.expunge(chain)
     spec = chain.spec
+    work = ctx.settings.work_dir / "chains" / chain.id
+    with stage(ctx, "source"):  # the first run of the demo fetches SmolLM2 here
+        source = source_folder(spec["source"], ctx.settings)
     if is_registration(spec):
-        folders = [source_folder(spec["source"], ctx.settings)] + [Path(a["checkpoint"]) for a in spec["anchors"]]
+        folders = [source] + [Path(a["checkpoint"]) for a in spec["anchors"]]
         metrics = [{} for _ in folders]
+        extra = [registration_calibration(spec, work / "calibration")]
     else:
         from cbd_engine.chain import build_chain as engine_build_chain
 
-        engine_spec = {**spec, "source": str(source_folder(spec["source"], ctx.settings))}
-        result = engine_build_chain(engine_spec, ctx.settings.work_dir / "chains" / chain.id, resume=True,
-                                    progress=ctx.progress, should_stop=ctx.should_stop)
+        result = engine_build_chain({**spec, "source": str(source)}, work, resume=True, progress=ctx.progress,
+                                    should_stop=ctx.should_stop)
         built = sorted(result.anchors, key=lambda a: a.index)
-        folders, metrics = [Path(a.path) for a in built], [dict(a.metrics or {}) for a in built]
-    _register_folders(ctx, chain, folders, metrics)
+        folders, metrics, extra = [Path(a.path) for a in built], [dict(a.metrics or {}) for a in built], []
+    with stage(ctx, "register anchors"):
+        _register_folders(ctx, chain, folders, metrics, extra)
     with ctx.session_factory() as session:
         session.get(Chain, chain.id).status = "ready"
         ctx.commit(session)
     # the anchors are in the store now; the engine's folder (kept until here so a retried attempt resumes) would
     # only hold second copies of them
-    shutil.rmtree(ctx.settings.work_dir / "chains" / chain.id, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 # --- materialize_model ---------------------------------------------------------------------------------------
@@ -186,8 +229,107 @@ def summary(provenance: dict) -> dict:
 
 
 
+def quality_metrics(provenance: dict, small: Anchor, large: Anchor) -> dict:
+    """The materialization's own quality report (on the calibration's dev rows), with the anchors' validation loss
+    and their dev loss keyed by anchor id."""
+    quality = provenance.get("quality") or {}
+    anchors_dev = quality.get("anchors_dev_loss") or {}
+    return {"dev_loss": quality.get("dev_loss"), "alpha_0_dev_loss": quality.get("alpha_0_dev_loss"),
+            "anchors_dev_loss": {a.id: anchors_dev.get(role) for role, a in (("small", small), ("large", large))},
+            "anchors_validation_loss": {a.id: (a.metrics or {}).get("validation_loss") for a in (small, large)},
+            "alphas": provenance.get("alphas")}
+
+
+def quality_flags(metrics: dict, vocab_size: int) -> dict:
+    """worse_than_alpha_0: the mix loses to the larger anchor pruned to the size (dev rows); worse_than_uniform: the
+    model is worse than guessing uniformly, on the validation rows where measured, else on the dev rows. None:
+    not measured."""
+    loss = metrics.get("validation_loss") if metrics.get("validation_loss") is not None else metrics.get("dev_loss")
+    dev, alpha_0 = metrics.get("dev_loss"), metrics.get("alpha_0_dev_loss")
+    return {"worse_than_alpha_0": None if dev is None or alpha_0 is None else dev > alpha_0,
+            "worse_than_uniform": None if loss is None else loss > math.log(vocab_size)}
+
+
+def quality_warnings(metrics: dict, vocab_size: int) -> list[str]:
+    """The flags in words, for the job's result."""
+    flags, found = metrics["flags"], []
+    if flags["worse_than_alpha_0"]:
+        found.append(f"this model's dev loss ({metrics['dev_loss']:.3f}) is worse than that of alpha 0, the larger "
+                     f"anchor pruned to this size ({metrics['alpha_0_dev_loss']:.3f}): request alpha \"auto\" (or 0) "
+                     "for a better model of this size")
+    if flags["worse_than_uniform"]:
+        measured = "validation" if metrics.get("validation_loss") is not None else "dev"
+        loss = metrics[f"{measured}_loss"]
+        found.append(f"this model's {measured} loss ({loss:.3f}) is worse than guessing uniformly over its "
+                     f"{vocab_size} tokens (ln {vocab_size} = {math.log(vocab_size):.3f}): it is not usable as it "
+                     "is; heal it (\"heal\": {\"steps\": ...}) or pick a size nearer an anchor")
+    return found
+
+
+def heal_model(ctx: JobContext, model: Model, chain: Chain, materialized: Path, teacher: Path, out: Path,
+               work: Path) -> dict:
+    """Heal steps from the larger anchor on the chain's data set with the chain's distillation settings, resumed
+    from the checkpoints in `work` that an earlier attempt left; the metrics before and after."""
+    from dataclasses import replace
+
+    from cbd_engine.distill_config import DistillConfig
+    from cbd_engine.heal import heal
+
+    config = replace(DistillConfig.from_dict(distill_settings(chain.spec)), device=ctx.queue)  # a queue is a device
+    result = heal(materialized, teacher, out, model.heal["steps"], dataset=chain.spec.get("dataset"),
+                  learning_rate=model.heal.get("learning_rate"), config=config, work_dir=work, resume=True,
+                  progress=ctx.progress, should_stop=ctx.should_stop)
+    return {"steps": model.heal["steps"], "validation_loss_before": result.metrics["validation_loss_before"],
+            "validation_loss": result.metrics["validation_loss"], "best_step": result.metrics["best_step"]}
+
+
+def _update_model(ctx: JobContext, model_id: str, **metrics: object) -> None:
+    with ctx.session_factory() as session:
+        row = session.get(Model, model_id)
+        row.metrics = {**(row.metrics or {}), **metrics}
+        ctx.commit(session)
+
+
+def publish_model(ctx: JobContext, store: ArtifactStore, model_id: str, folder: Path, known: dict[str, str],
+                  result: MaterializeResult, metrics: dict, started: float) -> list[StoredFile]:
+    """The model's files into the store and its row ready, with what is known of its quality so far."""
+    built = time.monotonic()
+    with stage(ctx, "publish"):
+        stored = put_folder(store, folder, known)
+    timings = {"materialize_seconds": round(built - started, 3), "publish_seconds": round(time.monotonic() - built, 3)}
+    with ctx.session_factory() as session:
+        row = session.get(Model, model_id)
+        session.execute(delete(Artifact).where(Artifact.owner_id == model_id))
+        record_files(session, model_id, stored)
+        row.params, row.alpha, row.status = result.params, result.alpha, "ready"
+        row.provenance = {**summary(result.provenance), "service": timings}
+        row.metrics = {**(row.metrics or {}), **metrics}
+        ctx.commit(session)  # the files are downloadable from here on
+    return stored
+
+
+def measure_model(ctx: JobContext, model: Model, chain: Chain, folder: Path, metrics: dict) -> None:
+    """The published model's validation loss, its quality flags (in words in the job's result), and greedy samples,
+    each its own stage."""
+    from cbd_engine.evaluation.samples import sample_answers
+
+    speed = FLOPS_PER_SECOND[ctx.queue]
+    with stage(ctx, "validation", rows_seconds(model.params, ctx.settings.validation_rows, speed)):
+        metrics["validation_loss"] = measure_validation_loss(folder, chain.spec, ctx.settings)
+    vocab = model.shape["vocab_size"]
+    metrics["flags"] = quality_flags(metrics, vocab)
+    _update_model(ctx, model.id, validation_loss=metrics["validation_loss"], flags=metrics["flags"])
+    with ctx.session_factory() as session:
+        session.execute(update(Job).where(Job.id == ctx.job_id).values(warnings=quality_warnings(metrics, vocab)))
+        ctx.commit(session)
+    with stage(ctx, "samples", samples_seconds(model.params, speed)):
+        prompt_format = (chain.spec.get("dataset") or {}).get("prompt_format", "alpaca")
+        samples = sample_answers(folder, prompt_format=prompt_format) if has_tokenizer(folder) else None
+    _update_model(ctx, model.id, samples=samples)
+
+
 def materialize_model(ctx: JobContext) -> None:
-    from cbd_engine.data import calibration_texts
+    """Materialize (then heal, when asked), publish, then measure the model."""
     from cbd_engine.materialize import materialize
     from cbd_engine.shapes import Shape
 
@@ -202,37 +344,34 @@ def materialize_model(ctx: JobContext) -> None:
         model.status = "running"
         ctx.commit(session)
         session.expunge_all()
-    dataset = (chain.spec.get("dataset") or {}).get("path")
-    alpha = {"default": None, "auto": "auto"}.get(model.alpha_request, model.alpha)
-    out = fresh_dir(ctx.settings.work_dir / "models" / model.id)
-    evaluated = ctx.settings.work_dir / "models" / f"{model.id}.eval"
-    calibration = calibration_texts(dataset, ctx.settings.calibration_rows) if dataset else None
-    try:  # the work folders go whatever happens: the store holds what was published, a retry starts afresh
+    work = ctx.settings.work_dir
+    out = fresh_dir(work / "models" / model.id)
+    healed = work / "models" / f"{model.id}.healed"
+    evaluated = work / "models" / f"{model.id}.eval"
+    heal_work = work / "heal" / model.id  # kept while the job is to run again: the next attempt resumes there
+    resumable = False
+    try:  # the other work folders go whatever happens: the store holds what was published, a retry starts afresh
         started = time.monotonic()
-        result = materialize(out, small=small_dir, large=large_dir, shape=Shape.from_dict(model.shape), alpha=alpha,
-                             init=model.init, calibration=calibration,
+        result = materialize(out, small=small_dir, large=large_dir, shape=Shape.from_dict(model.shape),
+                             alpha=alpha_requested(model.alpha_request), mix=model.mix, init=model.init,
                              dtype=model.dtype, seed=model.seed, progress=ctx.progress, should_stop=ctx.should_stop)
-        materialized = time.monotonic()
-        stored = put_folder(store, result.out, {f.name: f.sha256 for f in result.files})
-        timings = {"materialize_seconds": round(materialized - started, 3),
-                   "publish_seconds": round(time.monotonic() - materialized, 3)}
-        with ctx.session_factory() as session:
-            row = session.get(Model, model.id)
-            session.execute(delete(Artifact).where(Artifact.owner_id == model.id))
-            record_files(session, model.id, stored)
-            row.params, row.alpha, row.status = result.params, result.alpha, "ready"
-            row.provenance = {**summary(result.provenance), "service": timings}
-            ctx.commit(session)  # the files are downloadable from here on
-        metrics = {"validation_loss": measure_validation_loss(link_folder(store, stored, evaluated), chain.spec,
-                                                              ctx.settings),
-                   "anchors_validation_loss": {a.id: (a.metrics or {}).get("validation_loss") for a in (small, large)}}
+        folder, known = out, {f.name: f.sha256 for f in result.files}
+        metrics = quality_metrics(result.provenance, small, large)
+        if model.heal:
+            metrics["heal"] = heal_model(ctx, model, chain, out, large_dir, fresh_dir(healed), heal_work)
+            folder, known = healed, {}
+        if ctx.should_stop():
+            raise Cancelled("materialization cancelled before it was published")
+        stored = publish_model(ctx, store, model.id, folder, known, result, metrics, started)
+        measure_model(ctx, model, chain, link_folder(store, stored, evaluated), metrics)
+    except BaseException as error:
+        resumable = ctx.runs_again_after(error)
+        raise
     finally:
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(evaluated, ignore_errors=True)
-    with ctx.session_factory() as session:
-        row = session.get(Model, model.id)
-        row.metrics = {**(row.metrics or {}), **metrics}
-        ctx.commit(session)
+        for scratch in (out, healed, evaluated):
+            shutil.rmtree(scratch, ignore_errors=True)
+        if not resumable:
+            shutil.rmtree(heal_work, ignore_errors=True)
 
 
 # --- evaluate_model ------------------------------------------------------------------------------------------

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.errors import ApiError, not_found
-from app.models import Anchor, Chain
+from app.models import Anchor, Chain, Job, Model
 from app.schemas import AnchorOut, ChainAccepted, ChainCreate, ChainOut, Page
 from app.services import jobs, sources
-from app.services.files import artifacts, files_out
+from app.services.files import artifacts, delete_unreferenced_blobs, files_out, remove_artifacts
 from app.services.pagination import paginate, where_given
 from app.settings import Settings
+from app.storage import ArtifactStore
+from cbd_engine.calibration import DEFAULT_SET
+from cbd_engine.chain import parse_spec
 
 
 def resolve_spec(settings: Settings, body: ChainCreate) -> dict:
@@ -40,6 +43,12 @@ def is_registration(spec: dict) -> bool:
                                               for a in spec["anchors"])
 
 
+def distill_settings(spec: dict) -> dict:
+    """The chain's distillation settings as the engine resolves them (every DistillConfig field, defaults filled),
+    also for a chain registered without a data set, whose models heal on the package's calibration set."""
+    return parse_spec({**spec, "dataset": spec.get("dataset") or {"path": str(DEFAULT_SET)}}).distillation
+
+
 def estimate_seconds(spec: dict) -> float | None:
     if is_registration(spec):
         return None
@@ -65,6 +74,24 @@ def create_chain(session: Session, settings: Settings, body: ChainCreate, owner:
     session.commit()
     jobs.dispatch(session, settings, job)
     return chain, job
+
+
+def delete_chain(session: Session, store: ArtifactStore, chain_id: str) -> None:
+    """Remove a chain with its anchors, its models, their jobs and files (blobs that nothing else names). Refused
+    (409) while a job of the chain or of one of its models is queued or running."""
+    chain = get_chain(session, chain_id)
+    models = list(session.scalars(select(Model.id).where(Model.chain_id == chain.id)))
+    subjects = [chain.id, *models]
+    active = session.scalar(select(Job).where(Job.subject_id.in_(subjects), Job.status.in_(jobs.ACTIVE)).limit(1))
+    if active is not None:
+        raise ApiError(409, f"chain {chain.id} has a {active.status} {active.kind} job {active.id}; cancel it first")
+    blobs = remove_artifacts(session, [anchor.id for anchor in chain.anchors] + models)
+    session.execute(delete(Job).where(Job.subject_id.in_(subjects)))
+    session.execute(delete(Model).where(Model.chain_id == chain.id))
+    session.execute(delete(Anchor).where(Anchor.chain_id == chain.id))
+    session.execute(delete(Chain).where(Chain.id == chain.id))
+    session.commit()
+    delete_unreferenced_blobs(session, store, blobs)
 
 
 def accepted(chain: Chain, job: jobs.Job) -> ChainAccepted:

@@ -6,7 +6,7 @@ import hashlib
 
 from fastapi import Request
 from fastapi.responses import RedirectResponse, Response
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 from starlette.responses import FileResponse, StreamingResponse
 
@@ -31,6 +31,21 @@ def files_out(rows: list[Artifact], base_url: str) -> list[FileOut]:
 def record_files(session: Session, owner_id: str, files: list[StoredFile]) -> None:
     for item in files:
         session.add(Artifact(owner_id=owner_id, name=item.name, size=item.size, sha256=item.sha256))
+
+
+def remove_artifacts(session: Session, owner_ids: list[str]) -> set[str]:
+    """Delete the artifact rows of these models or anchors (uncommitted); the sha256 of the blobs they named."""
+    blobs = set(session.scalars(select(Artifact.sha256).where(Artifact.owner_id.in_(owner_ids))))
+    session.execute(delete(Artifact).where(Artifact.owner_id.in_(owner_ids)))
+    return blobs
+
+
+def delete_unreferenced_blobs(session: Session, store: ArtifactStore, blobs: set[str]) -> None:
+    """After `remove_artifacts` is committed: the blobs no artifact row names any more (the store is
+    content-addressed, so another model or anchor may hold the same file)."""
+    for sha256 in blobs:
+        if session.scalar(select(Artifact.id).where(Artifact.sha256 == sha256).limit(1)) is None:
+            store.delete(sha256)
 
 
 def find_file(session: Session, owner_id: str, name: str) -> Artifact:

@@ -29,7 +29,7 @@ def job_ref(job: Job | None) -> JobRef | None:
 
 
 def job_out(job: Job) -> JobOut:
-    result = {"chain" if job.kind == "build_chain" else "model": job.subject_id}
+    result = {"chain" if job.kind == "build_chain" else "model": job.subject_id, "warnings": job.warnings or []}
     known = set(Progress.model_fields)
     return JobOut(
         id=job.id, kind=job.kind, status=job.status, queue=job.queue,

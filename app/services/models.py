@@ -6,6 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NoReturn
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -13,15 +14,19 @@ from sqlalchemy.orm import Session
 
 import cbd_engine
 from app.errors import ApiError, not_found
-from app.models import Anchor, Artifact, Chain, Job, Model
-from app.schemas import EvaluationCreate, ModelCreate, ModelOut, Page
+from app.models import Anchor, Chain, Job, Model
+from app.schemas import ALPHA_MODES, EvaluationCreate, HealIn, ModelCreate, ModelOut, Page
 from app.services import jobs
-from app.services.files import artifacts, files_out
+from app.services.chains import distill_settings
+from app.services.files import artifacts, delete_unreferenced_blobs, files_out, remove_artifacts
 from app.services.pagination import paginate, where_given
 from app.services.sources import dataset_file, invalid
 from app.settings import Settings
 from app.storage import ArtifactStore
+from cbd_engine.calibration import DEV_ROWS, IMPORTANCE_ROWS
+from cbd_engine.chain import DECODING_SLOWDOWN, FLOPS_PER_SECOND
 from cbd_engine.evaluation import TASK_TYPES
+from cbd_engine.evaluation.samples import SAMPLE_PROMPTS, SAMPLE_TOKENS
 from cbd_engine.families import ModelSpec
 from cbd_engine.shapes import SIZE_TOLERANCE, Shape, ShapeError, format_size, parse_size, solve_shape
 
@@ -115,7 +120,7 @@ def plan(session: Session, body: ModelCreate) -> Plan:
     chains = list(session.scalars(select(Chain).where(Chain.source == body.source, Chain.status == "ready")
                                   .order_by(Chain.id.desc())))
     if not chains:
-        raise invalid("source", f"no ready chain of source {body.source!r}; build one with POST /chains")
+        _no_ready_chain(session, body.source)
     errors = []
     for chain in chains:  # the newest ready chain whose anchors bracket the request
         try:
@@ -125,30 +130,90 @@ def plan(session: Session, body: ModelCreate) -> Plan:
     raise invalid("size" if body.size is not None else "shape", "; ".join(errors))
 
 
+def _no_ready_chain(session: Session, source: str) -> NoReturn:
+    """409 while a chain of the source is being built (the demo's, right after `cbd serve --demo`), else 422."""
+    building = session.scalar(select(Chain).where(Chain.source == source, Chain.status.in_(jobs.ACTIVE))
+                              .order_by(Chain.id.desc()).limit(1))
+    if building is None:
+        raise invalid("source", f"no ready chain of source {source!r}; build one with POST /chains")
+    job = jobs.latest_job(session, building.id)
+    raise ApiError(409, f"chain {building.id} of source {source!r} is being built ({building.status}); retry when it "
+                        f"is ready" + (f" (progress: GET /jobs/{job.id})" if job else ""))
+
+
 def alpha_key(alpha: float | str | None) -> str:
-    return "default" if alpha is None else ("auto" if alpha == "auto" else repr(float(alpha)))
+    """alpha as requested, for the identity: "auto" (null too), "proportional", or the number's repr."""
+    return "auto" if alpha is None else alpha if isinstance(alpha, str) else repr(float(alpha))
+
+
+def alpha_requested(key: str) -> float | str:
+    return key if key in ALPHA_MODES else float(key)
+
+
+def heal_key(heal: HealIn | None) -> dict | None:
+    return heal.model_dump() if heal is not None else None
 
 
 def identity(p: Plan, body: ModelCreate) -> str:
-    """The contract's identity: (chain, shape, alpha, init, seed, dtype, engine version)."""
-    key = [p.chain.id, p.shape.to_dict(), alpha_key(body.alpha), body.init, body.seed, body.dtype,
-           cbd_engine.__version__]
+    """The contract's identity: (chain, shape, alpha as requested, mix, heal, init, seed, dtype, engine version)."""
+    key = [p.chain.id, p.shape.to_dict(), alpha_key(body.alpha), body.mix, heal_key(body.heal), body.init, body.seed,
+           body.dtype, cbd_engine.__version__]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-CALIBRATION_TOKENS_PER_ROW = 512
-CPU_FLOPS_PER_SECOND = 1.8e11  # the engine's measured CPU throughput (cbd_engine.chain.FLOPS_PER_SECOND)
+# For estimates (FLOPs at the engine's figures per device, cbd_engine.chain.FLOPS_PER_SECOND): what the worker runs
+TOKENS_PER_ROW = 200  # a calibration, dev or validation row, prompt and response
+PADDED_FRACTION = 0.6  # of a training window that is tokens, as cbd_engine.chain.estimate_chain_seconds counts
+AUTO_PASSES = 9  # alpha "auto": the grid's 7 candidates and the anchors' own dev losses
+FIXED_PASSES = 4  # another alpha: the model and alpha 0 scored for its quality, and the anchors' own dev losses
 
 
-def estimate_seconds(settings: Settings, p: Plan, body: ModelCreate) -> float:
-    """Reading both anchors and writing the model (float32 bytes), plus activation importance on the calibration rows
-    (a forward pass of each anchor); "auto" alpha also scores nine candidates."""
-    moved = 4 * (p.small.params + p.large.params + p.params)
-    seconds = moved / settings.materialize_bytes_per_second
-    if (p.chain.spec.get("dataset") or {}).get("path"):
-        tokens = settings.calibration_rows * CALIBRATION_TOKENS_PER_ROW
-        seconds += 2 * tokens * (p.small.params + p.large.params) / CPU_FLOPS_PER_SECOND
-    return seconds * (10 if body.alpha == "auto" else 1)
+def forward_seconds(params: int, tokens: float, flops_per_second: float) -> float:
+    return 2 * params * tokens / flops_per_second
+
+
+def rows_seconds(params: int, rows: int, flops_per_second: float) -> float:
+    """A forward pass over `rows` rows (importance, scoring candidates, validation)."""
+    return forward_seconds(params, rows * TOKENS_PER_ROW, flops_per_second)
+
+
+def samples_seconds(params: int, flops_per_second: float) -> float:
+    """Greedy answers, token by token (far below training throughput)."""
+    tokens = len(SAMPLE_PROMPTS) * (TOKENS_PER_ROW + SAMPLE_TOKENS * DECODING_SLOWDOWN)
+    return forward_seconds(params, tokens, flops_per_second)
+
+
+def heal_seconds(p: Plan, heal: HealIn, recipe: dict, flops_per_second: float) -> float:
+    """K steps of the chain's batch and length (6 N of the student and 2 N of the teacher a token), and the dev and
+    validation rows scored before and after."""
+    tokens = heal.steps * recipe["batch_size"] * recipe["max_length"] * PADDED_FRACTION
+    training = tokens * (6 * p.params + 2 * p.large.params) / flops_per_second
+    scored = 2 * 2 * recipe["eval_rows"] * recipe["max_length"] * PADDED_FRACTION
+    return training + forward_seconds(p.params, scored, flops_per_second)
+
+
+def estimate_seconds(settings: Settings, p: Plan, body: ModelCreate, queue: str) -> float:
+    """Reading both anchors and writing the model (float32 bytes); activation importance of both anchors on the
+    calibration's training rows (the first time: it is cached) and the dev rows scored for alpha and quality; heal
+    steps when asked (422 when the chain's settings cannot heal); the validation loss and greedy samples."""
+    speed = FLOPS_PER_SECOND[queue]
+    seconds = 4 * (p.small.params + p.large.params + p.params) / settings.materialize_bytes_per_second
+    if body.init in ("cbd", "single"):
+        seconds += rows_seconds(p.small.params + p.large.params, IMPORTANCE_ROWS, speed)
+    if body.init == "cbd":
+        passes = AUTO_PASSES if alpha_key(body.alpha) == "auto" else FIXED_PASSES
+        seconds += rows_seconds(p.params, passes * DEV_ROWS, speed)
+    if body.heal is not None:
+        seconds += heal_seconds(p, body.heal, heal_recipe(p.chain), speed)
+    return seconds + rows_seconds(p.params, settings.validation_rows, speed) + samples_seconds(p.params, speed)
+
+
+def heal_recipe(chain: Chain) -> dict:
+    """The chain's distillation settings, which heal steps use (422 when the engine refuses them)."""
+    try:
+        return distill_settings(chain.spec)
+    except ValueError as error:
+        raise invalid("heal", f"chain {chain.id}'s distillation settings cannot heal a model: {error}") from None
 
 
 def request_model(session: Session, settings: Settings, body: ModelCreate, owner: str) -> tuple[Model, bool]:
@@ -158,10 +223,10 @@ def request_model(session: Session, settings: Settings, body: ModelCreate, owner
     existing = session.scalar(select(Model).where(Model.identity == key))
     if existing is not None and existing.status not in RETRYABLE:
         return existing, False
-    estimate = estimate_seconds(settings, p, body)
+    queue = jobs.queue_for(body.device, settings)
+    estimate = estimate_seconds(settings, p, body, queue)
     jobs.check_budget(settings, estimate, f"materializing {format_size(p.params)}")
     jobs.check_capacity(session, settings, owner)
-    queue = jobs.queue_for(body.device, settings)
     if existing is not None:  # a failed or cancelled model is made again on request
         existing.status = "queued"
         job = jobs.new_job("materialize_model", existing.id, queue, owner, estimate=estimate)
@@ -171,9 +236,9 @@ def request_model(session: Session, settings: Settings, body: ModelCreate, owner
         return existing, True
     model = Model(identity=key, chain_id=p.chain.id, source=p.chain.source, size=p.size, params=p.params,
                   shape=p.shape.to_dict(), alpha=body.alpha if isinstance(body.alpha, float | int) else None,
-                  alpha_request=alpha_key(body.alpha), init=body.init, seed=body.seed, dtype=body.dtype,
-                  engine_version=cbd_engine.__version__, small_anchor_id=p.small.id, large_anchor_id=p.large.id,
-                  status="queued", metrics={}, provenance={}, owner=owner)
+                  alpha_request=alpha_key(body.alpha), mix=body.mix, heal=heal_key(body.heal), init=body.init,
+                  seed=body.seed, dtype=body.dtype, engine_version=cbd_engine.__version__, small_anchor_id=p.small.id,
+                  large_anchor_id=p.large.id, status="queued", metrics={}, provenance={}, owner=owner)
     session.add(model)
     try:
         session.flush()
@@ -195,10 +260,12 @@ def get_model(session: Session, model_id: str) -> Model:
 
 
 def model_out(session: Session, model: Model) -> ModelOut:
-    alpha = model.alpha if model.alpha is not None or model.alpha_request == "default" else model.alpha_request
+    requested = alpha_requested(model.alpha_request)
+    alpha = model.alpha if model.status == "ready" or not isinstance(requested, str) else requested
     rows = artifacts(session, model.id) if model.status == "ready" else []
     return ModelOut(id=model.id, chain=model.chain_id, source=model.source, size=model.size, params=model.params,
-                    shape=model.shape, alpha=alpha, init=model.init, seed=model.seed, dtype=model.dtype,
+                    shape=model.shape, alpha=alpha, alpha_request=requested, mix=model.mix, heal=model.heal,
+                    init=model.init, seed=model.seed, dtype=model.dtype,
                     engine_version=model.engine_version, anchors=[model.small_anchor_id, model.large_anchor_id],
                     status=model.status, metrics=model.metrics or {},
                     files=files_out(rows, f"/models/{model.id}/files"),
@@ -219,14 +286,10 @@ def delete_model(session: Session, store: ArtifactStore, model_id: str) -> None:
     active = jobs.latest_job(session, model.id)
     if active is not None and active.status in jobs.ACTIVE:
         raise ApiError(409, f"model {model.id} has a {active.status} job {active.id}; cancel it first")
-    rows = artifacts(session, model.id)
-    for row in rows:
-        session.delete(row)
+    blobs = remove_artifacts(session, [model.id])
     session.delete(model)
     session.commit()
-    for row in rows:
-        if session.scalar(select(Artifact.id).where(Artifact.sha256 == row.sha256).limit(1)) is None:
-            store.delete(row.sha256)
+    delete_unreferenced_blobs(session, store, blobs)
 
 
 def evaluation_task(settings: Settings, index: int, task: str) -> str:

@@ -30,6 +30,12 @@ def reachable(port: int) -> bool:
         return False
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def require_service(name: str, port: int) -> None:
     """Integration tests fail on CI when a service is down, and skip elsewhere."""
     if reachable(port):

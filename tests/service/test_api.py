@@ -85,6 +85,14 @@ def test_shape_requests_and_chain_fixed_fields(client: TestClient, settings: Set
     ({"size": "lots"}, "size"),
     ({"size": -5}, "size"),
     ({"size": "50K", "alpha": 1.5}, "alpha"),
+    ({"size": "50K", "alpha": True}, "alpha"),  # a boolean is not a number here
+    ({"size": "50K", "alpha": "0.5"}, "alpha"),
+    ({"size": "50K", "alpha": "default"}, "alpha"),
+    ({"size": "50K", "mix": "linear"}, "mix"),
+    ({"size": "50K", "heal": {"steps": True}}, "heal.steps"),
+    ({"size": "50K", "heal": {"steps": 0}}, "heal.steps"),
+    ({"size": "50K", "heal": {"steps": 10, "learning_rate": True}}, "heal.learning_rate"),
+    ({"size": "50K", "heal": {"learning_rate": 0.001}}, "heal.steps"),
     ({"size": "50K", "dtype": "int8"}, "dtype"),
     ({"size": "50K", "init": "magic"}, "init"),
     ({}, "size or shape"),
@@ -93,6 +101,93 @@ def test_bad_model_requests_are_422_naming_the_field(client: TestClient, tiny_ch
                                                       field: str) -> None:
     problem = assert_problem(client.post("/models", json={"chain": tiny_chain["id"], **body}), 422)
     assert field in problem["detail"]
+
+
+def test_alpha_as_requested_mix_and_heal_are_the_identity(client: TestClient, tiny_chain: dict) -> None:
+    """"auto" (the default, and null) matches "auto", not the value it resolves to; "proportional", a number, the
+    mix and the heal steps each make another model."""
+    client.app.state.settings.max_concurrent_jobs = 0
+    base = {"chain": tiny_chain["id"], "size": midpoint(tiny_chain)}
+
+    def post(status: int, **extra: object) -> dict:
+        response = client.post("/models", json={**base, **extra})
+        assert response.status_code == status, (extra, response.text)
+        return response.json()
+
+    auto = post(202)
+    assert (auto["alpha"], auto["alpha_request"], auto["mix"], auto["heal"]) == ("auto", "auto", "unit", None)
+    for same in ({"alpha": "auto"}, {"alpha": None}, {"mix": "unit"}, {"heal": None}):
+        assert post(200, **same)["id"] == auto["id"]
+    proportional = post(202, alpha="proportional")
+    half = post(202, alpha=0.5)
+    assert post(200, alpha=0.50)["id"] == half["id"] and half["alpha"] == half["alpha_request"] == 0.5
+    zero = post(202, alpha=0)
+    paper = post(202, mix="paper")
+    healed = post(202, heal={"steps": 5})
+    assert post(200, heal={"steps": 5, "learning_rate": None})["id"] == healed["id"]
+    assert healed["heal"] == {"steps": 5, "learning_rate": None}
+    other_heal = post(202, heal={"steps": 5, "learning_rate": 1e-4})
+    ids = [m["id"] for m in (auto, proportional, half, zero, paper, healed, other_heal)]
+    assert len(set(ids)) == len(ids)
+
+
+def test_estimates_count_auto_alpha_and_heal_steps(client: TestClient, tiny_chain: dict) -> None:
+    client.app.state.settings.max_concurrent_jobs = 0
+    base = {"chain": tiny_chain["id"], "size": midpoint(tiny_chain)}
+
+    def estimate(**extra: object) -> float:
+        job = client.post("/models", json={**base, **extra}).json()["job"]
+        return client.get(job["url"]).json()["progress"]["estimated_seconds"]
+
+    fixed = estimate(alpha=0.5)
+    assert estimate(alpha="auto", seed=1) > fixed
+    healed = estimate(alpha=0.5, heal={"steps": 100}, seed=2)
+    assert healed > fixed and estimate(alpha=0.5, heal={"steps": 1000}, seed=3) > healed
+
+
+def test_models_of_a_source_whose_chain_is_being_built_are_409(client: TestClient, tiny_anchors: tuple) -> None:
+    chain = client.post("/chains", json=_chain_body(tiny_anchors, "building")).json()
+    response = client.post("/models", json={"source": str(tiny_anchors[0]), "size": "50K"})
+    assert_problem(response, 409, chain["id"], "being built", chain["job"]["id"])
+
+
+def test_the_api_offers_exactly_the_engines_options(client: TestClient) -> None:
+    """Values and defaults of POST /models and of POST /chains' distillation are the engine's."""
+    from dataclasses import fields
+    from typing import Literal, get_args
+
+    from app import schemas
+    from cbd_engine import distill_config, materialize, mixing
+    from cbd_engine.chain import CHAIN_ONLY_KEYS
+
+    assert (schemas.INITS, schemas.ALPHA_MODES, schemas.MIXES) == (materialize.INITS, materialize.ALPHA_MODES,
+                                                                   mixing.MIXES)
+    distillation = schemas.DistillationIn.model_fields
+    assert get_args(distillation["loss"].annotation) == (Literal[distill_config.LOSSES], type(None))
+    assert get_args(distillation["mode"].annotation) == distill_config.MODES
+    recipe = {f.name: f.default for f in fields(distill_config.DistillConfig)}
+    assert set(distillation) - set(recipe) <= set(CHAIN_ONLY_KEYS)
+    assert {name: f.default for name, f in distillation.items() if name in recipe} == \
+        {name: recipe[name] for name in distillation if name in recipe}
+    document = client.get("/openapi.json").json()["components"]["schemas"]
+    assert document["DistillationIn"]["properties"]["steps"]["default"] == recipe["steps"]
+    assert set(document["ModelCreate"]["properties"]) >= {"alpha", "mix", "heal"}
+    assert set(document["ModelOut"]["properties"]) >= {"alpha_request", "mix", "heal"}
+    assert "warnings" in document["JobResult"]["properties"]
+
+
+@pytest.mark.parametrize(("loss", "accepted"), [("jsd", True), ("skew_reverse_kl", True), ("ce", True),
+                                                ("js", False), ("tvd", False), ("sft", False)])
+def test_chain_losses_are_the_engines(client: TestClient, tiny_anchors: tuple, loss: str, accepted: bool) -> None:
+    from tests.service.conftest import DOLLY
+
+    body = {"name": "c", "source": str(tiny_anchors[0]), "anchors": [{"size": "40K"}], "dataset": {"path": str(DOLLY)},
+            "distillation": {"loss": loss}}
+    response = client.post("/chains", json=body)
+    if accepted:
+        assert response.status_code == 202, response.text
+    else:
+        assert_problem(response, 422, "distillation.loss")
 
 
 def test_unknown_source_and_ids(client: TestClient) -> None:

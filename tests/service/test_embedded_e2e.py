@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.conftest import DOLLY, SHARED_DATA
+from tests.service.conftest import DOLLY, SHARED_DATA, free_port
 
 pytestmark = pytest.mark.slow
 SOURCE = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -34,19 +33,13 @@ def derived_anchor(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> P
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Service:
     def __init__(self, data: Path, roots: list[Path]):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "CBD_DATA_DIR": str(data), "CBD_PORT": str(self.port),
                     "CBD_ALLOWED_SOURCE_ROOTS": ":".join(map(str, roots)), "CBD_LEASE_SECONDS": "4",
-                    "CBD_HEARTBEAT_SECONDS": "1", "CBD_VALIDATION_ROWS": "4", "CBD_CALIBRATION_ROWS": "4",
+                    "CBD_HEARTBEAT_SECONDS": "1", "CBD_VALIDATION_ROWS": "4",
                     "CBD_RATE_LIMIT_PER_MINUTE": "0"}  # the test polls jobs every 50 ms
         self.log = data.parent / "serve.log"
         self.process: subprocess.Popen | None = None
