@@ -9,15 +9,10 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator, model_validator
 
 from cbd_engine.distill_config import LOSS_BY_MODE, LOSSES, MODES, SELECT_BY, TEACHER_CACHE_TAILS, DistillConfig
+from cbd_engine.options import ALPHA_MODES, INITS, MIXES
 from cbd_engine.shapes import ShapeError, parse_size
 
 MAX_SIZE = 10**13
-# The engine's materialization options (cbd_engine.materialize.INITS and ALPHA_MODES, cbd_engine.mixing.MIXES) live
-# in modules that import torch, which the API process never does: they are repeated here, and
-# tests/service/test_api.py::test_the_api_offers_exactly_the_engines_options holds the copies equal.
-INITS = ("cbd", "random", "single", "learngene_auto", "learngene_van")
-ALPHA_MODES = ("auto", "proportional")
-MIXES = ("unit", "paper")
 RECIPE = {f.name: f.default for f in fields(DistillConfig)}  # the chain recipe's defaults, shown in the API
 Device = Literal["auto", "cpu", "gpu", "npu"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]

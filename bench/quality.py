@@ -58,7 +58,8 @@ def calibration(size: str, out: Path) -> list[dict]:
         records.append({"way": name, "seconds": round(seconds, 1), **{k: mean(v) for k, v in losses[name].items()}})
     for record in records:
         for held_out in HELD_OUT:
-            value, (low, high) = paired_difference(losses[record["way"]][held_out], losses["dolly rows given"][held_out])
+            reference = losses["dolly rows given"][held_out]
+            value, (low, high) = paired_difference(losses[record["way"]][held_out], reference)
             record[f"{held_out} vs dolly rows"] = [value, low, high]
     return records
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
-    from cbd_engine.materialize import ALIGNMENTS, IMPORTANCES, INITS, REFINE_STEPS
-    from cbd_engine.mixing import MIXES
+    from cbd_engine.options import ALIGNMENTS, IMPORTANCES, INITS, MIXES, REFINE_STEPS
 
     p = subcommands.add_parser("materialize", help="build a model of any size from one or two anchors")
     p.add_argument("--small", help="the smaller anchor (a Hugging Face folder)")

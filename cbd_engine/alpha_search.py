@@ -26,7 +26,8 @@ from cbd_engine.batches import Example, encode_rows, pad_id_of
 from cbd_engine.calibration import Calibration
 from cbd_engine.checkpoint import folder_hashes
 from cbd_engine.files import cached_json
-from cbd_engine.mixing import GROUPS, Alphas, Pair, PairTensor, tensor_group, uniform
+from cbd_engine.mixing import Alphas, Pair, PairTensor, tensor_group, uniform
+from cbd_engine.options import GROUPS
 from cbd_engine.progress import ProgressCallback, StageTimer, no_progress
 from cbd_engine.shapes import Shape
 

@@ -98,6 +98,17 @@ class ChainPlan:
     prune_order: str = "ffn_first"  # how an anchor given by size is cut from its predecessor (shapes.PRUNE_ORDERS)
 
 
+def distillation_settings(spec: dict) -> dict:
+    """Every DistillConfig setting of a POST /chains body, the recipe's defaults filled in (torch-free; no data set
+    needed: a registered chain's models heal with these)."""
+    given = {key: value for key, value in (spec.get("distillation") or {}).items()
+             if value is not None and key not in CHAIN_ONLY_KEYS}
+    if spec.get("device"):
+        given["device"] = spec["device"]
+    given.setdefault("prompt_format", (spec.get("dataset") or {}).get("prompt_format", "alpaca"))
+    return asdict(DistillConfig.from_dict(given))
+
+
 def parse_spec(spec: dict) -> ChainPlan:
     """Check a POST /chains body; every error names the field."""
     if not isinstance(spec, dict):
@@ -115,12 +126,9 @@ def parse_spec(spec: dict) -> ChainPlan:
         raise ValueError(f"dataset.teacher_samples must be a whole number >= 0, got {samples!r}")
     if samples and spec.get("bridge") is not None:
         raise ValueError("dataset.teacher_samples: a bridge trains on the source's answers already")
-    distillation = {key: value for key, value in (spec.get("distillation") or {}).items() if value is not None}
-    chain_only = {key: distillation.pop(key) for key in CHAIN_ONLY_KEYS if key in distillation}
-    if spec.get("device"):
-        distillation["device"] = spec["device"]
-    distillation.setdefault("prompt_format", dataset.get("prompt_format", "alpaca"))
-    distillation = asdict(DistillConfig.from_dict(distillation))  # every setting, the recipe's defaults filled in
+    distillation = distillation_settings(spec)
+    chain_only = {key: value for key, value in (spec.get("distillation") or {}).items()
+                  if key in CHAIN_ONLY_KEYS and value is not None}
     sft_epochs = float(chain_only.get("sft_epochs", 0) or 0)
     if sft_epochs < 0:
         raise ValueError(f"distillation.sft_epochs must be >= 0, got {sft_epochs}")
@@ -233,14 +241,14 @@ class ChainData:
 
 
 def resolve_source(source: str, cache: Path) -> Path:
-    """A local folder as it is; "zoo:<name>" from cbd_engine.zoo; a .gguf file or a Hugging Face id converted once
-    into `cache`."""
+    """A local folder as it is; a zoo model ("zoo:<name>" or its Hub id, cbd_engine.zoo) fetched offline; a .gguf
+    file or another Hugging Face id converted once into `cache`."""
     from cbd_engine.checkpoint import atomic_output_dir
+    from cbd_engine.zoo import zoo_entry
 
-    if source.startswith("zoo:"):
-        from cbd_engine.zoo import zoo_model
-
-        return zoo_model(source.removeprefix("zoo:"))
+    zoo = zoo_entry(source)
+    if zoo is not None:
+        return zoo.fetch()
     path = Path(source)
     if path.is_dir():
         read_config(path)
@@ -467,17 +475,33 @@ DATASET_ROWS = 15_000  # a Dolly-sized data set, where the estimate needs its si
 DECODING_SLOWDOWN = 10.0  # token-by-token generation against training throughput (measured: docs/DISTILLATION.md)
 
 
+PADDED_FRACTION = 0.6  # of a training window that holds tokens (prompts and padding leave the rest)
+
+
+def distillation_flops(config: dict, steps: int, student: int, teacher: int) -> float:
+    """One distillation stage of `steps` steps (DistillConfig settings as a dict): 6 N FLOPs a token for the
+    student and 2 N for the teacher, twice that when the student samples (token by token, far below peak), and the
+    dev and validation passes (every `eval_every` steps, before and after)."""
+    tokens = steps * config["batch_size"] * config["max_length"] * PADDED_FRACTION
+    flops = tokens * (6 * student + 2 * teacher)
+    if config.get("mode") in ("on_policy", "minillm"):
+        flops *= 2.0
+    evaluations = steps // (config.get("eval_every") or steps) + 2
+    return flops + evaluations * 2 * config.get("eval_rows", 200) * config["max_length"] * PADDED_FRACTION * 2 * student
+
+
 def estimate_chain_seconds(spec: dict) -> float:
-    """A rough wall-clock estimate of build_chain(spec): 6 N FLOPs per student token and 2 N per teacher token over
-    the distillation steps, plus SFT and on-policy sampling; torch-free, for the service's budget check."""
+    """A rough wall-clock estimate of build_chain(spec) (distillation_flops per anchor, plus SFT, a bridge, teacher
+    samples and activation importance); torch-free, for the service's budget check."""
+    from cbd_engine.calibration import IMPORTANCE_ROWS
+
     plan = parse_spec(spec)
     config = plan.distillation
     device = {"auto": "gpu"}.get(config.get("device", "auto"), config.get("device", "auto"))
     speed = FLOPS_PER_SECOND.get(device, FLOPS_PER_SECOND["cpu"])
-    tokens_per_step = config["batch_size"] * config["max_length"] * 0.6  # padding and prompts: ~60% of the window
+    tokens_per_step = config["batch_size"] * config["max_length"] * PADDED_FRACTION
     sizes = _estimated_sizes(plan)
     seconds = 0.0
-    steps = config["steps"]
     if plan.sft_epochs:
         sft_steps = plan.sft_epochs * DATASET_ROWS / config["batch_size"]
         seconds += sft_steps * tokens_per_step * 6 * sizes[0] / speed
@@ -485,17 +509,12 @@ def estimate_chain_seconds(spec: dict) -> float:
         seconds += _bridge_flops(plan, sizes[0], tokens_per_step) / speed
     samples = int(plan.dataset.get("teacher_samples") or 0)  # the source answers every training prompt N times
     seconds += samples * DATASET_ROWS * config["max_length"] / 2 * 2 * sizes[0] * DECODING_SLOWDOWN / speed
-    eval_every = config.get("eval_every") or steps
-    eval_tokens = config.get("eval_rows", 200) * config["max_length"] * 0.6
     for teacher, student, anchor in zip(sizes, sizes[1:], plan.anchors, strict=False):
         if anchor.checkpoint is not None and not anchor.distill:
             continue
-        flops = steps * tokens_per_step * (6 * student + 2 * teacher)
-        if config.get("mode") in ("on_policy", "minillm"):  # token-by-token sampling runs far below peak throughput
-            flops *= 2.0
-        flops += (steps // eval_every + 2) * eval_tokens * 2 * student  # validation passes
+        flops = distillation_flops(config, config["steps"], student, teacher)
         if anchor.checkpoint is None:
-            flops += 64 * 512 * 2 * teacher  # activation importance on the calibration rows
+            flops += IMPORTANCE_ROWS * 256 * 2 * teacher  # activation importance on the calibration rows
         seconds += flops / speed
     return float(seconds * 1.2 + 30 * len(plan.anchors))  # evaluation, checkpoints, loading
 
@@ -504,7 +523,7 @@ def _bridge_flops(plan: ChainPlan, bridge_params: int, tokens_per_step: float) -
     """The source's answers (2 N FLOPs a token, token by token far below peak), then the bridge's epochs on them."""
     bridge, config = plan.bridge, plan.distillation
     source = _local_spec(plan.source)
-    source_params = source.num_params if source else _gguf_guess(plan.source)
+    source_params = source.num_params if source else _source_guess(plan.source)
     per_prompt = bridge.generation.responses_per_prompt
     train, valid = (bridge.num_samples or DATASET_ROWS) * per_prompt, config.get("eval_rows", 200) * per_prompt
     generation = (train + valid) * bridge.generation.max_new_tokens * 2 * source_params * DECODING_SLOWDOWN
@@ -516,7 +535,7 @@ def _estimated_sizes(plan: ChainPlan) -> list[int]:
     """Parameters of anchor 0 (the source, or the bridge) and of every anchor after it."""
     zero = plan.source if plan.bridge is None else plan.bridge.model
     source_spec = planned_spec(zero) if isinstance(zero, dict) else _local_spec(zero)
-    sizes = [source_spec.num_params if source_spec else _gguf_guess(zero)]
+    sizes = [source_spec.num_params if source_spec else _source_guess(zero)]
     for anchor in plan.anchors:
         if anchor.size is not None:
             sizes.append(anchor.size)
@@ -540,7 +559,13 @@ def _local_spec(path: str | None) -> ModelSpec | None:
         return None
 
 
-def _gguf_guess(source: str) -> int:
+def _source_guess(source: str) -> int:
+    """The parameters of a source not on this machine yet: a zoo model's, or a guess from a GGUF file's size."""
+    from cbd_engine.zoo import zoo_entry
+
+    zoo = zoo_entry(source)
+    if zoo is not None:
+        return zoo.params
     path = Path(source)
     if path.suffix == ".gguf" and path.is_file():
         return int(path.stat().st_size * 1.6)  # ~5 bits a weight in common quantizations

@@ -8,6 +8,7 @@ model as materialized and as healed, and its metrics report the validation loss 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,18 @@ from pathlib import Path
 from cbd_engine.calibration import DEFAULT_SET
 from cbd_engine.distill_config import DistillConfig
 from cbd_engine.progress import ProgressCallback, no_progress
+
+
+def heal_config(config: DistillConfig, steps: int, learning_rate: float | None = None) -> DistillConfig:
+    """The chain's distillation settings for `steps` heal steps: the dev rows pick between the model before and
+    after only (no evaluation in between), checkpoints about every fifth of the run for resuming."""
+    if steps < 1:
+        raise ValueError(f"heal steps must be at least 1, got {steps}")
+    every = max(10, steps // 5)
+    if config.mode == "minillm":  # its checkpoints fall between batches of rollouts
+        every = math.ceil(every / config.ppo_epochs) * config.ppo_epochs
+    return replace(config, steps=steps, learning_rate=learning_rate or config.learning_rate, eval_every=0,
+                   checkpoint_every=every if steps > every else 0)
 
 
 def heal(model_dir: str | Path, teacher_dir: str | Path, out: str | Path, steps: int, *,
@@ -26,12 +39,7 @@ def heal(model_dir: str | Path, teacher_dir: str | Path, out: str | Path, steps:
     from cbd_engine.chain import ChainData
     from cbd_engine.distill import distill
 
-    if steps < 1:
-        raise ValueError(f"heal steps must be at least 1, got {steps}")
-    config = config or DistillConfig()
-    checkpoints = max(10, steps // 5)
-    config = replace(config, steps=steps, learning_rate=learning_rate or config.learning_rate, eval_every=0,
-                     checkpoint_every=checkpoints if steps > checkpoints else 0)
+    config = heal_config(config or DistillConfig(), steps, learning_rate)
     data = ChainData.load(dataset or {"path": str(DEFAULT_SET)}, Path(model_dir), config)
     provenance = {"role": "heal", "teacher": str(teacher_dir), "steps": steps,
                   "data": (dataset or {}).get("path") or (dataset or {}).get("hf") or "default calibration set"}

@@ -41,7 +41,8 @@ from cbd_engine.checkpoint import (
 )
 from cbd_engine.families import POSITIONS, VOCAB, TensorSpec
 from cbd_engine.importance import Importance, cached_activation_importance, magnitude_importance
-from cbd_engine.mixing import MIXES, Pair, tensor_group, uniform
+from cbd_engine.mixing import Pair, tensor_group, uniform
+from cbd_engine.options import ALIGNMENTS, ALPHA_MODES, IMPORTANCES, INITS, MIXES, REFINE_STEPS
 from cbd_engine.progress import Cancelled, ProgressCallback, StageTimer, no_progress
 from cbd_engine.shapes import (
     Shape,
@@ -65,11 +66,6 @@ from cbd_engine.transforms import (
 )
 from cbd_engine.zoo import cache_dir
 
-INITS = ("cbd", "random", "single", "learngene_auto", "learngene_van")
-ALIGNMENTS = ("auto", "lineage", "hungarian", "none")  # auto: lineage when recorded, else hungarian
-ALPHA_MODES = ("auto", "proportional")  # or a number in [0, 1]
-IMPORTANCES = ("activation", "magnitude")
-REFINE_STEPS = 0  # per-module alphas after the grid: measured in docs/ENGINE.md ("alpha auto")
 LEARNGENE_LAYERS = 3
 CHUNK_BYTES = 16 * 2**20
 

@@ -24,10 +24,9 @@ import torch
 
 from cbd_engine.anchor import Term
 from cbd_engine.families import Architecture, TensorSpec
+from cbd_engine.options import GROUPS, MIXES
 from cbd_engine.transforms import grown_eps
 
-MIXES = ("unit", "paper")
-GROUPS = ("attention", "mlp", "embeddings_norms")
 Alphas = dict[str, float]  # group -> weight of the smaller anchor
 
 

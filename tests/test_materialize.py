@@ -506,3 +506,17 @@ def test_cli_heals_the_materialized_model_from_the_larger_anchor(tiny_model, tmp
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".healed")) == []  # no scratch left
     assert cbd(["materialize", "--small", str(small), "--shape", shape, "--heal-steps", "2",
                 "--out", str(tmp_path / "x")]) == 2  # healing needs the larger anchor as its teacher
+
+
+def test_heal_settings_are_the_chains_with_checkpoints_every_fifth_and_minillm_between_rollouts():
+    from cbd_engine.distill_config import DistillConfig
+    from cbd_engine.heal import heal_config
+
+    config = heal_config(DistillConfig(learning_rate=1e-4, batch_size=4), 100)
+    assert (config.steps, config.learning_rate, config.batch_size, config.checkpoint_every) == (100, 1e-4, 4, 20)
+    assert heal_config(DistillConfig(), 30, learning_rate=5e-5).learning_rate == 5e-5
+    assert heal_config(DistillConfig(), 8).checkpoint_every == 0  # shorter than one checkpoint interval
+    minillm = heal_config(DistillConfig(mode="minillm", ppo_epochs=4), 30)
+    assert minillm.checkpoint_every == 12 and minillm.loss == "reverse_kl"
+    with pytest.raises(ValueError, match="at least 1"):
+        heal_config(DistillConfig(), 0)

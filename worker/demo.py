@@ -23,10 +23,10 @@ from app.models import Chain, Job, Model
 from app.schemas import ChainCreate
 from app.services import jobs
 from app.services.chains import create_chain, delete_chain
-from app.services.sources import SMOLLM2_ID
 from app.settings import Settings
 from app.storage import ArtifactStore, open_store
 from cbd_engine.calibration import DEFAULT_SET
+from cbd_engine.zoo import SMOLLM2_ID
 
 log = logging.getLogger("cbd.demo")
 DEMO_NAME = "smollm2-demo"

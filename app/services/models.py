@@ -15,19 +15,19 @@ from sqlalchemy.orm import Session
 import cbd_engine
 from app.errors import ApiError, not_found
 from app.models import Anchor, Chain, Job, Model
-from app.schemas import ALPHA_MODES, EvaluationCreate, HealIn, ModelCreate, ModelOut, Page
+from app.schemas import EvaluationCreate, HealIn, ModelCreate, ModelOut, Page
 from app.services import jobs
-from app.services.chains import distill_settings
 from app.services.files import artifacts, delete_unreferenced_blobs, files_out, remove_artifacts
 from app.services.pagination import paginate, where_given
 from app.services.sources import dataset_file, invalid
 from app.settings import Settings
 from app.storage import ArtifactStore
 from cbd_engine.calibration import DEV_ROWS, IMPORTANCE_ROWS
-from cbd_engine.chain import DECODING_SLOWDOWN, FLOPS_PER_SECOND
+from cbd_engine.chain import DECODING_SLOWDOWN, FLOPS_PER_SECOND, distillation_flops, distillation_settings
 from cbd_engine.evaluation import TASK_TYPES
 from cbd_engine.evaluation.samples import SAMPLE_PROMPTS, SAMPLE_TOKENS
 from cbd_engine.families import ModelSpec
+from cbd_engine.options import ALPHA_MODES
 from cbd_engine.shapes import SIZE_TOLERANCE, Shape, ShapeError, format_size, parse_size, solve_shape
 
 RETRYABLE = ("failed", "cancelled")
@@ -163,7 +163,6 @@ def identity(p: Plan, body: ModelCreate) -> str:
 
 # For estimates (FLOPs at the engine's figures per device, cbd_engine.chain.FLOPS_PER_SECOND): what the worker runs
 TOKENS_PER_ROW = 200  # a calibration, dev or validation row, prompt and response
-PADDED_FRACTION = 0.6  # of a training window that is tokens, as cbd_engine.chain.estimate_chain_seconds counts
 AUTO_PASSES = 9  # alpha "auto": the grid's 7 candidates and the anchors' own dev losses
 FIXED_PASSES = 4  # another alpha: the model and alpha 0 scored for its quality, and the anchors' own dev losses
 
@@ -184,12 +183,8 @@ def samples_seconds(params: int, flops_per_second: float) -> float:
 
 
 def heal_seconds(p: Plan, heal: HealIn, recipe: dict, flops_per_second: float) -> float:
-    """K steps of the chain's batch and length (6 N of the student and 2 N of the teacher a token), and the dev and
-    validation rows scored before and after."""
-    tokens = heal.steps * recipe["batch_size"] * recipe["max_length"] * PADDED_FRACTION
-    training = tokens * (6 * p.params + 2 * p.large.params) / flops_per_second
-    scored = 2 * 2 * recipe["eval_rows"] * recipe["max_length"] * PADDED_FRACTION
-    return training + forward_seconds(p.params, scored, flops_per_second)
+    """K distillation steps of the chain's settings (the engine's count), the larger anchor teaching."""
+    return distillation_flops({**recipe, "eval_every": 0}, heal.steps, p.params, p.large.params) / flops_per_second
 
 
 def estimate_seconds(settings: Settings, p: Plan, body: ModelCreate, queue: str) -> float:
@@ -211,7 +206,7 @@ def estimate_seconds(settings: Settings, p: Plan, body: ModelCreate, queue: str)
 def heal_recipe(chain: Chain) -> dict:
     """The chain's distillation settings, which heal steps use (422 when the engine refuses them)."""
     try:
-        return distill_settings(chain.spec)
+        return distillation_settings(chain.spec)
     except ValueError as error:
         raise invalid("heal", f"chain {chain.id}'s distillation settings cannot heal a model: {error}") from None
 

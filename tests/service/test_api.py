@@ -157,11 +157,12 @@ def test_the_api_offers_exactly_the_engines_options(client: TestClient) -> None:
     from typing import Literal, get_args
 
     from app import schemas
-    from cbd_engine import distill_config, materialize, mixing
+    from cbd_engine import distill_config, options
     from cbd_engine.chain import CHAIN_ONLY_KEYS
 
-    assert (schemas.INITS, schemas.ALPHA_MODES, schemas.MIXES) == (materialize.INITS, materialize.ALPHA_MODES,
-                                                                   mixing.MIXES)
+    create = schemas.ModelCreate.model_fields
+    assert get_args(create["init"].annotation) == options.INITS and get_args(create["mix"].annotation) == options.MIXES
+    assert Literal[options.ALPHA_MODES] in get_args(create["alpha"].annotation)
     distillation = schemas.DistillationIn.model_fields
     assert get_args(distillation["loss"].annotation) == (Literal[distill_config.LOSSES], type(None))
     assert get_args(distillation["mode"].annotation) == distill_config.MODES

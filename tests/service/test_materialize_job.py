@@ -84,7 +84,7 @@ def test_a_materialization_reports_each_stage_and_the_models_quality(client: Tes
     assert stages(progress_events) == ["starting", "importance", "alpha search", "materialize", "publish",
                                        "validation", "samples"]
     validation = [event for event in progress_events if event[0] == "validation"]
-    assert validation[0][1] == 0 and validation[0][2] > 0  # started with an estimate
+    assert validation[0][1] == 0 and validation[-1][1] == settings.validation_rows  # row by row
     assert {status for *_, status in validation} == {"running"}  # reported while the job runs
 
     model = client.get(f"/models/{created.json()['id']}").json()
