@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_valida
 
 from cbd_engine.distill_config import LOSS_BY_MODE, LOSSES, MODES, SELECT_BY, TEACHER_CACHE_TAILS, DistillConfig
 from cbd_engine.options import ALPHA_MODES, INITS, MIXES
-from cbd_engine.shapes import ShapeError, parse_size
+from cbd_engine.shapes import PRUNE_ORDER, PRUNE_ORDERS, ShapeError, parse_size
 
 MAX_SIZE = 10**13
 RECIPE = {f.name: f.default for f in fields(DistillConfig)}  # the chain recipe's defaults, shown in the API
@@ -123,6 +123,8 @@ class DatasetIn(Strict):
     hf: str | None = Field(default=None, max_length=200, pattern=r"^[\w.-]+(/[\w.-]+)?$")
     split: str = Field(default="train", max_length=100, pattern=r"^[\w.\[\]:%-]+$")
     prompt_format: Literal["alpaca", "chat"] = "alpaca"
+    teacher_samples: int = Field(default=0, ge=0, le=64, description="the source's answers to every training prompt "
+                                 "(this many each) join the training rows; generated once and cached")
 
     @model_validator(mode="after")
     def _one_of(self) -> DatasetIn:
@@ -150,6 +152,9 @@ class DistillationIn(Strict):
                                   description="steps between resumable checkpoints (0: none)")
     select_by: Literal[SELECT_BY] = Field(default=RECIPE["select_by"], description="what picks the kept checkpoint")
     sft_epochs: int = Field(default=0, ge=0, le=100, description="fine-tune the source on the data set first")
+    prune_order: Literal[PRUNE_ORDERS] = Field(
+        default=PRUNE_ORDER, description="how an anchor given by size is cut from its predecessor: the FFN first, "
+                                             "or every width axis by one fraction")
     seed: int = Field(default=RECIPE["seed"], ge=0, le=2**31 - 1)
     teacher_cache: int | None = Field(default=RECIPE["teacher_cache"], ge=1, le=4096,
                                       description="off_policy: keep the teacher's top-k per token, computed once")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 def register(subcommands: argparse._SubParsersAction) -> None:
     from cbd_engine.options import ALIGNMENTS, IMPORTANCES, INITS, MIXES, REFINE_STEPS
+    from cbd_engine.shapes import PRUNE_ORDER, PRUNE_ORDERS
 
     p = subcommands.add_parser("materialize", help="build a model of any size from one or two anchors")
     p.add_argument("--small", help="the smaller anchor (a Hugging Face folder)")
@@ -30,6 +31,8 @@ def register(subcommands: argparse._SubParsersAction) -> None:
                         "(default: the anchors' calibration.json, else the package's own set)")
     p.add_argument("--importance", default="activation", choices=IMPORTANCES,
                    help="how pruning ranks units: activations on the calibration (default) or weight magnitude")
+    p.add_argument("--prune-order", default=PRUNE_ORDER, choices=PRUNE_ORDERS,
+                   help="one anchor cut to a --size: the FFN first (default), or every width axis by one fraction")
     p.add_argument("--refine-steps", type=int, default=REFINE_STEPS,
                    help="alpha auto: fit one alpha per module group in this many steps after the grid, kept only "
                         "if it beats the grid on the dev rows")
@@ -72,7 +75,8 @@ def _materialize(args: argparse.Namespace) -> int:
             materialize(
                 made, small=args.small, large=args.large, size=args.size,
                 shape=json.loads(args.shape) if args.shape else None, alpha=alpha, mix=args.mix, init=args.init,
-                calibration=args.calibration, importance=args.importance, refine_steps=args.refine_steps,
+                calibration=args.calibration, importance=args.importance, prune_order=args.prune_order,
+                refine_steps=args.refine_steps,
                 dtype=args.dtype, seed=args.seed, grow=args.grow, align=args.align, progress=progress,
             )
         record = json.loads((made / "cbd.json").read_text())

@@ -32,7 +32,7 @@ from cbd_engine.distill_config import DistillConfig
 from cbd_engine.families import ModelSpec
 from cbd_engine.files import write_text_atomically
 from cbd_engine.progress import Cancelled, ProgressCallback, no_progress
-from cbd_engine.shapes import PRUNE_ORDERS, Shape, ShapeError, parse_size
+from cbd_engine.shapes import PRUNE_ORDER, PRUNE_ORDERS, Shape, ShapeError, parse_size
 
 SFT_LEARNING_RATE = 1e-5  # the paper's fine-tuning rate (appendix B)
 CHAIN_ONLY_KEYS = ("sft_epochs", "sft_learning_rate", "prune_order")  # chain settings beside DistillConfig's
@@ -95,7 +95,7 @@ class ChainPlan:
     sft_epochs: float
     sft_learning_rate: float
     bridge: BridgeSpec | None = None  # a SeqKD bridge replaces the source as anchor 0
-    prune_order: str = "ffn_first"  # how an anchor given by size is cut from its predecessor (shapes.PRUNE_ORDERS)
+    prune_order: str = PRUNE_ORDER  # how an anchor given by size is cut from its predecessor (shapes.PRUNE_ORDERS)
 
 
 def distillation_settings(spec: dict) -> dict:
@@ -136,7 +136,7 @@ def parse_spec(spec: dict) -> ChainPlan:
     if bridge is not None and sft_epochs:
         raise ValueError("distillation.sft_epochs fine-tunes the source, which the bridge replaces as anchor 0: "
                          "fine-tune the source beforehand (as appendix B does) and give sft_epochs 0")
-    prune_order = chain_only.get("prune_order", "ffn_first")
+    prune_order = chain_only.get("prune_order", PRUNE_ORDER)
     if prune_order not in PRUNE_ORDERS:
         raise ValueError(f"distillation.prune_order must be one of {', '.join(PRUNE_ORDERS)}, got {prune_order!r}")
     return ChainPlan(str(spec["source"]), [AnchorSpec.parse(i, a) for i, a in enumerate(anchors)], dataset,

@@ -45,6 +45,7 @@ from cbd_engine.mixing import Pair, tensor_group, uniform
 from cbd_engine.options import ALIGNMENTS, ALPHA_MODES, IMPORTANCES, INITS, MIXES, REFINE_STEPS
 from cbd_engine.progress import Cancelled, ProgressCallback, StageTimer, no_progress
 from cbd_engine.shapes import (
+    PRUNE_ORDER,
     Shape,
     ShapeError,
     check_same_chain,
@@ -98,7 +99,7 @@ def materialize(
     init: str = "cbd",
     calibration: CalibrationInput = None,
     importance: str = "activation",
-    prune_order: str = "ffn_first",
+    prune_order: str = PRUNE_ORDER,
     refine_steps: int = REFINE_STEPS,
     dtype: str = "bfloat16",
     seed: int = 0,
@@ -178,7 +179,7 @@ def _load_anchors(small: str | Path | None, large: str | Path | None) -> list[An
 
 
 def resolve_target(anchors: list[Anchor], size: int | str | None, shape: Shape | dict | None,
-                   prune_order: str = "ffn_first") -> Shape:
+                   prune_order: str = PRUNE_ORDER) -> Shape:
     """The target shape: given, or solved from a size between the anchors by the contract's one-fraction rule; with
     one anchor, cut from it in `prune_order` (shapes.solve_derived_shape: width only)."""
     if (size is None) == (shape is None):

@@ -18,6 +18,7 @@ FFN_MULTIPLE = 64
 HIDDEN_MULTIPLE = 16
 SIZE_TOLERANCE = 0.03
 PRUNE_ORDERS = ("ffn_first", "uniform")  # how one anchor is cut to a size (derived anchors); see solve_derived_shape
+PRUNE_ORDER = "ffn_first"  # the default, measured in docs/DISTILLATION.md ("The anchor recipe")
 FFN_KEEP = 0.5  # ffn_first: the FFN alone is cut down to this fraction of its width before anything else
 
 
@@ -198,7 +199,7 @@ def _bisect(arch: ParamCounter, small: Shape, large: Shape, target: int, fine: b
     return min(candidates, key=lambda s: (abs(arch.num_params(s) - target), s.num_layers, arch.num_params(s)))
 
 
-def solve_derived_shape(arch: ParamCounter, anchor: Shape, target: int, order: str = "ffn_first",
+def solve_derived_shape(arch: ParamCounter, anchor: Shape, target: int, order: str = PRUNE_ORDER,
                         ffn_keep: float = FFN_KEEP) -> Shape:
     """The shape of a model cut from one anchor to `target` parameters, width only (depth stays: Minitron finds
     width pruning recovers better than depth).
