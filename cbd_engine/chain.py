@@ -466,10 +466,11 @@ def read_chain(out: Path) -> ChainResult:
 
 # --- time estimate (torch-free) -------------------------------------------------------------------------------------
 
-# Sustained training FLOP/s by device: ~4.5 s per step of 135M teacher + 90M student at 4 x 256 tokens on an idle
-# core pair of this project's CPU, and a conservative figure for one modern accelerator. For budgeting only: a
-# shared or busy machine is slower (docs/DISTILLATION.md).
-FLOPS_PER_SECOND = {"cpu": 1e11, "gpu": 4e13, "npu": 3e13}
+# Sustained training FLOP/s by device: the demo chain's 150 steps of 135M teacher + 90M student at 4 x 256 tokens,
+# with their dev and validation passes, took 565 s on an idle core pair of this project's CPU (bench/demo.py,
+# docs/RESULTS.md "The demo"), ~1.3e11; and a conservative figure for one modern accelerator. For budgeting only:
+# a shared or busy machine is slower (docs/DISTILLATION.md).
+FLOPS_PER_SECOND = {"cpu": 1.3e11, "gpu": 4e13, "npu": 3e13}
 DEFAULT_SOURCE_PARAMS = 1_000_000_000
 DATASET_ROWS = 15_000  # a Dolly-sized data set, where the estimate needs its size
 DECODING_SLOWDOWN = 10.0  # token-by-token generation against training throughput (measured: docs/DISTILLATION.md)
@@ -478,16 +479,27 @@ DECODING_SLOWDOWN = 10.0  # token-by-token generation against training throughpu
 PADDED_FRACTION = 0.6  # of a training window that holds tokens (prompts and padding leave the rest)
 
 
-def distillation_flops(config: dict, steps: int, student: int, teacher: int) -> float:
+def distillation_flops(config: dict, steps: int, student: int, teacher: int, dataset_rows: int = DATASET_ROWS) -> float:
     """One distillation stage of `steps` steps (DistillConfig settings as a dict): 6 N FLOPs a token for the
     student and 2 N for the teacher, twice that when the student samples (token by token, far below peak), and the
-    dev and validation passes (every `eval_every` steps, before and after)."""
+    dev and validation passes (every `eval_every` steps, before and after), each on a tenth of the data set's rows
+    (the hash rule's dev or validation split) up to `eval_rows`."""
     tokens = steps * config["batch_size"] * config["max_length"] * PADDED_FRACTION
     flops = tokens * (6 * student + 2 * teacher)
     if config.get("mode") in ("on_policy", "minillm"):
         flops *= 2.0
     evaluations = steps // (config.get("eval_every") or steps) + 2
-    return flops + evaluations * 2 * config.get("eval_rows", 200) * config["max_length"] * PADDED_FRACTION * 2 * student
+    rows = min(config.get("eval_rows", 200), dataset_rows // 10)
+    return flops + evaluations * 2 * rows * config["max_length"] * PADDED_FRACTION * 2 * student
+
+
+def _dataset_rows(dataset: dict) -> int:
+    """The rows of a local data set file (its lines), else DATASET_ROWS: the estimate must not read a remote set."""
+    path = Path(dataset.get("path") or "")
+    if not dataset.get("path") or not path.is_file():
+        return DATASET_ROWS
+    with path.open("rb") as lines:
+        return sum(1 for line in lines if line.strip())
 
 
 def estimate_chain_seconds(spec: dict) -> float:
@@ -501,18 +513,18 @@ def estimate_chain_seconds(spec: dict) -> float:
     speed = FLOPS_PER_SECOND.get(device, FLOPS_PER_SECOND["cpu"])
     tokens_per_step = config["batch_size"] * config["max_length"] * PADDED_FRACTION
     sizes = _estimated_sizes(plan)
-    seconds = 0.0
+    seconds, rows = 0.0, _dataset_rows(plan.dataset)
     if plan.sft_epochs:
-        sft_steps = plan.sft_epochs * DATASET_ROWS / config["batch_size"]
+        sft_steps = plan.sft_epochs * rows / config["batch_size"]
         seconds += sft_steps * tokens_per_step * 6 * sizes[0] / speed
     if plan.bridge is not None:
         seconds += _bridge_flops(plan, sizes[0], tokens_per_step) / speed
     samples = int(plan.dataset.get("teacher_samples") or 0)  # the source answers every training prompt N times
-    seconds += samples * DATASET_ROWS * config["max_length"] / 2 * 2 * sizes[0] * DECODING_SLOWDOWN / speed
+    seconds += samples * rows * config["max_length"] / 2 * 2 * sizes[0] * DECODING_SLOWDOWN / speed
     for teacher, student, anchor in zip(sizes, sizes[1:], plan.anchors, strict=False):
         if anchor.checkpoint is not None and not anchor.distill:
             continue
-        flops = distillation_flops(config, config["steps"], student, teacher)
+        flops = distillation_flops(config, config["steps"], student, teacher, rows)
         if anchor.checkpoint is None:
             flops += IMPORTANCE_ROWS * 256 * 2 * teacher  # activation importance on the calibration rows
         seconds += flops / speed

@@ -7,7 +7,8 @@ The recipe, top to bottom:
   2. models between two anchors of that chain, for every (variant, size): a variant is a set of materialize
      options (alpha, mix, init), so the defaults, alpha 0 (the larger anchor pruned to the size), alpha 1, the
      paper's Eq. 3 and the baselines of fresh initializations sit side by side; then the alpha sweep;
-  3. heal: every model of step 2 distilled from the larger anchor for each K of `heal_steps` (K > 0);
+  3. heal: the models of step 2 (of the variants in `heal_variants`, all by default) distilled from the larger
+     anchor for each K of `heal_steps` (K > 0);
   4. direct: the Minitron-style baseline, the chain's source pruned to each size (the interpolated models' very
      shape) and distilled from the source for the same number of student steps the chain spent;
   5. two_by_two: an anchor's two causes apart at equal steps: initialized from its predecessor anchor or from
@@ -103,9 +104,10 @@ def _interpolated(grid: dict | None, out: Path) -> list[ModelUnit]:
     units = [ModelUnit(f"{name}-{_size_label(parse_size(size))}", "materialized", name, parse_size(size),
                        grid["chain"], dict(options), path=out / "models" / f"{name}-{_size_label(parse_size(size))}")
              for size in grid.get("sizes", []) for name, options in variants.items()]
+    heal_variants = grid.get("heal_variants") or list(variants)
     healed = [ModelUnit(f"{u.id}+heal{k}", "healed", u.init, u.size, u.chain, u.options, heal=k, base=u.id,
                         path=out / "healed" / f"{u.id}+heal{k}") for k in grid.get("heal_steps", []) if k
-              for u in units]
+              for u in units if u.init in heal_variants]
     sweep = grid.get("alpha_sweep") or {}
     swept = [ModelUnit(f"sweep-{mix}-{_size_label(size)}-a{float(alpha):g}", "materialized", f"sweep-{mix}", size,
                        grid["chain"], {"alpha": float(alpha), "mix": mix},

@@ -18,7 +18,7 @@ import torch
 from cbd_engine.checkpoint import SafetensorsReader, folder_hashes, read_config
 from cbd_engine.families import FFN, GAIN, HEADS, RESIDUAL, SHIFT, ModelSpec, unit_rows
 from cbd_engine.files import cached_json
-from cbd_engine.progress import ProgressCallback, StageTimer, no_progress
+from cbd_engine.progress import ProgressCallback, ProgressEvent, StageTimer, no_progress
 
 
 @dataclass
@@ -152,5 +152,13 @@ def cached_activation_importance(model_dir: str | Path, texts: list[str], cache_
     """activation_importance, remembered per (weights' sha256, calibration texts) in `cache_dir`: a chain's anchors
     are materialized from many times with the same calibration set, and the forward pass is most of the cost."""
     key = [IMPORTANCE_VERSION, folder_hashes(model_dir), texts]
-    return Importance(**cached_json(cache_dir, "importance", key,
-                                    lambda: asdict(activation_importance(model_dir, texts, progress=progress))))
+    computed = []
+
+    def compute() -> dict:
+        computed.append(True)
+        return asdict(activation_importance(model_dir, texts, progress=progress))
+
+    result = Importance(**cached_json(cache_dir, "importance", key, compute))
+    if not computed:  # a cache hit still shows the stage, done, to whoever watches the job
+        progress(ProgressEvent("importance", 1, 1))
+    return result

@@ -55,6 +55,18 @@ def test_estimate_grows_with_steps_and_is_torch_free(source):
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
 
 
+def test_estimate_counts_the_evaluation_passes_on_the_data_sets_own_rows(source, tmp_path):
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(line for line in DOLLY.read_text().splitlines(keepends=True)[:50]))
+    spec = {**_spec(source, [{"shape": SMALL_SHAPE}], eval_every=1), "dataset": {"path": str(small)}}
+    few, many = (estimate_chain_seconds({**spec, "distillation": {**spec["distillation"], "eval_rows": rows}})
+                 for rows in (5, 500))
+    assert few == many  # a tenth of 50 rows is 5: asking for 500 evaluates no more
+    bigger = estimate_chain_seconds({**spec, "dataset": {"path": str(DOLLY)},
+                                     "distillation": {**spec["distillation"], "eval_rows": 500}})
+    assert bigger > many
+
+
 def test_chain_prunes_then_distills_each_anchor_and_resumes(source, tmp_path):
     out = tmp_path / "chain"
     anchors = [{"shape": SMALL_SHAPE}, {"shape": {**SMALL_SHAPE, "num_layers": 1, "intermediate_size": 32}}]
