@@ -105,6 +105,8 @@ def _interpolated(grid: dict | None, out: Path) -> list[ModelUnit]:
                        grid["chain"], dict(options), path=out / "models" / f"{name}-{_size_label(parse_size(size))}")
              for size in grid.get("sizes", []) for name, options in variants.items()]
     heal_variants = grid.get("heal_variants") or list(variants)
+    if set(heal_variants) - set(variants):
+        raise ValueError(f"interpolate.heal_variants {sorted(set(heal_variants) - set(variants))} are not variants")
     healed = [ModelUnit(f"{u.id}+heal{k}", "healed", u.init, u.size, u.chain, u.options, heal=k, base=u.id,
                         path=out / "healed" / f"{u.id}+heal{k}") for k in grid.get("heal_steps", []) if k
               for u in units if u.init in heal_variants]

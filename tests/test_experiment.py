@@ -76,6 +76,11 @@ def test_plan_names_every_model_and_rejects_bad_fields(source, tmp_path):
                    "2x2-init_anchor-teacher_anchor", "2x2-init_anchor-teacher_source",
                    "2x2-init_source-teacher_anchor", "2x2-init_source-teacher_source",
                    "random-1M+100tok", "random-1M+200tok"]
+    only_auto = {**spec, "interpolate": {**spec["interpolate"], "heal_variants": ["auto"]}}
+    healed = [unit.id for unit in plan_experiment(only_auto, tmp_path).models if unit.kind == "healed"]
+    assert healed == ["auto-1M+heal30"]
+    with pytest.raises(ValueError, match="heal_variants"):
+        plan_experiment({**spec, "interpolate": {**spec["interpolate"], "heal_variants": ["nope"]}}, tmp_path)
     with pytest.raises(ValueError, match="training.runs"):
         plan_experiment({**spec, "training": {**spec["training"], "runs": [{"model": "nope"}]}}, tmp_path)
 
