@@ -123,13 +123,14 @@ def _sweep_sizes(sweep: dict) -> list[int]:
 
 
 def _direct(direct: dict | None, grid: dict | None, out: Path) -> list[ModelUnit]:
-    """The source pruned to each size of the interpolation grid and distilled from the source."""
+    """The source pruned to each size of the interpolation grid (or of its own `sizes`) and distilled from the
+    source."""
     if not direct:
         return []
     return [ModelUnit(f"direct-{_size_label(parse_size(size))}", "direct", "direct", parse_size(size),
                       direct["chain"], {"steps": direct["steps"]},
                       path=out / "direct" / f"direct-{_size_label(parse_size(size))}")
-            for size in (grid or {}).get("sizes", [])]
+            for size in direct.get("sizes") or (grid or {}).get("sizes", [])]
 
 
 def _two_by_two(cross: dict | None, out: Path) -> list[ModelUnit]:

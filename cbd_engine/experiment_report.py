@@ -190,26 +190,26 @@ def _sweep(grid: Grid, table: dict, columns: list) -> str | None:
     sweep = (grid.spec.get("interpolate") or {}).get("alpha_sweep")
     if not sweep:
         return None
-    units = sorted((u for u in grid.models if u.init.startswith("sweep-") and u.id in table),
-                   key=lambda u: (u.size, u.init, u.options["alpha"]))
-    sizes = sorted({u.size for u in units})
+    points = _sweep_points(grid, table)
+    sizes = sorted({size for size, _ in points} & {u.size for u in grid.models if u.init.startswith("sweep-")})
     plt = _pyplot()
     figure, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 4), squeeze=False)
-    text = _header(["size", "mix"] + [f"alpha {a:g}" for a in sorted({u.options["alpha"] for u in units})]
-                   + ["best", "auto (alpha)", "auto - best"])
+    alphas = sorted({alpha for (size, _), line in points.items() if size in sizes for alpha in line})
+    text = _header(["size", "mix"] + [f"alpha {a:g}" for a in alphas] + ["best", "auto (alpha)", "auto - best"])
     for axis, size in zip(axes[0], sizes, strict=True):
         auto = next((u for u in grid.models if u.size == size and u.init == "auto" and u.kind == "materialized"
                      and u.id in table), None)
-        for mix in sorted({u.init for u in units}):
-            line = [u for u in units if u.init == mix and u.size == size]
-            losses = [table[u.id][PRIMARY][0] for u in line]
-            axis.plot([u.options["alpha"] for u in line], losses, "o-", label=mix.removeprefix("sweep-") + " mix")
+        for mix in sorted(mix for at, mix in points if at == size):
+            line = sorted(points[size, mix].items())
+            losses = [table[unit_id][PRIMARY][0] for _, unit_id in line]
+            axis.plot([alpha for alpha, _ in line], losses, "o-", label=f"{mix} mix")
             best = min(losses)
             auto_cells = ["-", "-"] if auto is None else [
                 f"{table[auto.id][PRIMARY][0]:.3f} ({table[auto.id]['alpha']:.3g})",
                 f"{table[auto.id][PRIMARY][0] - best:+.3f}"]
-            text += "| " + " | ".join([f"{size / 1e6:g}M", mix.removeprefix("sweep-")] + [f"{v:.3f}" for v in losses]
-                                      + [f"{best:.3f}"] + auto_cells) + " |\n"
+            cells = [f"{table[points[size, mix][a]][PRIMARY][0]:.3f}" if a in points[size, mix] else "-"
+                     for a in alphas]
+            text += "| " + " | ".join([f"{size / 1e6:g}M", mix, *cells, f"{best:.3f}", *auto_cells]) + " |\n"
         if auto is not None:
             axis.plot([table[auto.id]["alpha"]], [table[auto.id][PRIMARY][0]], "r*", markersize=12, label="auto")
         axis.set_title(f"{size / 1e6:g}M")
@@ -224,6 +224,18 @@ def _sweep(grid: Grid, table: dict, columns: list) -> str | None:
             "alpha 1 is the smaller anchor's side alone, alpha 0 the larger anchor pruned to the size; `auto` chose "
             "its alpha on the dev rows, these losses are on the validation rows.\n\n"
             "![alpha sweep](figure6_alpha_sweep.png)\n\n" + text)
+
+
+def _sweep_points(grid: Grid, table: dict) -> dict[tuple[int, str], dict[float, str]]:
+    """(size, mix) -> {alpha: model id} of every materialized model that differs from the defaults only by a fixed
+    alpha and a mix: the sweep's own and variants such as alpha 0 and 1, so the grid need not make them twice."""
+    points: dict[tuple[int, str], dict[float, str]] = defaultdict(dict)
+    for unit in grid.models:
+        alpha = unit.options.get("alpha")
+        if unit.kind == "materialized" and unit.id in table and set(unit.options) <= {"alpha", "mix"} \
+                and isinstance(alpha, int | float):
+            points[unit.size, unit.options.get("mix", "unit")].setdefault(float(alpha), unit.id)
+    return points
 
 
 def _two_by_two(grid: Grid, table: dict, columns: list) -> str | None:

@@ -48,7 +48,7 @@ def _grid(source, out) -> dict:
                         "variants": {"auto": {}, "alpha0": {"alpha": 0}, "random": {"init": "random"},
                                      "single": {"init": "single"}},
                         "heal_steps": [0, 2],
-                        "alpha_sweep": {"size": middle, "alphas": [0, 0.5, 1], "mixes": ["unit", "paper"]}},
+                        "alpha_sweep": {"size": middle, "alphas": [0.5, 1], "mixes": ["unit", "paper"]}},
         "direct": {"chain": "stepwise", "steps": 2},
         "two_by_two": {"chain": "stepwise", "anchor": 2, "steps": 2},
         "training": {"data": str(DOLLY), "budgets": [1500], "runs": [{"model": "random-" + f"{middle / 1e6:g}M"}],
@@ -76,6 +76,8 @@ def test_plan_names_every_model_and_rejects_bad_fields(source, tmp_path):
                    "2x2-init_anchor-teacher_anchor", "2x2-init_anchor-teacher_source",
                    "2x2-init_source-teacher_anchor", "2x2-init_source-teacher_source",
                    "random-1M+100tok", "random-1M+200tok"]
+    own_sizes = {**spec, "direct": {**spec["direct"], "sizes": ["2M"]}}
+    assert [u.id for u in plan_experiment(own_sizes, tmp_path).models if u.kind == "direct"] == ["direct-2M"]
     only_auto = {**spec, "interpolate": {**spec["interpolate"], "heal_variants": ["auto"]}}
     healed = [unit.id for unit in plan_experiment(only_auto, tmp_path).models if unit.kind == "healed"]
     assert healed == ["auto-1M+heal30"]
@@ -107,7 +109,7 @@ def test_grid_runs_reports_and_resumes(source, tmp_path):
     assert losses[trained.id] < losses[trained.base]  # training lowered the random init's loss
     alphas = {row["model"]: row["alpha"] for row in rows if row["task"] == "validation_loss"}
     swept = [unit for unit in plan.models if unit.init.startswith("sweep-")]
-    assert {float(alphas[unit.id]) for unit in swept} == {0.0, 0.5, 1.0}
+    assert {float(alphas[unit.id]) for unit in swept} == {0.5, 1.0}
     healed = [unit for unit in plan.models if unit.kind == "healed"]
     assert len(healed) == 8 and all(json.loads((u.path / "cbd.json").read_text())["distillation"]["role"] == "heal"
                                     for u in healed)
@@ -118,6 +120,10 @@ def test_grid_runs_reports_and_resumes(source, tmp_path):
                     "Figure 4 analogue", "Figure 6 analogue", "the two causes apart"):
         assert heading in report
     assert "vs alpha0" in report and "[" in report.split("Interpolation between two anchors")[1]
+    sweep = report.split("Figure 6 analogue")[1].split("\n## ")[0]
+    unit_line = next(line for line in sweep.splitlines() if line.startswith(f"| {middle / 1e6:g}M | unit |"))
+    alpha_0 = f"{losses[f'alpha0-{middle / 1e6:g}M']:.3f}"  # the alpha0 variant is the unit mix's point at 0
+    assert unit_line.split(" | ")[2] == alpha_0 and "| alpha 0 | alpha 0.5 | alpha 1 |" in sweep
     assert "cbd experiment" in report  # the exact command is recorded
     for plot in ("figure4_loss_curves.png", "figure6_alpha_sweep.png", "score_vs_size.png"):
         assert (out / plot).stat().st_size > 1000
