@@ -14,6 +14,7 @@ import shutil
 import struct
 import tempfile
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -80,12 +81,22 @@ def validate_safetensors(path: Path) -> None:
         raise ArtifactError(f"{path.name}: tensor data ({position} bytes) does not fill the file")
 
 
-def model_files(folder: Path) -> list[Path]:
-    """The files of a model folder that are published: weights (validated) and side files; pickles are refused."""
+def resolved_within(path: Path, roots: Sequence[Path]) -> Path | None:
+    """`path` with every symlink resolved, when that lies inside one of `roots` (resolved folders); else None. The
+    one test of "may the server read this": a link inside an allowed folder may point anywhere."""
+    real = path.resolve()
+    return real if any(real.is_relative_to(root) for root in roots) else None
+
+
+def model_files(folder: Path, roots: Sequence[Path]) -> list[Path]:
+    """The files of a model folder that are published: weights (validated) and side files; pickles are refused, and
+    so are links that resolve outside `roots` (`is_file()` follows links: a link to /proc/self/environ is a file)."""
     files = []
     for path in sorted(folder.iterdir()):
         if not path.is_file() or path.name.startswith("."):
             continue
+        if resolved_within(path, roots) is None:
+            raise ArtifactError(f"{path.name}: a link to a file outside the server's allowed roots")
         if path.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"):
             raise ArtifactError(f"{path.name}: pickled weights are not accepted; use safetensors")
         if path.suffix not in ALLOWED_SUFFIXES:
@@ -116,11 +127,12 @@ class ArtifactStore(Protocol):
     def fetch_to(self, sha256: str, dest: Path) -> None: ...
 
 
-def put_folder(store: ArtifactStore, folder: Path, known: dict[str, str] | None = None) -> list[StoredFile]:
-    """Publish a model folder. `known` (name -> sha256, from the engine that just wrote the folder) lets a local store
-    move the files into place; anything else is hashed as it is copied."""
+def put_folder(store: ArtifactStore, folder: Path, roots: Sequence[Path],
+               known: dict[str, str] | None = None) -> list[StoredFile]:
+    """Publish a model folder whose files resolve inside `roots`. `known` (name -> sha256, from the engine that just
+    wrote the folder) lets a local store move the files into place; anything else is hashed as it is copied."""
     known = known or {}
-    return [store.put_file(p, known.get(p.name), move=p.name in known) for p in model_files(folder)]
+    return [store.put_file(p, known.get(p.name), move=p.name in known) for p in model_files(folder, roots)]
 
 
 def link_folder(store: ArtifactStore, files: list[StoredFile], dest: Path) -> Path:

@@ -29,6 +29,8 @@ def resolve_spec(settings: Settings, body: ChainCreate) -> dict:
         spec["bridge"]["tokenizer"] = str(sources.local_path(settings, "bridge.tokenizer", body.bridge.tokenizer))
     if body.dataset is not None and body.dataset.path is not None:
         spec["dataset"]["path"] = sources.dataset_file(settings, "dataset.path", body.dataset.path)
+    if body.dataset is not None and body.dataset.hf is not None:
+        spec["dataset"]["hf"] = sources.dataset_id(settings, "dataset.hf", body.dataset.hf)
     needs_data = any(a.distill for a in body.anchors) or body.bridge is not None
     if needs_data and body.dataset is None:
         raise sources.invalid("dataset", "distilling anchors needs a dataset (path or hf)")

@@ -1,0 +1,110 @@
+"""The promises of docs/SECURITY.md, as a `build` token holder would test them on a loopback server."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.settings import Settings
+from tests.service.conftest import make_settings, run_pending
+from tests.service.test_api import assert_problem
+
+
+@pytest.fixture
+def outside(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder outside the allowed roots (the tests' roots are the test's own tmp_path and the shared data)."""
+    folder = tmp_path_factory.mktemp("secretdata")
+    (folder / "secret.txt").write_text("CBD_DATABASE_URL=postgresql://cbd:hunter2@db/cbd\n")
+    return folder
+
+
+def registration(large: Path, checkpoint: Path, **extra: object) -> dict:
+    return {"name": "t", "source": str(large), "anchors": [{"checkpoint": str(checkpoint), "distill": False}],
+            "device": "cpu", **extra}
+
+
+# --- 1. links in registered folders ----------------------------------------------------------------------------
+
+
+def test_a_link_outside_the_roots_is_refused_at_registration(client: TestClient, tiny_anchors: tuple[Path, Path],
+                                                             tmp_path: Path, outside: Path) -> None:
+    large, small = tiny_anchors
+    tainted = tmp_path / "tainted"
+    shutil.copytree(small, tainted)
+    (tainted / "env.txt").symlink_to("/proc/self/environ")
+    (tainted / "notes.md").symlink_to(outside / "secret.txt")
+    body = assert_problem(client.post("/chains", json=registration(large, tainted)), 422, "env.txt", "notes.md")
+    assert body["errors"][0]["field"] == "anchors.0.checkpoint"
+    (tainted / "env.txt").unlink()
+    (tainted / "notes.md").unlink()
+    (tainted / "readme.md").symlink_to(small / "config.json")  # a link that stays inside the roots is fine
+    assert client.post("/chains", json=registration(large, tainted)).status_code == 202
+
+
+def test_a_link_planted_after_registration_fails_the_job_and_is_never_served(
+        client: TestClient, settings: Settings, tiny_anchors: tuple[Path, Path], tmp_path: Path,
+        outside: Path) -> None:
+    large, small = tiny_anchors
+    tainted = tmp_path / "tainted"
+    shutil.copytree(small, tainted)
+    response = client.post("/chains", json=registration(large, tainted))
+    assert response.status_code == 202, response.text
+    (tainted / "notes.md").symlink_to(outside / "secret.txt")  # between the API's check and the worker's copy
+    assert run_pending(settings) == ["failed"]
+    chain = client.get(f"/chains/{response.json()['id']}").json()
+    assert "outside the server's allowed roots" in client.get(chain["job"]["url"]).json()["error"]
+    assert client.get(f"/chains/{chain['id']}/anchors/1/files/notes.md").status_code == 404
+
+
+# --- 2. dataset.hf ---------------------------------------------------------------------------------------------
+
+
+def test_dataset_hf_naming_a_folder_outside_the_roots_is_422(client: TestClient, tiny_anchors: tuple[Path, Path],
+                                                             tmp_path: Path, outside: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    large, small = tiny_anchors
+    monkeypatch.chdir(tmp_path)  # `datasets` resolves relative folders against the working folder
+    for hf in (f"../{outside.name}", str(outside), "/etc", "data/../../x"):
+        response = client.post("/chains", json=registration(large, small, dataset={"hf": hf}))
+        assert_problem(response, 422, "dataset.hf")
+    monkeypatch.chdir(outside.parent)  # an id that happens to name a folder here is that folder to `datasets`
+    assert_problem(client.post("/chains", json=registration(large, small, dataset={"hf": outside.name})), 422,
+                   "dataset.hf", "allowed roots")
+    accepted = client.post("/chains", json=registration(large, small, dataset={"hf": "tatsu-lab/alpaca"}))
+    assert accepted.status_code == 202, accepted.text
+
+
+def test_the_worker_checks_dataset_hf_against_its_own_working_folder(
+        client: TestClient, settings: Settings, tiny_anchors: tuple[Path, Path], outside: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    large, small = tiny_anchors
+    response = client.post("/chains", json=registration(large, small, dataset={"hf": f"{outside.name}/data"}))
+    assert response.status_code == 202, response.text
+    (outside / "data").mkdir()
+    monkeypatch.chdir(outside.parent)  # the worker runs where that id is a folder outside the roots
+    assert run_pending(settings) == ["failed"]
+    assert "dataset.hf" in client.get(response.json()["job"]["url"]).json()["error"]
+
+
+# --- 9. GGUF conversions --------------------------------------------------------------------------------------
+
+
+def test_two_gguf_files_of_one_name_are_two_conversions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cbd_engine.gguf_import
+    from worker.tasks import source_folder
+
+    def fake_import(path: Path, target: Path) -> Path:  # the conversion records what it converted
+        target.mkdir(parents=True)
+        (target / "config.json").write_bytes(path.read_bytes())
+        return target
+
+    monkeypatch.setattr(cbd_engine.gguf_import, "import_gguf", fake_import)
+    first, second = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf"
+    for path, content in ((first, b"GGUF one"), (second, b"GGUF two")):
+        path.parent.mkdir()
+        path.write_bytes(content)
+    converted = [source_folder(str(path), make_settings(tmp_path)) for path in (first, second, first)]
+    assert [(folder / "config.json").read_bytes() for folder in converted] == [b"GGUF one", b"GGUF two", b"GGUF one"]
