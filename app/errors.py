@@ -36,12 +36,25 @@ def problem(status: int, detail: str, errors: list[dict[str, Any]] | None = None
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
+def _message(item: dict[str, Any]) -> str:
+    """A validator's own words, without pydantic's "Value error, " before them."""
+    if item.get("type") == "value_error" and "error" in item.get("ctx", {}):
+        return str(item["ctx"]["error"])
+    return item.get("msg", "invalid")
+
+
 def _validation_errors(error: RequestValidationError) -> list[dict[str, Any]]:
     items = []
     for item in error.errors():
         location = [str(part) for part in item.get("loc", ()) if part not in ("body",)]
-        items.append({"field": ".".join(location), "message": item.get("msg", "invalid")})
+        items.append({"field": ".".join(location), "message": _message(item)})
     return items
+
+
+def _located(field: str, message: str) -> str:
+    """'field: message'; a message that starts with the field's name ('size must be ...') names it in full once."""
+    name = field.rsplit(".", 1)[-1]
+    return field + message[len(name):] if message.startswith(f"{name} ") else f"{field}: {message}"
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -52,7 +65,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
         errors = _validation_errors(error)
-        detail = "; ".join(f"{e['field'] or 'body'}: {e['message']}" for e in errors)
+        detail = "; ".join(_located(e["field"] or "body", e["message"]) for e in errors)
         return problem(422, detail or "invalid request", errors)
 
     @app.exception_handler(StarletteHTTPException)

@@ -42,27 +42,37 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             return await self._refuse(scope, receive, send)
-        seen = 0
+        body = await self._read_body(receive)
+        if body is None:
+            return await self._refuse(scope, receive, send)
+        replayed = False
 
-        async def limited() -> Message:
-            nonlocal seen
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:  # later receives (a client disconnecting during a download) are the server's own
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body, or None past the limit. Read before the app runs: FastAPI turns a failing read of a
+        streamed (chunked) body into a 400, and the limit is small enough to hold."""
+        chunks, seen, more = [], 0, True
+        while more:
             message = await receive()
-            seen += len(message.get("body", b""))
+            if message["type"] != "http.request":  # the client left
+                break
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
             if seen > self.max_bytes:
-                raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send)
+                return None
+            more = message.get("more_body", False)
+        return b"".join(chunks)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         await problem(413, f"request body exceeds {self.max_bytes} bytes")(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def _sweep_once(app: FastAPI) -> None:

@@ -108,3 +108,27 @@ def test_two_gguf_files_of_one_name_are_two_conversions(tmp_path: Path, monkeypa
         path.write_bytes(content)
     converted = [source_folder(str(path), make_settings(tmp_path)) for path in (first, second, first)]
     assert [(folder / "config.json").read_bytes() for folder in converted] == [b"GGUF one", b"GGUF two", b"GGUF one"]
+
+
+# --- 8. bad input ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", ["1" * 400, "9" * 320 + "T", int("1" * 400), True, False])
+def test_absurd_sizes_and_booleans_are_422_in_models_and_anchors(client: TestClient, tiny_anchors: tuple[Path, Path],
+                                                                 size: object) -> None:
+    large, _ = tiny_anchors
+    body = assert_problem(client.post("/models", json={"source": "org/name", "size": size}), 422)
+    assert body["errors"][0]["field"] == "size"
+    assert body["detail"].startswith("size ") and "size: size" not in body["detail"]
+    assert "Value error" not in body["detail"]
+    anchors = client.post("/chains", json={"name": "t", "source": str(large), "anchors": [{"size": size}]})
+    assert assert_problem(anchors, 422, "anchors.0.size")["errors"][0]["field"] == "anchors.0.size"
+
+
+def test_a_streamed_body_over_the_limit_is_413(client: TestClient) -> None:
+    def chunks() -> object:  # no Content-Length: sent chunked
+        for _ in range(3):
+            yield b" " * (1 << 20)
+
+    response = client.post("/models", content=chunks(), headers={"content-type": "application/json"})
+    assert_problem(response, 413, "exceeds")
