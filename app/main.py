@@ -6,11 +6,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from prometheus_client import CollectorRegistry
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 import cbd_engine
 from app.auth import RateLimiter, TokenCache, configured_tokens
@@ -75,6 +78,28 @@ class BodyLimit:
         await problem(413, f"request body exceeds {self.max_bytes} bytes")(scope, receive, send)
 
 
+class HostCheck:
+    """Serve only the configured Host names (Settings.served_hosts), with a 400 problem otherwise. Not Starlette's
+    TrustedHostMiddleware: it answers in plain text and takes '[::1]:8000' for the host '['."""
+
+    def __init__(self, app: ASGIApp, hosts: list[str]):
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.served(Headers(scope=scope).get("host", "")):
+            return await self.app(scope, receive, send)
+        await problem(400, "this server does not answer to that Host header (CBD_TRUSTED_HOSTS)")(scope, receive,
+                                                                                                  send)
+
+    def served(self, header: str) -> bool:
+        try:
+            host = urlsplit(f"//{header}").hostname or ""
+        except ValueError:  # a malformed port or bracket
+            return False
+        return any(pattern in ("*", host) or (pattern.startswith("*.") and host.endswith(pattern[1:]))
+                   for pattern in self.hosts)
+
+
 def _sweep_once(app: FastAPI) -> None:
     """One sweep, run in a thread that opens and closes its own database session."""
     with app.state.session_factory() as session:
@@ -133,6 +158,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (chains, models, jobs, files, hub, operations):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HostCheck, hosts=settings.served_hosts)
+    if settings.trusted_proxies:  # the client address (rate limits with auth off) from X-Forwarded-For
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
 
     def openapi() -> dict:
         if app.openapi_schema is None:

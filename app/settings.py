@@ -10,6 +10,8 @@ from typing import Annotated, Literal, get_args
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CBD_", extra="ignore")
@@ -23,6 +25,11 @@ class Settings(BaseSettings):
     auth: Literal["on", "off", "auto"] = "auto"  # auto: off on 127.0.0.1, on elsewhere
     host: str = "127.0.0.1"
     port: int = 8000
+    # Host header names served ("*.example.com" and "*" allowed); empty: the loopback names with auth off (a DNS
+    # rebinding page must not reach an unauthenticated server), any with auth on
+    trusted_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # peers (addresses or networks) whose X-Forwarded-For / X-Forwarded-Proto are believed; empty: nobody's
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # sha256 hex of tokens with their scopes, "hash:read,build;hash2:read" (tokens from `cbd token create` live in
     # the database)
     token_hashes: str = ""
@@ -54,6 +61,12 @@ class Settings(BaseSettings):
         items = value.split(os.pathsep) if isinstance(value, str) else value
         return [Path(p).resolve() for p in items if str(p)]
 
+    @field_validator("trusted_hosts", "trusted_proxies", mode="before")
+    @classmethod
+    def _split_names(cls, value: str | list) -> list[str]:
+        items = value.split(",") if isinstance(value, str) else value
+        return [item.strip().lower() for item in items if item.strip()]
+
     @field_validator("embedded_lanes", mode="before")
     @classmethod
     def _split_lanes(cls, value: str | list) -> list[tuple[str, ...]]:
@@ -79,8 +92,12 @@ class Settings(BaseSettings):
     @property
     def auth_enabled(self) -> bool:
         if self.auth == "auto":
-            return self.host not in ("127.0.0.1", "localhost", "::1")
+            return self.host not in LOOPBACK_NAMES
         return self.auth == "on"
+
+    @property
+    def served_hosts(self) -> list[str]:
+        return self.trusted_hosts or (["*"] if self.auth_enabled else list(LOOPBACK_NAMES))
 
     @property
     def embedded(self) -> bool:

@@ -15,6 +15,9 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import uvicorn
+    from fastapi import FastAPI
+
     from app.settings import Settings
 
 SETTING_FLAGS = ("data_dir", "database_url", "broker_url", "storage_url", "allowed_source_roots", "auth", "host",
@@ -79,6 +82,16 @@ def announce_demo_chain(settings: Settings) -> None:
           f"GET /jobs/{job.id}", file=sys.stderr)
 
 
+def server_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
+    """How `cbd serve` listens. uvicorn's own proxy headers are off: it believes X-Forwarded-For from 127.0.0.1 by
+    default, which lets any local client pick its address (and its rate limit); the app trusts only
+    CBD_TRUSTED_PROXIES."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
+                          timeout_keep_alive=75, proxy_headers=False)
+
+
 def serve(args: argparse.Namespace) -> int:
     _apply_flags(args)
     import uvicorn
@@ -119,8 +132,7 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, shut_down)
     signal.signal(signal.SIGINT, shut_down)
     try:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
-                    access_log=False, timeout_keep_alive=75)
+        uvicorn.Server(server_config(settings, create_app(settings))).run()
     finally:
         stop_workers()
     return 0

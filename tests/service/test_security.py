@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 
+from app.main import create_app
 from app.settings import Settings
+from cbd_cli.service import server_config
 from tests.service.conftest import make_settings, run_pending
 from tests.service.test_api import assert_problem
 
@@ -132,3 +140,47 @@ def test_a_streamed_body_over_the_limit_is_413(client: TestClient) -> None:
 
     response = client.post("/models", content=chunks(), headers={"content-type": "application/json"})
     assert_problem(response, 413, "exceeds")
+
+
+# --- 5. Host header and proxy headers ---------------------------------------------------------------------------
+
+
+def test_a_foreign_host_is_refused_when_auth_is_off(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, trusted_hosts=[])  # the default: loopback names only
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
+        assert client.get("/healthz").status_code == 200
+        for host in ("localhost:8000", "[::1]:8000", "127.0.0.1"):
+            assert client.get("/healthz", headers={"Host": host}).status_code == 200, host
+        for host in ("rebind.attacker.example", "rebind.attacker.example:8000", "127.0.0.1.attacker.example",
+                     "[::1", ""):
+            assert_problem(client.get("/healthz", headers={"Host": host}), 400, "Host")
+    with TestClient(create_app(make_settings(tmp_path, trusted_hosts=[], auth="on"))) as client:
+        assert client.get("/healthz", headers={"Host": "api.example.com"}).status_code == 200  # tokens guard it
+    named = make_settings(tmp_path, trusted_hosts="models.example.com,*.internal.example", auth="on")
+    with TestClient(create_app(named)) as client:
+        assert client.get("/healthz", headers={"Host": "a.internal.example"}).status_code == 200
+        assert_problem(client.get("/healthz", headers={"Host": "api.example.com"}), 400, "Host")
+
+
+@contextlib.contextmanager
+def served(settings: Settings) -> Iterator[str]:
+    """The app on a loopback socket, listening as `cbd serve` does."""
+    server = uvicorn.Server(server_config(settings.model_copy(update={"port": 0}), create_app(settings)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    server.should_exit = True
+    thread.join(5)
+
+
+def statuses_with_forwarded_for(url: str) -> list[int]:
+    return [httpx.get(f"{url}/chains", headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code for i in range(3)]
+
+
+def test_forwarded_for_is_ignored_from_an_untrusted_peer(tmp_path: Path) -> None:
+    with served(make_settings(tmp_path, rate_limit_per_minute=2)) as url:  # auth off: limited by client address
+        assert statuses_with_forwarded_for(url) == [200, 200, 429]
+    with served(make_settings(tmp_path, rate_limit_per_minute=2, trusted_proxies="127.0.0.1")) as url:
+        assert statuses_with_forwarded_for(url) == [200, 200, 200]  # three clients behind a configured proxy
