@@ -14,11 +14,12 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
+from app.auth import create_token
 from app.main import create_app
 from app.settings import Settings
 from cbd_cli.service import server_config
 from tests.service.conftest import make_settings, run_pending
-from tests.service.test_api import assert_problem
+from tests.service.test_api import assert_problem, make_model
 
 
 @pytest.fixture
@@ -184,3 +185,22 @@ def test_forwarded_for_is_ignored_from_an_untrusted_peer(tmp_path: Path) -> None
         assert statuses_with_forwarded_for(url) == [200, 200, 429]
     with served(make_settings(tmp_path, rate_limit_per_minute=2, trusted_proxies="127.0.0.1")) as url:
         assert statuses_with_forwarded_for(url) == [200, 200, 200]  # three clients behind a configured proxy
+
+
+# --- 6. downloads -----------------------------------------------------------------------------------------------
+
+
+def test_downloads_with_a_token_are_private_and_range_errors_are_problems(client: TestClient, settings: Settings,
+                                                                          tiny_chain: dict) -> None:
+    weights = next(f for f in make_model(client, settings, tiny_chain)["files"] if f["name"] == "model.safetensors")
+    assert client.get(weights["url"]).headers["cache-control"] == "public, max-age=31536000, immutable"
+    with TestClient(create_app(settings.model_copy(update={"auth": "on"}))) as authed:
+        with authed.app.state.session_factory() as session:
+            token, _ = create_token(session, ["read"])
+        for method in ("GET", "HEAD"):
+            response = authed.request(method, weights["url"], headers={"Authorization": f"Bearer {token}"})
+            assert response.headers["cache-control"] == "private, max-age=31536000, immutable", method
+    beyond = client.get(weights["url"], headers={"Range": f"bytes={weights['size'] + 10}-"})
+    assert_problem(beyond, 416, "Range")
+    assert beyond.headers["content-range"] == f"bytes */{weights['size']}"
+    assert_problem(client.get(weights["url"], headers={"Range": "bytes=9-2"}), 400, "Range")
