@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from app.auth import create_token
+from app.logging import JsonFormatter
 from app.main import create_app
 from app.settings import Settings
 from cbd_cli.service import server_config
@@ -204,3 +207,38 @@ def test_downloads_with_a_token_are_private_and_range_errors_are_problems(client
     assert_problem(beyond, 416, "Range")
     assert beyond.headers["content-range"] == f"bytes */{weights['size']}"
     assert_problem(client.get(weights["url"], headers={"Range": "bytes=9-2"}), 400, "Range")
+
+
+# --- 7. secrets in logs -----------------------------------------------------------------------------------------
+
+SECRET_URL = "postgresql+psycopg://cbd:hunter2@db.internal:5432/cbd"
+
+
+def test_the_embedded_worker_logs_its_database_without_the_password(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    import os
+    import signal
+
+    import worker.tasks
+    from worker.embedded import serve_forever
+
+    settings = Settings(data_dir=tmp_path, database_url=SECRET_URL)
+    monkeypatch.setattr(worker.tasks, "warm_up", lambda: None)
+    monkeypatch.setattr(worker.tasks, "runtime", lambda: (settings, None, None, "w1"))
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    parents = iter([1, 2])  # orphaned at once: the loop ends before it polls
+    monkeypatch.setattr(os, "getppid", lambda: next(parents))
+    with caplog.at_level(logging.INFO, logger="cbd.worker"):
+        serve_forever()
+    assert "db.internal" in caplog.text and "hunter2" not in caplog.text
+
+
+def test_log_lines_mask_passwords_in_urls_wherever_they_appear() -> None:
+    try:
+        raise ConnectionError(f"cannot reach {SECRET_URL} nor redis://:s3cret@redis:6379/0")
+    except ConnectionError:
+        record = logging.LogRecord("cbd.worker", logging.ERROR, __file__, 1, "broker %s down", ("redis://u:pw@r/0",),
+                                   sys.exc_info())
+    line = JsonFormatter().format(record)
+    assert "hunter2" not in line and "s3cret" not in line and ":pw@" not in line
+    assert "cbd:***@db.internal" in line and "redis://u:***@r/0" in line
