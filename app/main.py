@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI
@@ -20,6 +20,7 @@ from app.auth import RateLimiter, TokenCache, configured_tokens
 from app.db import make_engine, make_session_factory
 from app.errors import install_error_handlers, problem, problem_openapi
 from app.routers import chains, files, hub, jobs, models, operations
+from app.services.files import collect_blobs
 from app.services.jobs import requeue_expired
 from app.services.operations import JobsCollector
 from app.settings import Settings
@@ -101,20 +102,28 @@ class HostCheck:
 
 
 def _sweep_once(app: FastAPI) -> None:
-    """One sweep, run in a thread that opens and closes its own database session."""
+    """With a broker: re-send jobs whose worker stopped renewing its lease."""
     with app.state.session_factory() as session:
         requeue_expired(session, app.state.settings)
 
 
-async def _sweep(app: FastAPI, stop: asyncio.Event) -> None:
-    """With a broker: re-send jobs whose worker stopped renewing its lease, until `stop` is set. A sweep under way
-    is finished, never cancelled: a cancelled await does not stop its thread, which would then use the database
-    after the engine is disposed and leave a transaction (and its locks) open."""
-    while not await _wait(stop, app.state.settings.lease_seconds / 2):
+def _collect_once(app: FastAPI) -> None:
+    """Every blob of the store through the collector: those a delete spared because a publish had just touched
+    them, and those a failed publish left."""
+    store = app.state.store
+    with app.state.session_factory() as session:
+        collect_blobs(session, store, list(store.blob_ids()), app.state.settings.blob_grace_seconds)
+
+
+async def _every(app: FastAPI, stop: asyncio.Event, seconds: float, work: Callable[[FastAPI], None]) -> None:
+    """`work` every `seconds`, in a thread with its own database session, until `stop` is set. A run under way is
+    finished, never cancelled: a cancelled await does not stop its thread, which would then use the database after
+    the engine is disposed and leave a transaction (and its locks) open."""
+    while not await _wait(stop, seconds):
         try:
-            await asyncio.to_thread(_sweep_once, app)
-        except Exception:  # noqa: BLE001 - the sweeper must survive a database hiccup
-            log.exception("lease sweep failed")
+            await asyncio.to_thread(work, app)
+        except Exception:  # noqa: BLE001 - a periodic task must survive a database hiccup
+            log.exception("%s failed", work.__name__)
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> bool:
@@ -130,14 +139,15 @@ async def _wait(event: asyncio.Event, seconds: float) -> bool:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     stop = asyncio.Event()
-    sweeper = None if settings.embedded else asyncio.create_task(_sweep(app, stop))
+    periodic = [asyncio.create_task(_every(app, stop, settings.blob_grace_seconds, _collect_once))]
+    if not settings.embedded:
+        periodic.append(asyncio.create_task(_every(app, stop, settings.lease_seconds / 2, _sweep_once)))
     if not settings.auth_enabled:
         log.warning("authentication is OFF (CBD_AUTH=%s on %s): every request has every scope", settings.auth,
                     settings.host)
     yield
     stop.set()
-    if sweeper is not None:
-        await sweeper
+    await asyncio.gather(*periodic)
     app.state.engine.dispose()
 
 

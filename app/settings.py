@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     embedded_lanes: Annotated[list[tuple[str, ...]], NoDecode] = Field(
         default_factory=lambda: [("build_chain",), ("materialize_model", "evaluate_model")])
     validation_rows: int = 32  # validation rows scored for each new model and anchor
+    # a blob no row names is removed only once this old: a worker records a model's rows within it of writing the
+    # model's blobs (which another model's delete may name too)
+    blob_grace_seconds: float = 6 * 3600.0
     webhook_url: str = ""
     webhook_secret: str = ""
     materialize_bytes_per_second: float = 150e6  # for job estimates

@@ -13,8 +13,9 @@ import re
 import shutil
 import struct
 import tempfile
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -120,7 +121,9 @@ class ArtifactStore(Protocol):
 
     def open(self, sha256: str) -> BinaryIO: ...
 
-    def delete(self, sha256: str) -> None: ...
+    def collect(self, sha256: str, grace_seconds: float) -> None: ...
+
+    def blob_ids(self) -> Iterator[str]: ...
 
     def check(self) -> None: ...
 
@@ -172,6 +175,7 @@ class LocalStore:
             blob = self._blob(sha256)
             blob.parent.mkdir(exist_ok=True)
             size = path.stat().st_size
+            os.utime(path)  # a publish makes its blob young: `collect` spares it until its rows are recorded
             os.replace(path, blob)
             return StoredFile(path.name, size, sha256)
         tmp = self.root / "tmp" / uuid.uuid4().hex
@@ -205,8 +209,22 @@ class LocalStore:
     def open(self, sha256: str) -> BinaryIO:
         return open(self._blob(sha256), "rb")
 
-    def delete(self, sha256: str) -> None:
-        self._blob(sha256).unlink(missing_ok=True)
+    def collect(self, sha256: str, grace_seconds: float) -> None:
+        """Remove the blob unless a publish wrote it within the grace period. Moved aside first, so that the age
+        test and the removal are one step: a publish that lands after the move writes a new blob, one that landed
+        before it made the moved blob young, and that is put back."""
+        doomed = self.root / "tmp" / f"collect-{uuid.uuid4().hex}"
+        try:
+            os.replace(self._blob(sha256), doomed)
+        except FileNotFoundError:
+            return
+        if time.time() - doomed.stat().st_mtime < grace_seconds:
+            os.replace(doomed, self._blob(sha256))  # the same content as any blob published there meanwhile
+        else:
+            doomed.unlink()
+
+    def blob_ids(self) -> Iterator[str]:
+        return (path.name for path in (self.root / "blobs").glob("*/*") if SHA256_RE.match(path.name))
 
     def check(self) -> None:
         probe = self.root / "tmp" / f"ready-{uuid.uuid4().hex}"
@@ -244,7 +262,10 @@ class S3Store:
         if sha256 is not None and sha256 != actual:
             raise ArtifactError(f"{path.name}: sha256 {actual} does not match the expected {sha256}")
         size = path.stat().st_size
-        if not self.exists(actual):
+        if self.exists(actual):  # copied onto itself: young again, so that `collect` spares it
+            self.client.copy_object(Bucket=self.bucket, Key=self._blob(actual), MetadataDirective="REPLACE",
+                                    CopySource={"Bucket": self.bucket, "Key": self._blob(actual)})
+        else:
             tmp = self._key("tmp", uuid.uuid4().hex)
             self.client.upload_file(str(path), self.bucket, tmp)
             self.client.copy({"Bucket": self.bucket, "Key": tmp}, self.bucket, self._blob(actual))
@@ -277,8 +298,25 @@ class S3Store:
     def open(self, sha256: str) -> BinaryIO:
         return self.client.get_object(Bucket=self.bucket, Key=self._blob(sha256))["Body"]
 
-    def delete(self, sha256: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._blob(sha256))
+    def collect(self, sha256: str, grace_seconds: float) -> None:
+        """Remove the blob unless a publish wrote it within the grace period. S3 has no atomic test-and-delete: a
+        publish in the instant between the HEAD and the DELETE loses its blob (docs/SECURITY.md)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._blob(sha256))
+        except ClientError:
+            return
+        if time.time() - head["LastModified"].timestamp() >= grace_seconds:
+            self.client.delete_object(Bucket=self.bucket, Key=self._blob(sha256))
+
+    def blob_ids(self) -> Iterator[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key("blobs/"))
+        for page in pages:
+            for item in page.get("Contents", []):
+                name = item["Key"].rsplit("/", 1)[-1]
+                if SHA256_RE.match(name):
+                    yield name
 
     def check(self) -> None:
         self.client.head_bucket(Bucket=self.bucket)

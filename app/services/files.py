@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 
 from fastapi import Request
 from fastapi.responses import RedirectResponse, Response
@@ -46,18 +47,21 @@ def record_files(session: Session, owner_id: str, files: list[StoredFile]) -> No
 
 
 def remove_artifacts(session: Session, owner_ids: list[str]) -> set[str]:
-    """Delete the artifact rows of these models or anchors (uncommitted); the sha256 of the blobs they named."""
+    """Delete the artifact rows of these models or anchors (uncommitted); the sha256 of the blobs they named, for
+    `collect_blobs` once that is committed."""
     blobs = set(session.scalars(select(Artifact.sha256).where(Artifact.owner_id.in_(owner_ids))))
     session.execute(delete(Artifact).where(Artifact.owner_id.in_(owner_ids)))
     return blobs
 
 
-def delete_unreferenced_blobs(session: Session, store: ArtifactStore, blobs: set[str]) -> None:
-    """After `remove_artifacts` is committed: the blobs no artifact row names any more (the store is
-    content-addressed, so another model or anchor may hold the same file)."""
+def collect_blobs(session: Session, store: ArtifactStore, blobs: Iterable[str], grace_seconds: float) -> None:
+    """Mark and sweep, the only way blobs leave the store: of these blobs, remove those that no artifact row names
+    and that no publish wrote within the grace period. The store is content-addressed, so a worker may be
+    publishing a deleted model's blob for another model: it writes (or touches) the blob before it records its
+    rows, within the grace period, and `collect` tests the age and removes in one step, so that blob stays."""
     for sha256 in blobs:
         if session.scalar(select(Artifact.id).where(Artifact.sha256 == sha256).limit(1)) is None:
-            store.delete(sha256)
+            store.collect(sha256, grace_seconds)
 
 
 def find_file(session: Session, owner_id: str, name: str) -> Artifact:

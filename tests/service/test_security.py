@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import sys
 import threading
@@ -19,7 +20,9 @@ from fastapi.testclient import TestClient
 from app.auth import create_token
 from app.logging import JsonFormatter
 from app.main import create_app
+from app.services.files import record_files
 from app.settings import Settings
+from app.storage import StoredFile, sha256_file
 from cbd_cli.service import server_config
 from tests.service.conftest import make_settings, run_pending
 from tests.service.test_api import assert_problem, make_model
@@ -242,3 +245,60 @@ def test_log_lines_mask_passwords_in_urls_wherever_they_appear() -> None:
     line = JsonFormatter().format(record)
     assert "hunter2" not in line and "s3cret" not in line and ":pw@" not in line
     assert "cbd:***@db.internal" in line and "redis://u:***@r/0" in line
+
+
+# --- 3. deleting a model while another publishes the same blob ------------------------------------------------
+
+
+@pytest.mark.parametrize(("moment", "move"), [("before the delete", True), ("inside the collector", False)],
+                         ids=["moved-before", "copied-inside"])
+def test_a_delete_racing_a_publish_leaves_the_other_model_whole(client: TestClient, settings: Settings,
+                                                                tiny_chain: dict, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch, moment: str,
+                                                                move: bool) -> None:
+    model = make_model(client, settings, tiny_chain)
+    weights = next(f for f in model["files"] if f["name"] == "model.safetensors")
+    store = client.app.state.store
+    published_long_ago = time.time() - 2 * settings.blob_grace_seconds
+    os.utime(store.local_path(weights["sha256"]), (published_long_ago, published_long_ago))
+    output = tmp_path / "other-model" / "model.safetensors"  # a worker's output with the same bytes
+    output.parent.mkdir()
+    shutil.copyfile(store.local_path(weights["sha256"]), output)
+    os.utime(output, (published_long_ago, published_long_ago))  # materialized long before it is published
+
+    def publish() -> None:  # the worker writes the blob now, and records its rows after the delete
+        store.put_file(output, weights["sha256"] if move else None, move=move)
+
+    if moment == "before the delete":
+        publish()
+    else:  # after the collector found no row naming the blob, before it removes it
+        collect = store.collect
+
+        def publish_then_collect(sha256: str, grace_seconds: float) -> None:
+            if sha256 == weights["sha256"]:
+                publish()
+            collect(sha256, grace_seconds)
+
+        monkeypatch.setattr(store, "collect", publish_then_collect)
+    assert client.delete(f"/models/{model['id']}").status_code == 204
+    with client.app.state.session_factory() as session:
+        record_files(session, "mdl_other", [StoredFile("model.safetensors", weights["size"], weights["sha256"])])
+        session.commit()
+    assert sha256_file(store.local_path(weights["sha256"])) == weights["sha256"]
+
+
+def test_blobs_no_row_names_are_collected_once_past_the_grace_period(client: TestClient, settings: Settings,
+                                                                     tiny_chain: dict) -> None:
+    from app.main import _collect_once
+
+    model = make_model(client, settings, tiny_chain)
+    weights = next(f for f in model["files"] if f["name"] == "model.safetensors")
+    store = client.app.state.store
+    assert client.delete(f"/models/{model['id']}").status_code == 204
+    assert store.local_path(weights["sha256"]) is not None  # young: spared by the delete
+    _collect_once(client.app)
+    assert store.local_path(weights["sha256"]) is not None
+    client.app.state.settings.blob_grace_seconds = 0.0
+    _collect_once(client.app)  # the periodic sweep
+    assert store.local_path(weights["sha256"]) is None
+    assert all(store.local_path(f["sha256"]) for a in tiny_chain["anchors"] for f in a["files"])  # named: kept
