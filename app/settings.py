@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     blob_grace_seconds: float = 6 * 3600.0
     webhook_url: str = ""
     webhook_secret: str = ""
+    webhook_timeout_seconds: float = 30.0  # a webhook's whole delivery, retries included (off the job lane)
     materialize_bytes_per_second: float = 150e6  # for job estimates
 
     @field_validator("allowed_source_roots", mode="before")

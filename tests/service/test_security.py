@@ -6,10 +6,12 @@ import contextlib
 import logging
 import os
 import shutil
+import socketserver
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -26,6 +28,7 @@ from app.storage import StoredFile, sha256_file
 from cbd_cli.service import server_config
 from tests.service.conftest import make_settings, run_pending
 from tests.service.test_api import assert_problem, make_model
+from worker.webhooks import deliver
 
 
 @pytest.fixture
@@ -38,7 +41,7 @@ def outside(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def registration(large: Path, checkpoint: Path, **extra: object) -> dict:
     return {"name": "t", "source": str(large), "anchors": [{"checkpoint": str(checkpoint), "distill": False}],
-            "device": "cpu", **extra}
+            "device": "cpu"} | extra
 
 
 # --- 1. links in registered folders ----------------------------------------------------------------------------
@@ -302,3 +305,40 @@ def test_blobs_no_row_names_are_collected_once_past_the_grace_period(client: Tes
     _collect_once(client.app)  # the periodic sweep
     assert store.local_path(weights["sha256"]) is None
     assert all(store.local_path(f["sha256"]) for a in tiny_chain["anchors"] for f in a["files"])  # named: kept
+
+
+# --- 4. webhooks ----------------------------------------------------------------------------------------------
+
+
+class TricklingReceiver(socketserver.BaseRequestHandler):
+    """Reads the request, then answers one byte every half second (for about 20 s)."""
+
+    def handle(self) -> None:
+        self.request.recv(1 << 16)
+        with contextlib.suppress(OSError):
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n":
+                self.request.sendall(bytes([byte]))
+                time.sleep(0.5)
+
+
+def test_a_trickling_webhook_receiver_does_not_delay_the_next_job(tmp_path: Path,
+                                                                  tiny_anchors: tuple[Path, Path]) -> None:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), TricklingReceiver)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings = make_settings(tmp_path, webhook_url=f"http://127.0.0.1:{server.server_address[1]}/hook",
+                             webhook_timeout_seconds=2.0)
+    large, small = tiny_anchors
+    with TestClient(create_app(settings)) as client:
+        jobs = [client.post("/chains", json=registration(large, small, name=name)).json()["job"]["url"]
+                for name in ("first", "second")]
+        assert run_pending(settings) == ["succeeded", "succeeded"]
+        first, second = (client.get(url).json() for url in jobs)
+    server.shutdown()
+    finished = datetime.fromisoformat(first["finished_at"])
+    assert (datetime.fromisoformat(second["started_at"]) - finished).total_seconds() < 1.0
+    started = time.monotonic()
+    thread = threading.Thread(target=deliver, args=(settings.webhook_url, "", b"{}", 2.0, "job_x"))
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive() and time.monotonic() - started < 3.0  # given up at its deadline

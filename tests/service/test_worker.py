@@ -358,6 +358,9 @@ def test_signed_webhooks_on_success_and_failure(tmp_path, tiny_anchors) -> None:
         client.post("/chains", json={"name": "bad", "source": str(small),  # ascending sizes: the job fails
                                      "anchors": [{"checkpoint": str(large), "distill": False}]})
         assert sorted(run_pending(settings)) == ["failed", "succeeded"]
+    waited = time.monotonic() + 10
+    while len(received) < 2 and time.monotonic() < waited:  # sent off the job lane, from threads of their own
+        time.sleep(0.05)
     server.shutdown()
     events = []
     for headers, body in received:
