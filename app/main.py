@@ -160,7 +160,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_factory = make_session_factory(app.state.engine)
     app.state.store = open_store(settings.resolved_storage_url, settings.s3_endpoint_url)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_redis_url)
-    app.state.token_cache = TokenCache()
+    app.state.token_cache = TokenCache(settings.token_cache_seconds)
     app.state.configured_tokens = configured_tokens(settings)
     app.state.registry = CollectorRegistry()
     app.state.registry.register(JobsCollector(app.state.session_factory, settings))

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     # sha256 hex of tokens with their scopes, "hash:read,build;hash2:read" (tokens from `cbd token create` live in
     # the database)
     token_hashes: str = ""
+    token_cache_seconds: float = 30.0  # database tokens remembered per API process: a revocation's delay
     max_body_bytes: int = 1 << 20
     rate_limit_per_minute: int = 600  # per token (or per client address with auth off); 0 disables
     max_concurrent_jobs: int = 4  # queued or running jobs per token; 0 disables

@@ -342,3 +342,26 @@ def test_a_trickling_webhook_receiver_does_not_delay_the_next_job(tmp_path: Path
     thread.start()
     thread.join(10)
     assert not thread.is_alive() and time.monotonic() - started < 3.0  # given up at its deadline
+
+
+# --- tokens -----------------------------------------------------------------------------------------------------
+
+
+def test_a_revoked_token_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture) -> None:
+    from cbd_cli import main as cli
+
+    monkeypatch.setenv("CBD_DATA_DIR", str(tmp_path / "data"))  # as --data-dir would, and restored afterwards
+    assert cli(["token", "create", "--scopes", "read", "--name", "laptop"]) == 0
+    token = capsys.readouterr().out.strip()
+    headers = {"Authorization": f"Bearer {token}"}
+    with TestClient(create_app(Settings(data_dir=tmp_path / "data", auth="on", token_cache_seconds=0))) as client:
+        assert client.get("/models", headers=headers).status_code == 200
+        assert cli(["token", "list"]) == 0
+        listing = capsys.readouterr().out
+        [(token_id, scopes, _, name)] = [line.split("\t") for line in listing.splitlines()]
+        assert token_id.startswith("tok_") and scopes == "read" and name == "laptop" and token not in listing
+        assert cli(["token", "revoke", token_id]) == 0
+        assert_problem(client.get("/models", headers=headers), 401, "invalid bearer token")
+        assert cli(["token", "revoke", token_id]) == 2  # no such token any more
+        assert cli(["token", "list"]) == 0 and capsys.readouterr().out == ""
