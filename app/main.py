@@ -139,7 +139,9 @@ async def _wait(event: asyncio.Event, seconds: float) -> bool:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     stop = asyncio.Event()
-    periodic = [asyncio.create_task(_every(app, stop, settings.blob_grace_seconds, _collect_once))]
+    # the collector every grace period (a minute at least: a grace of 0, for tests, must not spin)
+    collect_every = max(settings.blob_grace_seconds, 60.0)
+    periodic = [asyncio.create_task(_every(app, stop, collect_every, _collect_once))]
     if not settings.embedded:
         periodic.append(asyncio.create_task(_every(app, stop, settings.lease_seconds / 2, _sweep_once)))
     if not settings.auth_enabled:
