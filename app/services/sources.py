@@ -33,6 +33,10 @@ def local_path(settings: Settings, field: str, reference: str) -> Path:
     if path is None:
         roots = ", ".join(str(r) for r in settings.allowed_source_roots) or "none configured"
         raise invalid(field, f"local paths must be under the server's allowed roots ({roots})")
+    try:
+        path.exists()  # what every caller tests next; some names no file system takes (a 300-byte one)
+    except OSError as error:
+        raise invalid(field, f"cannot be read: {error.strerror}") from None
     return path
 
 
@@ -40,10 +44,10 @@ def reference(settings: Settings, field: str, ref: str) -> str | Path:
     """A Hugging Face id as it is (str), or the local path it names (Path, inside the roots). `transformers` and
     `datasets` read an id that names a folder relative to the working folder ('../data', or 'org/name' when such a
     folder exists there) from the disk, so such ids are paths here."""
-    if is_local(ref) or Path(ref).exists():
-        return local_path(settings, field, ref)
-    if not HF_ID.match(ref):
+    if not is_local(ref) and not HF_ID.match(ref):
         raise invalid(field, "must be a Hugging Face id (org/name) or a path under the server's allowed roots")
+    if is_local(ref) or Path(ref).exists():  # an id is short: no name too long to test
+        return local_path(settings, field, ref)
     return ref
 
 

@@ -143,6 +143,14 @@ def test_absurd_sizes_and_booleans_are_422_in_models_and_anchors(client: TestCli
     assert assert_problem(anchors, 422, "anchors.0.size")["errors"][0]["field"] == "anchors.0.size"
 
 
+def test_a_name_too_long_for_the_file_system_is_422(client: TestClient, tiny_anchors: tuple[Path, Path],
+                                                   tmp_path: Path) -> None:
+    large, _ = tiny_anchors
+    for name in ("a" * 300, "a" * 300 + ".gguf"):
+        response = client.post("/chains", json=registration(large, tmp_path / name))
+        assert_problem(response, 422, "anchors.0.checkpoint", "too long")
+
+
 def test_a_streamed_body_over_the_limit_is_413(client: TestClient) -> None:
     def chunks() -> object:  # no Content-Length: sent chunked
         for _ in range(3):
