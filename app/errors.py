@@ -101,6 +101,9 @@ def problem_openapi(document: dict[str, Any]) -> dict[str, Any]:
             responses = operation.setdefault("responses", {})
             if operation.get("parameters") or operation.get("requestBody"):
                 responses.setdefault("422", {"description": "Unprocessable Content"})
+            # any route: a Host header not served (app.main.HostCheck), a body (or its declared length) too large
+            responses.setdefault("400", {"description": "Bad Request"})
+            responses.setdefault("413", {"description": "Content Too Large"})
             for code, response in responses.items():
                 if code[0] in "45":
                     response["content"] = {PROBLEM: {"schema": ref}}
