@@ -28,7 +28,7 @@ from app.models import Anchor, Artifact, Chain, Job, Model
 from app.services.chains import is_registration
 from app.services.files import record_files
 from app.services.models import alpha_requested, samples_seconds
-from app.services.sources import dataset_id
+from app.services.sources import checkpoint, dataset_id
 from app.settings import Settings
 from app.storage import ArtifactStore, StoredFile, link_folder, open_store, put_folder, sha256_file
 from cbd_engine.chain import FLOPS_PER_SECOND, distillation_settings
@@ -200,13 +200,24 @@ def registration_calibration(spec: dict, folder: Path) -> Path:
     return calibration.save(folder)
 
 
+def confined_dataset(dataset: dict | None, settings: Settings) -> dict | None:
+    """The data set with `dataset.hf` resolved again here: `datasets` reads an id that names a folder relative to
+    the working folder from the disk, and this worker's working folder is not the API's."""
+    if not dataset or not dataset.get("hf"):
+        return dataset
+    return {**dataset, "hf": dataset_id(settings, "dataset.hf", dataset["hf"])}
+
+
 def confined_spec(spec: dict, settings: Settings) -> dict:
-    """The spec with `dataset.hf` checked again here: `datasets` reads an id that names a folder relative to the
-    working folder from the disk, and this worker's working folder is not the API's."""
-    dataset = spec.get("dataset") or {}
-    if not dataset.get("hf"):
-        return spec
-    return {**spec, "dataset": {**dataset, "hf": dataset_id(settings, "dataset.hf", dataset["hf"])}}
+    """The chain's references resolved again when its build starts, through the API's own door: a link leading
+    outside the roots may have been planted in a folder while the job was queued."""
+    anchors = [{**a, "checkpoint": checkpoint(settings, f"anchors.{i}.checkpoint", a["checkpoint"])}
+               if a.get("checkpoint") else a for i, a in enumerate(spec["anchors"])]
+    bridge = spec.get("bridge")
+    if bridge and isinstance(bridge["model"], str):
+        bridge = {**bridge, "model": checkpoint(settings, "bridge.model", bridge["model"])}
+    return {**spec, "source": checkpoint(settings, "source", spec["source"]), "anchors": anchors, "bridge": bridge,
+            "dataset": confined_dataset(spec.get("dataset"), settings)}
 
 
 def build_chain(ctx: JobContext) -> None:
@@ -300,7 +311,7 @@ def heal_model(ctx: JobContext, model: Model, chain: Chain, materialized: Path, 
 
     # the chain's settings, on this worker's device (a queue is a device)
     config = replace(DistillConfig.from_dict(distillation_settings(chain.spec)), device=ctx.queue)
-    dataset = confined_spec(chain.spec, ctx.settings).get("dataset")
+    dataset = confined_dataset(chain.spec.get("dataset"), ctx.settings)
     result = heal(materialized, teacher, out, model.heal["steps"], dataset=dataset,
                   learning_rate=model.heal.get("learning_rate"), config=config, work_dir=work, resume=True,
                   progress=ctx.progress, should_stop=ctx.should_stop)
