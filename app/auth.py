@@ -15,7 +15,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.errors import ApiError
@@ -122,18 +122,17 @@ return false
 """
 
 
-TOKEN_CACHE_SECONDS = 30.0
-
-
 class TokenCache:
-    """Database tokens by hash, remembered briefly so that a request costs no token query (and no thread hop)."""
+    """Database tokens by hash, remembered briefly so that a request costs no token query (and no thread hop): a
+    revoked token is refused by each API process within `seconds` (CBD_TOKEN_CACHE_SECONDS)."""
 
-    def __init__(self) -> None:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
         self._entries: dict[str, tuple[float, Principal | None]] = {}
 
     def get(self, digest: str) -> tuple[bool, Principal | None]:
         entry = self._entries.get(digest)
-        if entry is None or time.monotonic() - entry[0] > TOKEN_CACHE_SECONDS:
+        if entry is None or time.monotonic() - entry[0] >= self.seconds:
             return False, None
         return True, entry[1]
 
@@ -193,3 +192,14 @@ def create_token(session: Session, scopes: list[str], name: str = "") -> tuple[s
     session.add(row)
     session.commit()
     return token, row
+
+
+def list_tokens(session: Session) -> list[Token]:
+    return list(session.scalars(select(Token).order_by(Token.created_at, Token.id)))
+
+
+def revoke_token(session: Session, token_id: str) -> bool:
+    """Delete the token (its hash is all that was kept); whether there was one of that id."""
+    revoked = session.execute(delete(Token).where(Token.id == token_id)).rowcount > 0
+    session.commit()
+    return revoked

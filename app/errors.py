@@ -36,12 +36,25 @@ def problem(status: int, detail: str, errors: list[dict[str, Any]] | None = None
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
+def _message(item: dict[str, Any]) -> str:
+    """A validator's own words, without pydantic's "Value error, " before them."""
+    if item.get("type") == "value_error" and "error" in item.get("ctx", {}):
+        return str(item["ctx"]["error"])
+    return item.get("msg", "invalid")
+
+
 def _validation_errors(error: RequestValidationError) -> list[dict[str, Any]]:
     items = []
     for item in error.errors():
         location = [str(part) for part in item.get("loc", ()) if part not in ("body",)]
-        items.append({"field": ".".join(location), "message": item.get("msg", "invalid")})
+        items.append({"field": ".".join(location), "message": _message(item)})
     return items
+
+
+def _located(field: str, message: str) -> str:
+    """'field: message'; a message that starts with the field's name ('size must be ...') names it in full once."""
+    name = field.rsplit(".", 1)[-1]
+    return field + message[len(name):] if message.startswith(f"{name} ") else f"{field}: {message}"
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -52,7 +65,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
         errors = _validation_errors(error)
-        detail = "; ".join(f"{e['field'] or 'body'}: {e['message']}" for e in errors)
+        detail = "; ".join(_located(e["field"] or "body", e["message"]) for e in errors)
         return problem(422, detail or "invalid request", errors)
 
     @app.exception_handler(StarletteHTTPException)
@@ -88,6 +101,9 @@ def problem_openapi(document: dict[str, Any]) -> dict[str, Any]:
             responses = operation.setdefault("responses", {})
             if operation.get("parameters") or operation.get("requestBody"):
                 responses.setdefault("422", {"description": "Unprocessable Content"})
+            # any route: a Host header not served (app.main.HostCheck), a body (or its declared length) too large
+            responses.setdefault("400", {"description": "Bad Request"})
+            responses.setdefault("413", {"description": "Content Too Large"})
             for code, response in responses.items():
                 if code[0] in "45":
                     response["content"] = {PROBLEM: {"schema": ref}}

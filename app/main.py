@@ -5,18 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from prometheus_client import CollectorRegistry
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 import cbd_engine
 from app.auth import RateLimiter, TokenCache, configured_tokens
 from app.db import make_engine, make_session_factory
 from app.errors import install_error_handlers, problem, problem_openapi
 from app.routers import chains, files, hub, jobs, models, operations
+from app.services.files import collect_blobs
 from app.services.jobs import requeue_expired
 from app.services.operations import JobsCollector
 from app.settings import Settings
@@ -42,44 +46,84 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             return await self._refuse(scope, receive, send)
-        seen = 0
+        body = await self._read_body(receive)
+        if body is None:
+            return await self._refuse(scope, receive, send)
+        replayed = False
 
-        async def limited() -> Message:
-            nonlocal seen
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:  # later receives (a client disconnecting during a download) are the server's own
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body, or None past the limit. Read before the app runs: FastAPI turns a failing read of a
+        streamed (chunked) body into a 400, and the limit is small enough to hold."""
+        chunks, seen, more = [], 0, True
+        while more:
             message = await receive()
-            seen += len(message.get("body", b""))
+            if message["type"] != "http.request":  # the client left
+                break
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
             if seen > self.max_bytes:
-                raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send)
+                return None
+            more = message.get("more_body", False)
+        return b"".join(chunks)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         await problem(413, f"request body exceeds {self.max_bytes} bytes")(scope, receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+class HostCheck:
+    """Serve only the configured Host names (Settings.served_hosts), with a 400 problem otherwise. Not Starlette's
+    TrustedHostMiddleware: it answers in plain text and takes '[::1]:8000' for the host '['."""
+
+    def __init__(self, app: ASGIApp, hosts: list[str]):
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.served(Headers(scope=scope).get("host", "")):
+            return await self.app(scope, receive, send)
+        await problem(400, "this server does not answer to that Host header (CBD_TRUSTED_HOSTS)")(scope, receive,
+                                                                                                  send)
+
+    def served(self, header: str) -> bool:
+        try:
+            host = urlsplit(f"//{header}").hostname or ""
+        except ValueError:  # a malformed port or bracket
+            return False
+        return any(pattern in ("*", host) or (pattern.startswith("*.") and host.endswith(pattern[1:]))
+                   for pattern in self.hosts)
 
 
 def _sweep_once(app: FastAPI) -> None:
-    """One sweep, run in a thread that opens and closes its own database session."""
+    """With a broker: re-send jobs whose worker stopped renewing its lease."""
     with app.state.session_factory() as session:
         requeue_expired(session, app.state.settings)
 
 
-async def _sweep(app: FastAPI, stop: asyncio.Event) -> None:
-    """With a broker: re-send jobs whose worker stopped renewing its lease, until `stop` is set. A sweep under way
-    is finished, never cancelled: a cancelled await does not stop its thread, which would then use the database
-    after the engine is disposed and leave a transaction (and its locks) open."""
-    while not await _wait(stop, app.state.settings.lease_seconds / 2):
+def _collect_once(app: FastAPI) -> None:
+    """Every blob of the store through the collector: those a delete spared because a publish had just touched
+    them, and those a failed publish left."""
+    store = app.state.store
+    with app.state.session_factory() as session:
+        collect_blobs(session, store, list(store.blob_ids()), app.state.settings.blob_grace_seconds)
+
+
+async def _every(app: FastAPI, stop: asyncio.Event, seconds: float, work: Callable[[FastAPI], None]) -> None:
+    """`work` every `seconds`, in a thread with its own database session, until `stop` is set. A run under way is
+    finished, never cancelled: a cancelled await does not stop its thread, which would then use the database after
+    the engine is disposed and leave a transaction (and its locks) open."""
+    while not await _wait(stop, seconds):
         try:
-            await asyncio.to_thread(_sweep_once, app)
-        except Exception:  # noqa: BLE001 - the sweeper must survive a database hiccup
-            log.exception("lease sweep failed")
+            await asyncio.to_thread(work, app)
+        except Exception:  # noqa: BLE001 - a periodic task must survive a database hiccup
+            log.exception("%s failed", work.__name__)
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> bool:
@@ -95,14 +139,17 @@ async def _wait(event: asyncio.Event, seconds: float) -> bool:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     stop = asyncio.Event()
-    sweeper = None if settings.embedded else asyncio.create_task(_sweep(app, stop))
+    # the collector every grace period (a minute at least: a grace of 0, for tests, must not spin)
+    collect_every = max(settings.blob_grace_seconds, 60.0)
+    periodic = [asyncio.create_task(_every(app, stop, collect_every, _collect_once))]
+    if not settings.embedded:
+        periodic.append(asyncio.create_task(_every(app, stop, settings.lease_seconds / 2, _sweep_once)))
     if not settings.auth_enabled:
         log.warning("authentication is OFF (CBD_AUTH=%s on %s): every request has every scope", settings.auth,
                     settings.host)
     yield
     stop.set()
-    if sweeper is not None:
-        await sweeper
+    await asyncio.gather(*periodic)
     app.state.engine.dispose()
 
 
@@ -115,7 +162,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_factory = make_session_factory(app.state.engine)
     app.state.store = open_store(settings.resolved_storage_url, settings.s3_endpoint_url)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_redis_url)
-    app.state.token_cache = TokenCache()
+    app.state.token_cache = TokenCache(settings.token_cache_seconds)
     app.state.configured_tokens = configured_tokens(settings)
     app.state.registry = CollectorRegistry()
     app.state.registry.register(JobsCollector(app.state.session_factory, settings))
@@ -123,6 +170,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (chains, models, jobs, files, hub, operations):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HostCheck, hosts=settings.served_hosts)
+    if settings.trusted_proxies:  # the client address (rate limits with auth off) from X-Forwarded-For
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
 
     def openapi() -> dict:
         if app.openapi_schema is None:

@@ -32,7 +32,8 @@ Timestamp = Annotated[datetime, PlainSerializer(_rfc3339, return_type=str)]
 OptionalTimestamp = Annotated[datetime | None, PlainSerializer(_rfc3339, return_type=str | None)]
 
 
-def _check_size(value: int | str | None) -> int | str | None:
+def _check_size(value: object) -> object:
+    """Before pydantic's own parsing, which would take `true` for 1."""
     if value is None:
         return None
     try:
@@ -78,7 +79,7 @@ class AnchorIn(Strict):
     shape: ShapeIn | None = None
     distill: bool = True
 
-    _size = field_validator("size")(_check_size)
+    _size = field_validator("size", mode="before")(_check_size)
 
     @model_validator(mode="after")
     def _one_of(self) -> AnchorIn:
@@ -202,7 +203,7 @@ class ModelCreate(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     device: Device = "auto"
 
-    _size = field_validator("size")(_check_size)
+    _size = field_validator("size", mode="before")(_check_size)
 
     @field_validator("alpha", mode="before")
     @classmethod

@@ -10,6 +10,8 @@ from typing import Annotated, Literal, get_args
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CBD_", extra="ignore")
@@ -23,9 +25,15 @@ class Settings(BaseSettings):
     auth: Literal["on", "off", "auto"] = "auto"  # auto: off on 127.0.0.1, on elsewhere
     host: str = "127.0.0.1"
     port: int = 8000
+    # Host header names served ("*.example.com" and "*" allowed); empty: the loopback names with auth off (a DNS
+    # rebinding page must not reach an unauthenticated server), any with auth on
+    trusted_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # peers (addresses or networks) whose X-Forwarded-For / X-Forwarded-Proto are believed; empty: nobody's
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # sha256 hex of tokens with their scopes, "hash:read,build;hash2:read" (tokens from `cbd token create` live in
     # the database)
     token_hashes: str = ""
+    token_cache_seconds: float = 30.0  # database tokens remembered per API process: a revocation's delay
     max_body_bytes: int = 1 << 20
     rate_limit_per_minute: int = 600  # per token (or per client address with auth off); 0 disables
     max_concurrent_jobs: int = 4  # queued or running jobs per token; 0 disables
@@ -44,8 +52,12 @@ class Settings(BaseSettings):
     embedded_lanes: Annotated[list[tuple[str, ...]], NoDecode] = Field(
         default_factory=lambda: [("build_chain",), ("materialize_model", "evaluate_model")])
     validation_rows: int = 32  # validation rows scored for each new model and anchor
+    # a blob no row names is removed only once this old: a worker records a model's rows within it of writing the
+    # model's blobs (which another model's delete may name too)
+    blob_grace_seconds: float = 6 * 3600.0
     webhook_url: str = ""
     webhook_secret: str = ""
+    webhook_timeout_seconds: float = 30.0  # a webhook's whole delivery, retries included (off the job lane)
     materialize_bytes_per_second: float = 150e6  # for job estimates
 
     @field_validator("allowed_source_roots", mode="before")
@@ -53,6 +65,12 @@ class Settings(BaseSettings):
     def _split_roots(cls, value: str | list) -> list[Path]:
         items = value.split(os.pathsep) if isinstance(value, str) else value
         return [Path(p).resolve() for p in items if str(p)]
+
+    @field_validator("trusted_hosts", "trusted_proxies", mode="before")
+    @classmethod
+    def _split_names(cls, value: str | list) -> list[str]:
+        items = value.split(",") if isinstance(value, str) else value
+        return [item.strip().lower() for item in items if item.strip()]
 
     @field_validator("embedded_lanes", mode="before")
     @classmethod
@@ -79,8 +97,12 @@ class Settings(BaseSettings):
     @property
     def auth_enabled(self) -> bool:
         if self.auth == "auto":
-            return self.host not in ("127.0.0.1", "localhost", "::1")
+            return self.host not in LOOPBACK_NAMES
         return self.auth == "on"
+
+    @property
+    def served_hosts(self) -> list[str]:
+        return self.trusted_hosts or (["*"] if self.auth_enabled else list(LOOPBACK_NAMES))
 
     @property
     def embedded(self) -> bool:

@@ -13,7 +13,9 @@ import re
 import shutil
 import struct
 import tempfile
+import time
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -80,12 +82,22 @@ def validate_safetensors(path: Path) -> None:
         raise ArtifactError(f"{path.name}: tensor data ({position} bytes) does not fill the file")
 
 
-def model_files(folder: Path) -> list[Path]:
-    """The files of a model folder that are published: weights (validated) and side files; pickles are refused."""
+def resolved_within(path: Path, roots: Sequence[Path]) -> Path | None:
+    """`path` with every symlink resolved, when that lies inside one of `roots` (resolved folders); else None. The
+    one test of "may the server read this": a link inside an allowed folder may point anywhere."""
+    real = path.resolve()
+    return real if any(real.is_relative_to(root) for root in roots) else None
+
+
+def model_files(folder: Path, roots: Sequence[Path]) -> list[Path]:
+    """The files of a model folder that are published: weights (validated) and side files; pickles are refused, and
+    so are links that resolve outside `roots` (`is_file()` follows links: a link to /proc/self/environ is a file)."""
     files = []
     for path in sorted(folder.iterdir()):
         if not path.is_file() or path.name.startswith("."):
             continue
+        if resolved_within(path, roots) is None:
+            raise ArtifactError(f"{path.name}: a link to a file outside the server's allowed roots")
         if path.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"):
             raise ArtifactError(f"{path.name}: pickled weights are not accepted; use safetensors")
         if path.suffix not in ALLOWED_SUFFIXES:
@@ -109,18 +121,21 @@ class ArtifactStore(Protocol):
 
     def open(self, sha256: str) -> BinaryIO: ...
 
-    def delete(self, sha256: str) -> None: ...
+    def collect(self, sha256: str, grace_seconds: float) -> None: ...
+
+    def blob_ids(self) -> Iterator[str]: ...
 
     def check(self) -> None: ...
 
     def fetch_to(self, sha256: str, dest: Path) -> None: ...
 
 
-def put_folder(store: ArtifactStore, folder: Path, known: dict[str, str] | None = None) -> list[StoredFile]:
-    """Publish a model folder. `known` (name -> sha256, from the engine that just wrote the folder) lets a local store
-    move the files into place; anything else is hashed as it is copied."""
+def put_folder(store: ArtifactStore, folder: Path, roots: Sequence[Path],
+               known: dict[str, str] | None = None) -> list[StoredFile]:
+    """Publish a model folder whose files resolve inside `roots`. `known` (name -> sha256, from the engine that just
+    wrote the folder) lets a local store move the files into place; anything else is hashed as it is copied."""
     known = known or {}
-    return [store.put_file(p, known.get(p.name), move=p.name in known) for p in model_files(folder)]
+    return [store.put_file(p, known.get(p.name), move=p.name in known) for p in model_files(folder, roots)]
 
 
 def link_folder(store: ArtifactStore, files: list[StoredFile], dest: Path) -> Path:
@@ -160,6 +175,7 @@ class LocalStore:
             blob = self._blob(sha256)
             blob.parent.mkdir(exist_ok=True)
             size = path.stat().st_size
+            os.utime(path)  # a publish makes its blob young: `collect` spares it until its rows are recorded
             os.replace(path, blob)
             return StoredFile(path.name, size, sha256)
         tmp = self.root / "tmp" / uuid.uuid4().hex
@@ -193,8 +209,22 @@ class LocalStore:
     def open(self, sha256: str) -> BinaryIO:
         return open(self._blob(sha256), "rb")
 
-    def delete(self, sha256: str) -> None:
-        self._blob(sha256).unlink(missing_ok=True)
+    def collect(self, sha256: str, grace_seconds: float) -> None:
+        """Remove the blob unless a publish wrote it within the grace period. Moved aside first, so that the age
+        test and the removal are one step: a publish that lands after the move writes a new blob, one that landed
+        before it made the moved blob young, and that is put back."""
+        doomed = self.root / "tmp" / f"collect-{uuid.uuid4().hex}"
+        try:
+            os.replace(self._blob(sha256), doomed)
+        except FileNotFoundError:
+            return
+        if time.time() - doomed.stat().st_mtime < grace_seconds:
+            os.replace(doomed, self._blob(sha256))  # the same content as any blob published there meanwhile
+        else:
+            doomed.unlink()
+
+    def blob_ids(self) -> Iterator[str]:
+        return (path.name for path in (self.root / "blobs").glob("*/*") if SHA256_RE.match(path.name))
 
     def check(self) -> None:
         probe = self.root / "tmp" / f"ready-{uuid.uuid4().hex}"
@@ -232,7 +262,10 @@ class S3Store:
         if sha256 is not None and sha256 != actual:
             raise ArtifactError(f"{path.name}: sha256 {actual} does not match the expected {sha256}")
         size = path.stat().st_size
-        if not self.exists(actual):
+        if self.exists(actual):  # copied onto itself: young again, so that `collect` spares it
+            self.client.copy_object(Bucket=self.bucket, Key=self._blob(actual), MetadataDirective="REPLACE",
+                                    CopySource={"Bucket": self.bucket, "Key": self._blob(actual)})
+        else:
             tmp = self._key("tmp", uuid.uuid4().hex)
             self.client.upload_file(str(path), self.bucket, tmp)
             self.client.copy({"Bucket": self.bucket, "Key": tmp}, self.bucket, self._blob(actual))
@@ -265,8 +298,25 @@ class S3Store:
     def open(self, sha256: str) -> BinaryIO:
         return self.client.get_object(Bucket=self.bucket, Key=self._blob(sha256))["Body"]
 
-    def delete(self, sha256: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._blob(sha256))
+    def collect(self, sha256: str, grace_seconds: float) -> None:
+        """Remove the blob unless a publish wrote it within the grace period. S3 has no atomic test-and-delete: a
+        publish in the instant between the HEAD and the DELETE loses its blob (docs/SECURITY.md)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._blob(sha256))
+        except ClientError:
+            return
+        if time.time() - head["LastModified"].timestamp() >= grace_seconds:
+            self.client.delete_object(Bucket=self.bucket, Key=self._blob(sha256))
+
+    def blob_ids(self) -> Iterator[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key("blobs/"))
+        for page in pages:
+            for item in page.get("Contents", []):
+                name = item["Key"].rsplit("/", 1)[-1]
+                if SHA256_RE.match(name):
+                    yield name
 
     def check(self) -> None:
         self.client.head_bucket(Bucket=self.bucket)

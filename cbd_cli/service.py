@@ -1,4 +1,4 @@
-"""`cbd serve`, `cbd worker`, `cbd token create`: the REST service and its workers.
+"""`cbd serve`, `cbd worker`, `cbd token create|list|revoke`: the REST service, its workers and its tokens.
 
 Flags override the CBD_* environment; they are passed on to child processes through it.
 """
@@ -6,15 +6,21 @@ Flags override the CBD_* environment; they are passed on to child processes thro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import uvicorn
+    from fastapi import FastAPI
+    from sqlalchemy.orm import Session
+
     from app.settings import Settings
 
 SETTING_FLAGS = ("data_dir", "database_url", "broker_url", "storage_url", "allowed_source_roots", "auth", "host",
@@ -79,6 +85,16 @@ def announce_demo_chain(settings: Settings) -> None:
           f"GET /jobs/{job.id}", file=sys.stderr)
 
 
+def server_config(settings: Settings, app: FastAPI) -> uvicorn.Config:
+    """How `cbd serve` listens. uvicorn's own proxy headers are off: it believes X-Forwarded-For from 127.0.0.1 by
+    default, which lets any local client pick its address (and its rate limit); the app trusts only
+    CBD_TRUSTED_PROXIES."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
+                          timeout_keep_alive=75, proxy_headers=False)
+
+
 def serve(args: argparse.Namespace) -> int:
     _apply_flags(args)
     import uvicorn
@@ -119,8 +135,7 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, shut_down)
     signal.signal(signal.SIGINT, shut_down)
     try:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
-                    access_log=False, timeout_keep_alive=75)
+        uvicorn.Server(server_config(settings, create_app(settings))).run()
     finally:
         stop_workers()
     return 0
@@ -140,21 +155,52 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def token_create(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def token_session(args: argparse.Namespace) -> Iterator[Session]:
+    """A session on the service's database (as its flags and environment name it), migrated first."""
     _apply_flags(args)
-    from app.auth import create_token, parse_scopes
     from app.db import make_engine, make_session_factory, upgrade_database
     from app.settings import Settings
 
-    scopes = parse_scopes(args.scopes)
     settings = Settings()
     upgrade_database(settings.resolved_database_url)
     engine = make_engine(settings.resolved_database_url)
-    with make_session_factory(engine)() as session:
+    try:
+        with make_session_factory(engine)() as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
+def token_create(args: argparse.Namespace) -> int:
+    from app.auth import create_token, parse_scopes
+
+    scopes = parse_scopes(args.scopes)
+    with token_session(args) as session:
         token, row = create_token(session, scopes, args.name)
-    engine.dispose()
     print(token)
     print(f"cbd token create: {row.id} with scopes {','.join(scopes)} (shown once; stored as sha256)", file=sys.stderr)
+    return 0
+
+
+def token_list(args: argparse.Namespace) -> int:
+    """One line a token: id, scopes, creation time, name (never the token: only its sha256 is kept)."""
+    from app.auth import list_tokens
+
+    with token_session(args) as session:
+        for row in list_tokens(session):
+            print(f"{row.id}\t{','.join(row.scopes)}\t{row.created_at:%Y-%m-%dT%H:%M:%SZ}\t{row.name}")
+    return 0
+
+
+def token_revoke(args: argparse.Namespace) -> int:
+    from app.auth import revoke_token
+
+    with token_session(args) as session:
+        if not revoke_token(session, args.id):
+            raise ValueError(f"no token {args.id!r} (see cbd token list)")
+    print(f"cbd token revoke: {args.id} revoked (API processes refuse it within CBD_TOKEN_CACHE_SECONDS)",
+          file=sys.stderr)
     return 0
 
 
@@ -182,3 +228,10 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     create.add_argument("--scopes", required=True, help="comma-separated: read,build,admin")
     create.add_argument("--name", default="")
     create.set_defaults(func=token_create)
+    listing = token_commands.add_parser("list", help="list tokens: id, scopes, created, name")
+    _add_setting_flags(listing)
+    listing.set_defaults(func=token_list)
+    revoke = token_commands.add_parser("revoke", help="revoke a token by its id (from cbd token list)")
+    _add_setting_flags(revoke)
+    revoke.add_argument("id", help="the token's id, tok_...")
+    revoke.set_defaults(func=token_revoke)

@@ -95,7 +95,10 @@ def parse_size(size: int | str) -> int:
         match = _SIZE_RE.match(str(size))
         if not match:
             raise ShapeError(f"size must be an integer or a string such as '138M' or '1.2B', got {size!r}")
-        value = round(float(match.group(1)) * _SUFFIX[match.group(2).lower()])
+        scaled = float(match.group(1)) * _SUFFIX[match.group(2).lower()]
+        if not math.isfinite(scaled):  # hundreds of digits: no size, and round() of infinity raises
+            raise ShapeError(f"size {size!r} is out of range")
+        value = round(scaled)
     if value <= 0:
         raise ShapeError(f"size must be positive, got {size!r}")
     return value

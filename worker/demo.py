@@ -78,7 +78,7 @@ def _replace(session: Session, store: ArtifactStore, settings: Settings, chain: 
     for job_id in session.scalars(select(Job.id).where(Job.subject_id.in_(subjects), Job.status.in_(jobs.ACTIVE))):
         jobs.cancel_job(session, job_id, DEMO_OWNER, is_admin=True)
     try:
-        delete_chain(session, store, chain.id)
+        delete_chain(session, store, chain.id, settings.blob_grace_seconds)
     except ApiError as error:
         log.warning("the outdated demo chain %s stays until its job stops: %s", chain.id, error.detail)
         return

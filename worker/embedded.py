@@ -12,7 +12,7 @@ import os
 import signal
 import time
 
-from app.logging import configure_logging
+from app.logging import configure_logging, masked_url
 from worker.runner import SHUTDOWN, claimable_jobs
 
 log = logging.getLogger("cbd.worker")
@@ -33,7 +33,7 @@ def serve_forever(kinds: tuple[str, ...] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     parent = os.getppid()
-    log.info("embedded worker %s polling %s for %s", worker_id, settings.resolved_database_url,
+    log.info("embedded worker %s polling %s for %s", worker_id, masked_url(settings.resolved_database_url),
              ", ".join(kinds) if kinds else "every job kind")
     while not stopping and os.getppid() == parent:  # an orphaned worker leaves; its jobs' leases expire
         with session_factory() as session:

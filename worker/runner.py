@@ -176,7 +176,9 @@ class JobContext:
                   extra={"job_id": self.job_id})
         if _finish(self, "failed", f"TimeLimitExceeded: job exceeded its hard time limit of {limit:.0f} s "
                                    "(its worker process was ended)"):
-            notify(self.settings, self.session_factory, self.job_id)
+            webhook = notify(self.settings, self.session_factory, self.job_id)
+            if webhook is not None:  # the process ends here: give the delivery its deadline first
+                webhook.join(self.settings.webhook_timeout_seconds)
         logging.shutdown()
         os._exit(EXIT_HARD_TIME_LIMIT)
 

@@ -28,8 +28,9 @@ from app.models import Anchor, Artifact, Chain, Job, Model
 from app.services.chains import is_registration
 from app.services.files import record_files
 from app.services.models import alpha_requested, samples_seconds
+from app.services.sources import checkpoint, dataset_id
 from app.settings import Settings
-from app.storage import ArtifactStore, StoredFile, link_folder, open_store, put_folder
+from app.storage import ArtifactStore, StoredFile, link_folder, open_store, put_folder, sha256_file
 from cbd_engine.chain import FLOPS_PER_SECOND, distillation_settings
 from cbd_engine.progress import Cancelled, ProgressCallback, ProgressEvent, no_progress
 from cbd_engine.zoo import zoo_entry
@@ -80,12 +81,24 @@ def measure_validation_loss(model_dir: Path, chain_spec: dict, settings: Setting
 # --- folders -------------------------------------------------------------------------------------------------
 
 
+def readable_roots(settings: Settings) -> list[Path]:
+    """Where the files a worker publishes may lie: the allowed roots, its own work folder, and the caches it fetches
+    sources into (the Hub's, the engine zoo's). A link in a registered folder that leads elsewhere fails the job."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    from cbd_engine.zoo import cache_dir
+
+    own = (settings.work_dir, Path(HF_HUB_CACHE), cache_dir())
+    return [*settings.allowed_source_roots, *(path.resolve() for path in own)]
+
+
 def source_folder(reference: str, settings: Settings) -> Path:
     """A local model folder for a source: a folder as it is, a GGUF file converted, a Hub id fetched."""
     if reference.endswith(".gguf"):
         from cbd_engine.gguf_import import import_gguf
 
-        target = settings.work_dir / "gguf" / Path(reference).stem
+        # keyed by content: two different files named model.gguf are two conversions
+        target = settings.work_dir / "gguf" / sha256_file(Path(reference))
         if not (target / "config.json").is_file():
             import_gguf(Path(reference), target)
         return target
@@ -140,7 +153,7 @@ def _register_folders(ctx: JobContext, chain: Chain, folders: list[Path], metric
         if specs[i].num_params >= specs[i - 1].num_params:
             raise ValueError(f"anchors must descend in size: anchor {i} has {specs[i].num_params} parameters, "
                              f"anchor {i - 1} {specs[i - 1].num_params}")
-    store = store_of(ctx)
+    store, roots = store_of(ctx), readable_roots(ctx.settings)
     added = [store.put_file(path) for path in extra]
     replaced = {f.name for f in added}
     with ctx.session_factory() as session:
@@ -153,7 +166,7 @@ def _register_folders(ctx: JobContext, chain: Chain, folders: list[Path], metric
                             config=spec.config, status="ready", metrics={})
             session.add(anchor)
             session.flush()
-            own = [f for f in put_folder(store, folder) if f.name not in replaced]
+            own = [f for f in put_folder(store, folder, roots) if f.name not in replaced]
             record_files(session, anchor.id, own + added)
             anchors.append(anchor)
         row = session.get(Chain, chain.id)
@@ -187,11 +200,31 @@ def registration_calibration(spec: dict, folder: Path) -> Path:
     return calibration.save(folder)
 
 
+def confined_dataset(dataset: dict | None, settings: Settings) -> dict | None:
+    """The data set with `dataset.hf` resolved again here: `datasets` reads an id that names a folder relative to
+    the working folder from the disk, and this worker's working folder is not the API's."""
+    if not dataset or not dataset.get("hf"):
+        return dataset
+    return {**dataset, "hf": dataset_id(settings, "dataset.hf", dataset["hf"])}
+
+
+def confined_spec(spec: dict, settings: Settings) -> dict:
+    """The chain's references resolved again when its build starts, through the API's own door: a link leading
+    outside the roots may have been planted in a folder while the job was queued."""
+    anchors = [{**a, "checkpoint": checkpoint(settings, f"anchors.{i}.checkpoint", a["checkpoint"])}
+               if a.get("checkpoint") else a for i, a in enumerate(spec["anchors"])]
+    bridge = spec.get("bridge")
+    if bridge and isinstance(bridge["model"], str):
+        bridge = {**bridge, "model": checkpoint(settings, "bridge.model", bridge["model"])}
+    return {**spec, "source": checkpoint(settings, "source", spec["source"]), "anchors": anchors, "bridge": bridge,
+            "dataset": confined_dataset(spec.get("dataset"), settings)}
+
+
 def build_chain(ctx: JobContext) -> None:
     with ctx.session_factory() as session:
         chain = session.get(Chain, ctx.subject_id)
         session.expunge(chain)
-    spec = chain.spec
+    spec = confined_spec(chain.spec, ctx.settings)
     work = ctx.settings.work_dir / "chains" / chain.id
     with stage(ctx, "source"):  # the first run of the demo fetches SmolLM2 here
         source = source_folder(spec["source"], ctx.settings)
@@ -278,7 +311,8 @@ def heal_model(ctx: JobContext, model: Model, chain: Chain, materialized: Path, 
 
     # the chain's settings, on this worker's device (a queue is a device)
     config = replace(DistillConfig.from_dict(distillation_settings(chain.spec)), device=ctx.queue)
-    result = heal(materialized, teacher, out, model.heal["steps"], dataset=chain.spec.get("dataset"),
+    dataset = confined_dataset(chain.spec.get("dataset"), ctx.settings)
+    result = heal(materialized, teacher, out, model.heal["steps"], dataset=dataset,
                   learning_rate=model.heal.get("learning_rate"), config=config, work_dir=work, resume=True,
                   progress=ctx.progress, should_stop=ctx.should_stop)
     return {"steps": model.heal["steps"], "validation_loss_before": result.metrics["validation_loss_before"],
@@ -297,7 +331,7 @@ def publish_model(ctx: JobContext, store: ArtifactStore, model_id: str, folder: 
     """The model's files into the store and its row ready, with what is known of its quality so far."""
     built = time.monotonic()
     with stage(ctx, "publish"):
-        stored = put_folder(store, folder, known)
+        stored = put_folder(store, folder, readable_roots(ctx.settings), known)
     timings = {"materialize_seconds": round(built - started, 3), "publish_seconds": round(time.monotonic() - built, 3)}
     with ctx.session_factory() as session:
         row = session.get(Model, model_id)

@@ -39,8 +39,9 @@ def get_model(model_id: str, session: SessionDep, principal: Reader) -> ModelOut
 
 
 @router.delete("/models/{model_id}", status_code=204, responses=problem_responses(404, 409))
-def delete_model(model_id: str, session: SessionDep, store: StoreDep, principal: Admin) -> Response:
-    models.delete_model(session, store, model_id)
+def delete_model(model_id: str, session: SessionDep, store: StoreDep, settings: SettingsDep,
+                 principal: Admin) -> Response:
+    models.delete_model(session, store, model_id, settings.blob_grace_seconds)
     return Response(status_code=204)
 
 

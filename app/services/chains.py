@@ -9,7 +9,7 @@ from app.errors import ApiError, not_found
 from app.models import Anchor, Chain, Job, Model
 from app.schemas import AnchorOut, ChainAccepted, ChainCreate, ChainOut, Page
 from app.services import jobs, sources
-from app.services.files import artifacts, delete_unreferenced_blobs, files_out, remove_artifacts
+from app.services.files import artifacts, collect_blobs, files_out, remove_artifacts
 from app.services.pagination import paginate, where_given
 from app.settings import Settings
 from app.storage import ArtifactStore
@@ -29,6 +29,8 @@ def resolve_spec(settings: Settings, body: ChainCreate) -> dict:
         spec["bridge"]["tokenizer"] = str(sources.local_path(settings, "bridge.tokenizer", body.bridge.tokenizer))
     if body.dataset is not None and body.dataset.path is not None:
         spec["dataset"]["path"] = sources.dataset_file(settings, "dataset.path", body.dataset.path)
+    if body.dataset is not None and body.dataset.hf is not None:
+        spec["dataset"]["hf"] = sources.dataset_id(settings, "dataset.hf", body.dataset.hf)
     needs_data = any(a.distill for a in body.anchors) or body.bridge is not None
     if needs_data and body.dataset is None:
         raise sources.invalid("dataset", "distilling anchors needs a dataset (path or hf)")
@@ -68,7 +70,7 @@ def create_chain(session: Session, settings: Settings, body: ChainCreate, owner:
     return chain, job
 
 
-def delete_chain(session: Session, store: ArtifactStore, chain_id: str) -> None:
+def delete_chain(session: Session, store: ArtifactStore, chain_id: str, grace_seconds: float) -> None:
     """Remove a chain with its anchors, its models, their jobs and files (blobs that nothing else names). Refused
     (409) while a job of the chain or of one of its models is queued or running."""
     chain = get_chain(session, chain_id)
@@ -83,7 +85,7 @@ def delete_chain(session: Session, store: ArtifactStore, chain_id: str) -> None:
     session.execute(delete(Anchor).where(Anchor.chain_id == chain.id))
     session.execute(delete(Chain).where(Chain.id == chain.id))
     session.commit()
-    delete_unreferenced_blobs(session, store, blobs)
+    collect_blobs(session, store, blobs, grace_seconds)
 
 
 def accepted(chain: Chain, job: jobs.Job) -> ChainAccepted:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 
 from fastapi import Request
 from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
-from starlette.responses import FileResponse, StreamingResponse
+from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSatisfiable, StreamingResponse
 
 from app.errors import ApiError
 from app.models import Artifact
@@ -18,6 +19,18 @@ from app.storage import ArtifactStore, StoredFile
 
 class FastFileResponse(FileResponse):
     chunk_size = 4 << 20  # 64 KiB reads cap a loopback download near 1 GB/s; 4 MiB leaves it to the socket
+
+    @classmethod
+    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        """Starlette's parsing, with its plain-text 400 and empty 416 as problems like every other error (raised
+        while the response starts, inside the app's exception handlers)."""
+        try:
+            return super()._parse_range_header(http_range, file_size)
+        except MalformedRangeHeader as error:
+            raise ApiError(400, f"malformed Range header: {error.content}") from None
+        except RangeNotSatisfiable as error:
+            raise ApiError(416, f"the Range is outside the file's {error.max_size} bytes",
+                           headers={"Content-Range": f"bytes */{error.max_size}"}) from None
 
 
 def artifacts(session: Session, owner_id: str) -> list[Artifact]:
@@ -34,18 +47,21 @@ def record_files(session: Session, owner_id: str, files: list[StoredFile]) -> No
 
 
 def remove_artifacts(session: Session, owner_ids: list[str]) -> set[str]:
-    """Delete the artifact rows of these models or anchors (uncommitted); the sha256 of the blobs they named."""
+    """Delete the artifact rows of these models or anchors (uncommitted); the sha256 of the blobs they named, for
+    `collect_blobs` once that is committed."""
     blobs = set(session.scalars(select(Artifact.sha256).where(Artifact.owner_id.in_(owner_ids))))
     session.execute(delete(Artifact).where(Artifact.owner_id.in_(owner_ids)))
     return blobs
 
 
-def delete_unreferenced_blobs(session: Session, store: ArtifactStore, blobs: set[str]) -> None:
-    """After `remove_artifacts` is committed: the blobs no artifact row names any more (the store is
-    content-addressed, so another model or anchor may hold the same file)."""
+def collect_blobs(session: Session, store: ArtifactStore, blobs: Iterable[str], grace_seconds: float) -> None:
+    """Mark and sweep, the only way blobs leave the store: of these blobs, remove those that no artifact row names
+    and that no publish wrote within the grace period. The store is content-addressed, so a worker may be
+    publishing a deleted model's blob for another model: it writes (or touches) the blob before it records its
+    rows, within the grace period, and `collect` tests the age and removes in one step, so that blob stays."""
     for sha256 in blobs:
         if session.scalar(select(Artifact.id).where(Artifact.sha256 == sha256).limit(1)) is None:
-            store.delete(sha256)
+            store.collect(sha256, grace_seconds)
 
 
 def find_file(session: Session, owner_id: str, name: str) -> Artifact:
@@ -67,8 +83,10 @@ def commit_id(rows: list[Artifact]) -> str:
 def serve_file(request: Request, store: ArtifactStore, row: Artifact, extra: dict[str, str] | None = None) -> Response:
     """HEAD/GET with the sha256 ETag, Hub headers, Range -> 206, If-None-Match -> 304, S3 -> 302 presigned."""
     etag = f'"{row.sha256}"'
+    # a file fetched with a token is for that token's holder: no shared cache may keep it for others
+    cache = "private" if request.app.state.settings.auth_enabled else "public"
     headers = {"ETag": etag, "X-Linked-Etag": etag, "X-Linked-Size": str(row.size), "Accept-Ranges": "bytes",
-               "Cache-Control": "public, max-age=31536000, immutable", **(extra or {})}
+               "Cache-Control": f"{cache}, max-age=31536000, immutable", **(extra or {})}
     matches = [tag.strip().removeprefix("W/") for tag in request.headers.get("if-none-match", "").split(",")]
     if etag in matches or "*" in matches:
         return Response(status_code=304, headers=headers)

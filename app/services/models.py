@@ -17,7 +17,7 @@ from app.errors import ApiError, not_found
 from app.models import Anchor, Chain, Job, Model
 from app.schemas import EvaluationCreate, HealIn, ModelCreate, ModelOut, Page
 from app.services import jobs
-from app.services.files import artifacts, delete_unreferenced_blobs, files_out, remove_artifacts
+from app.services.files import artifacts, collect_blobs, files_out, remove_artifacts
 from app.services.pagination import paginate, where_given
 from app.services.sources import dataset_file, invalid
 from app.settings import Settings
@@ -275,7 +275,7 @@ def list_models(session: Session, limit: int, page_token: str | None, chain: str
     return Page[ModelOut](items=[model_out(session, m) for m in rows], next_page_token=token)
 
 
-def delete_model(session: Session, store: ArtifactStore, model_id: str) -> None:
+def delete_model(session: Session, store: ArtifactStore, model_id: str, grace_seconds: float) -> None:
     """Remove the model, its rows and the blobs no other model or anchor still uses."""
     model = get_model(session, model_id)
     active = jobs.latest_job(session, model.id)
@@ -284,7 +284,7 @@ def delete_model(session: Session, store: ArtifactStore, model_id: str) -> None:
     blobs = remove_artifacts(session, [model.id])
     session.delete(model)
     session.commit()
-    delete_unreferenced_blobs(session, store, blobs)
+    collect_blobs(session, store, blobs, grace_seconds)
 
 
 def evaluation_task(settings: Settings, index: int, task: str) -> str:

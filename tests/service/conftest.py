@@ -62,7 +62,9 @@ def postgres_url() -> Iterator[str]:
 
 
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:
+    # TestClient's Host is "testserver"; live servers are reached at 127.0.0.1
     values = {"data_dir": tmp_path / "data", "allowed_source_roots": [tmp_path, SHARED_DATA], "auth": "off",
+              "trusted_hosts": ["testserver", "127.0.0.1"],
               "lease_seconds": 5.0, "heartbeat_seconds": 0.5, "validation_rows": 4, **overrides}
     settings = Settings(**values)
     upgrade_database(settings.resolved_database_url)

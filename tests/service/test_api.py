@@ -319,6 +319,7 @@ def test_cancel_queued_job_and_retry(client: TestClient, settings: Settings, tin
 def test_delete_model_removes_files(client: TestClient, settings: Settings, tiny_chain: dict) -> None:
     model = make_model(client, settings, tiny_chain)
     weights = next(f for f in model["files"] if f["name"] == "model.safetensors")
+    client.app.state.settings.blob_grace_seconds = 0.0  # collected at once, however young
     assert client.delete(f"/models/{model['id']}").status_code == 204
     assert_problem(client.get(f"/models/{model['id']}"), 404)
     assert client.app.state.store.local_path(weights["sha256"]) is None

@@ -78,6 +78,7 @@ def test_an_older_recipes_demo_chain_is_replaced_with_all_it_owns(client: TestCl
                                                           for f in a["files"]}
     shared = {f["sha256"] for f in tiny_chain["anchors"][1]["files"]}
 
+    settings.blob_grace_seconds = 0.0  # collected at once, however young
     chain, _ = ensure_demo_chain(settings)
     assert chain.name == demo_chain_name() and chain.id != tiny_chain["id"]
     for gone in (f"/chains/{tiny_chain['id']}", f"/models/{model['id']}", *(f"/jobs/{j}" for j in old_jobs)):

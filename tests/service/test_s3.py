@@ -65,7 +65,11 @@ def test_s3_store_round_trip(s3_endpoint: str, tmp_path: Path) -> None:
     assert presigned.content == source.read_bytes(), (store.presigned_url(stored.sha256, "blob.bin"), presigned.text)
     store.fetch_to(stored.sha256, tmp_path / "copy.bin")
     assert (tmp_path / "copy.bin").read_bytes() == source.read_bytes()
-    store.delete(stored.sha256)
+    assert store.put_file(source) == stored  # published again: the existing blob is touched (copied onto itself)
+    assert list(store.blob_ids()) == [stored.sha256]
+    store.collect(stored.sha256, 3600.0)  # young: a publish may be about to record it
+    assert store.exists(stored.sha256)
+    store.collect(stored.sha256, 0.0)
     assert not store.exists(stored.sha256)
 
 

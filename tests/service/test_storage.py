@@ -59,7 +59,7 @@ def test_pickled_weights_are_refused(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
     with pytest.raises(ArtifactError, match="pickled"):
-        model_files(tmp_path)
+        model_files(tmp_path, [tmp_path])
 
 
 def test_registering_a_checkpoint_with_a_pickle_fails_the_job(client: TestClient, settings: Settings,

@@ -197,8 +197,7 @@ def test_celery_worker_runs_jobs_from_redis(tmp_path, tiny_anchors, postgres_url
     broker = REDIS_URL.rsplit("/", 1)[0] + f"/{db}"
     redis.Redis.from_url(broker).flushdb()
     settings = make_settings(tmp_path, database_url=postgres_url, broker_url=broker)
-    env = {**os.environ, "CBD_DATA_DIR": str(settings.data_dir), "CBD_DATABASE_URL": postgres_url,
-           "CBD_BROKER_URL": broker, "CBD_LEASE_SECONDS": "5", "CBD_HEARTBEAT_SECONDS": "1"}
+    env = worker_env(settings, CBD_LEASE_SECONDS="5", CBD_HEARTBEAT_SECONDS="1")
     worker = worker_process(env, "cbd_cli", "worker", "--queue", "cpu")
     try:
         with TestClient(create_app(settings)) as client:
@@ -223,8 +222,7 @@ def test_celery_child_stuck_past_the_hard_limit_fails_its_job_and_is_replaced(tm
     broker = REDIS_URL.rsplit("/", 1)[0] + "/13"
     redis.Redis.from_url(broker).flushdb()
     settings = make_settings(tmp_path, database_url=postgres_url, broker_url=broker)
-    env = {**os.environ, "CBD_DATA_DIR": str(settings.data_dir), "CBD_DATABASE_URL": postgres_url,
-           "CBD_BROKER_URL": broker, "CBD_HEARTBEAT_SECONDS": "0.5", "CBD_HARD_TIME_LIMIT_SECONDS": "3"}
+    env = worker_env(settings, CBD_HEARTBEAT_SECONDS="0.5", CBD_HARD_TIME_LIMIT_SECONDS="3")
     worker = handlers_worker(env)
     try:
         with TestClient(create_app(settings)) as client:
@@ -261,8 +259,7 @@ def test_celery_worker_stopped_warm_gives_its_job_to_the_next_worker(tmp_path, t
     redis.Redis.from_url(broker).flushdb()
     # the API's sweeper runs every 60 s: the job given back must be sent again by its worker, not by the sweeper
     settings = make_settings(tmp_path, database_url=postgres_url, broker_url=broker, lease_seconds=120.0)
-    env = {**os.environ, "CBD_DATA_DIR": str(settings.data_dir), "CBD_DATABASE_URL": postgres_url,
-           "CBD_BROKER_URL": broker, "CBD_HEARTBEAT_SECONDS": "0.5", "CBD_TEST_MATERIALIZE": "slow"}
+    env = worker_env(settings, CBD_HEARTBEAT_SECONDS="0.5", CBD_TEST_MATERIALIZE="slow")
     first = handlers_worker(env)
     workers = [first]
     try:
@@ -285,6 +282,14 @@ def test_celery_worker_stopped_warm_gives_its_job_to_the_next_worker(tmp_path, t
         for worker in workers:
             end_process(worker)
         redis.Redis.from_url(broker).flushdb()
+
+
+def worker_env(settings: Settings, **variables: str) -> dict[str, str]:
+    """The environment of a worker process of these settings: its database, broker, data folder, and the allowed
+    roots (a worker resolves a chain's references again)."""
+    return {**os.environ, "CBD_DATA_DIR": str(settings.data_dir), "CBD_DATABASE_URL": settings.resolved_database_url,
+            "CBD_BROKER_URL": settings.broker_url,
+            "CBD_ALLOWED_SOURCE_ROOTS": os.pathsep.join(map(str, settings.allowed_source_roots)), **variables}
 
 
 def worker_process(env: dict[str, str], *module_and_args: str) -> subprocess.Popen:
@@ -358,6 +363,9 @@ def test_signed_webhooks_on_success_and_failure(tmp_path, tiny_anchors) -> None:
         client.post("/chains", json={"name": "bad", "source": str(small),  # ascending sizes: the job fails
                                      "anchors": [{"checkpoint": str(large), "distill": False}]})
         assert sorted(run_pending(settings)) == ["failed", "succeeded"]
+    waited = time.monotonic() + 10
+    while len(received) < 2 and time.monotonic() < waited:  # sent off the job lane, from threads of their own
+        time.sleep(0.05)
     server.shutdown()
     events = []
     for headers, body in received:
