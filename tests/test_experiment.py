@@ -121,8 +121,9 @@ def test_grid_runs_reports_and_resumes(source, tmp_path):
         assert heading in report
     assert "vs alpha0" in report and "[" in report.split("Interpolation between two anchors")[1]
     sweep = report.split("Figure 6 analogue")[1].split("\n## ")[0]
-    unit_line = next(line for line in sweep.splitlines() if line.startswith(f"| {middle / 1e6:g}M | unit |"))
-    alpha_0 = f"{losses[f'alpha0-{middle / 1e6:g}M']:.3f}"  # the alpha0 variant is the unit mix's point at 0
+    middle = f"{spec['interpolate']['alpha_sweep']['size'] / 1e6:g}M"
+    unit_line = next(line for line in sweep.splitlines() if line.startswith(f"| {middle} | unit |"))
+    alpha_0 = f"{losses[f'alpha0-{middle}']:.3f}"  # the alpha0 variant is the unit mix's point at 0
     assert unit_line.split(" | ")[2] == alpha_0 and "| alpha 0 | alpha 0.5 | alpha 1 |" in sweep
     assert "cbd experiment" in report  # the exact command is recorded
     for plot in ("figure4_loss_curves.png", "figure6_alpha_sweep.png", "score_vs_size.png"):
