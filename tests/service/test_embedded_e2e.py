@@ -105,7 +105,10 @@ def test_a_model_is_materialized_while_a_chain_is_being_built(tmp_path: Path, ti
         service.stop()
 
 
-def wait_for(client: httpx.Client, job_id: str, states: tuple[str, ...], timeout: float = 300) -> dict:
+def wait_for(client: httpx.Client, job_id: str, states: tuple[str, ...], timeout: float = 600) -> dict:
+    """A bound on a wait, not a speed check: a materialization run twice (the killed worker's attempt, then its
+    restart's), with importance, alpha search, validation and samples on the real model, takes minutes on a loaded
+    2-core machine."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
