@@ -124,7 +124,7 @@ def _interpolation(grid: Grid, table: dict, columns: list) -> str | None:
     reference = settings.get("reference", "alpha0")
     tasks = _held_out_tasks(columns)
     heals = [0] + [k for k in settings.get("heal_steps", []) if k]
-    names = ["size", "heal steps", "model", "alpha"] + [f"{t} loss | vs {reference}" for t in tasks]
+    names = ["size", "heal steps", "model", "alpha"] + [name for t in tasks for name in (f"{t} loss", f"vs {reference}")]
     text = _header(names)
     for size in (parse_size(s) for s in settings["sizes"]):
         for heal in heals:
@@ -221,8 +221,9 @@ def _sweep(grid: Grid, table: dict, columns: list) -> str | None:
     figure.savefig(grid.out / "figure6_alpha_sweep.png", dpi=100)
     plt.close(figure)
     return ("## Figure 6 analogue: alpha sweeps\n"
-            "alpha 1 is the smaller anchor's side alone, alpha 0 the larger anchor pruned to the size; `auto` chose "
-            "its alpha on the dev rows, these losses are on the validation rows.\n\n"
+            "alpha 0 is the larger anchor pruned to the size; alpha 1 takes the smaller anchor's weights wherever it "
+            "has the unit (in the unit mix, the larger anchor's own units fill the rest; in the paper's mix, E's "
+            "fill); `auto` chose its alpha on the dev rows, these losses are on the validation rows.\n\n"
             "![alpha sweep](figure6_alpha_sweep.png)\n\n" + text)
 
 

@@ -1,7 +1,7 @@
 """Heal steps: a materialized model distilled from the larger anchor for a few steps on the chain's data.
 
 Optional: materialization stays teacher-free and takes seconds; healing loads the larger anchor as a teacher and
-costs K distillation steps (docs/RESULTS.md measures K = 30 on this CPU for every initialization). It is one
+costs K distillation steps (docs/RESULTS.md measures K = 30 on this CPU for auto alpha and alpha 0). It is one
 distillation stage (cbd_engine.distill): resumable from its checkpoints, cancellable, its dev rows pick between the
 model as materialized and as healed, and its metrics report the validation loss before and after.
 """
