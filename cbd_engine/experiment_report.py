@@ -124,7 +124,8 @@ def _interpolation(grid: Grid, table: dict, columns: list) -> str | None:
     reference = settings.get("reference", "alpha0")
     tasks = _held_out_tasks(columns)
     heals = [0] + [k for k in settings.get("heal_steps", []) if k]
-    names = ["size", "heal steps", "model", "alpha"] + [name for t in tasks for name in (f"{t} loss", f"vs {reference}")]
+    names = ["size", "heal steps", "model", "alpha"] + [name for task in tasks
+                                                        for name in (f"{task} loss", f"vs {reference}")]
     text = _header(names)
     for size in (parse_size(s) for s in settings["sizes"]):
         for heal in heals:
