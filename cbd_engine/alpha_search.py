@@ -190,5 +190,5 @@ def _fit_groups(candidates: Candidates, start: float, steps: int) -> Alphas:
         optimizer.step()
         with torch.no_grad():
             alphas.clamp_(0.0, 1.0)
-    return {group: round(float(alphas[i]), 4) for group, i in index.items()}
+    return {group: round(float(alphas[i].detach()), 4) for group, i in index.items()}
 
