@@ -7,10 +7,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+# data the engine's package ships (its default calibration set): public and read-only, readable whatever the roots
+PACKAGE_DATA = (Path(__file__).parent.parent / "cbd_engine" / "assets").resolve()
 
 
 class Settings(BaseSettings):
@@ -59,6 +61,13 @@ class Settings(BaseSettings):
     webhook_secret: str = ""
     webhook_timeout_seconds: float = 30.0  # a webhook's whole delivery, retries included (off the job lane)
     materialize_bytes_per_second: float = 150e6  # for job estimates
+    # where sources given as Hub ids come from (a mirror, or another factory); empty: huggingface.co
+    hub_endpoint: str = ""
+    # the only token sent with those downloads; empty: none. The worker's own HF_TOKEN or login is never sent: any
+    # `build` token holder could otherwise fetch every private or gated repository that credential reads
+    hub_token: SecretStr = SecretStr("")
+    max_source_bytes: int = 20 << 30  # a source's weights and side files, checked before a Hub download
+    max_dataset_bytes: int = 2 << 30  # a data set's files: the engine reads a data set whole into memory
 
     @field_validator("allowed_source_roots", mode="before")
     @classmethod
@@ -99,6 +108,11 @@ class Settings(BaseSettings):
         if self.auth == "auto":
             return self.host not in LOOPBACK_NAMES
         return self.auth == "on"
+
+    @property
+    def source_roots(self) -> list[Path]:
+        """Where user-given paths may lead: CBD_ALLOWED_SOURCE_ROOTS, and the package's own data."""
+        return [*self.allowed_source_roots, PACKAGE_DATA]
 
     @property
     def served_hosts(self) -> list[str]:

@@ -139,7 +139,8 @@ def put_folder(store: ArtifactStore, folder: Path, roots: Sequence[Path],
 
 
 def link_folder(store: ArtifactStore, files: list[StoredFile], dest: Path) -> Path:
-    """A model folder at `dest` with the given files (hard links into a local store, or downloads), made atomically."""
+    """A model folder at `dest` with the given files (hard links into a local store, or downloads), made atomically,
+    each file's sha256 checked as it arrives."""
     if (dest / "config.json").is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -147,6 +148,9 @@ def link_folder(store: ArtifactStore, files: list[StoredFile], dest: Path) -> Pa
     try:
         for item in files:
             store.fetch_to(item.sha256, tmp / item.name)
+            if sha256_file(tmp / item.name) != item.sha256:  # a worker never builds on a damaged blob
+                raise ArtifactError(f"{item.name}: the stored blob {item.sha256} no longer has that sha256 (damaged "
+                                    "storage); restore it from a backup or rebuild what it belongs to")
         try:
             tmp.rename(dest)
         except OSError:  # another worker made it first
@@ -172,11 +176,11 @@ class LocalStore:
         """Copy (hashing on the way) and publish; `move` with a known sha256 publishes a worker's own output by
         renaming it into place, without reading it again."""
         if move and sha256 is not None:
-            blob = self._blob(sha256)
-            blob.parent.mkdir(exist_ok=True)
             size = path.stat().st_size
             os.utime(path)  # a publish makes its blob young: `collect` spares it until its rows are recorded
-            os.replace(path, blob)
+            with open(path, "rb") as written:  # the engine's output, maybe still in the page cache only
+                os.fsync(written.fileno())
+            self._publish(path, sha256)
             return StoredFile(path.name, size, sha256)
         tmp = self.root / "tmp" / uuid.uuid4().hex
         digest, size = hashlib.sha256(), 0
@@ -191,10 +195,21 @@ class LocalStore:
         if sha256 is not None and sha256 != actual:
             tmp.unlink()
             raise ArtifactError(f"{path.name}: sha256 {actual} does not match the expected {sha256}")
-        blob = self._blob(actual)
-        blob.parent.mkdir(exist_ok=True)
-        os.replace(tmp, blob)  # atomic publish; the same content under the same key is harmless to replace
+        self._publish(tmp, actual)
         return StoredFile(path.name, size, actual)
+
+    def _publish(self, written: Path, sha256: str) -> None:
+        """Rename a file whose bytes are on the disk into place, and make the rename durable too: a crash never
+        leaves a blob that is named but empty or short. The same content under the same key is harmless to
+        replace."""
+        blob = self._blob(sha256)
+        blob.parent.mkdir(exist_ok=True)
+        os.replace(written, blob)
+        folder = os.open(blob.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
     def exists(self, sha256: str) -> bool:
         return self._blob(sha256).is_file()
@@ -258,19 +273,27 @@ class S3Store:
         return self._key("blobs", sha256)
 
     def put_file(self, path: Path, sha256: str | None = None, move: bool = False) -> StoredFile:
+        """A lease first (`collect` spares or restores a blob with a young lease), then the blob unless it exists."""
         actual = sha256 if move and sha256 else sha256_file(path)
         if sha256 is not None and sha256 != actual:
             raise ArtifactError(f"{path.name}: sha256 {actual} does not match the expected {sha256}")
         size = path.stat().st_size
-        if self.exists(actual):  # copied onto itself: young again, so that `collect` spares it
-            self.client.copy_object(Bucket=self.bucket, Key=self._blob(actual), MetadataDirective="REPLACE",
-                                    CopySource={"Bucket": self.bucket, "Key": self._blob(actual)})
-        else:
+        self.client.put_object(Bucket=self.bucket, Key=self._key("leases", actual, uuid.uuid4().hex), Body=b"")
+        if not self.exists(actual):
             tmp = self._key("tmp", uuid.uuid4().hex)
             self.client.upload_file(str(path), self.bucket, tmp)
-            self.client.copy({"Bucket": self.bucket, "Key": tmp}, self.bucket, self._blob(actual))
+            self._copy(tmp, self._blob(actual))
             self.client.delete_object(Bucket=self.bucket, Key=tmp)
         return StoredFile(path.name, size, actual)
+
+    def _copy(self, source: str, dest: str) -> None:
+        self.client.copy({"Bucket": self.bucket, "Key": source}, self.bucket, dest)
+
+    def _leases(self, sha256: str) -> list[tuple[str, float]]:
+        """(key, age in seconds) of the blob's leases."""
+        listed = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._key("leases", sha256) + "/")
+        now = time.time()
+        return [(item["Key"], now - item["LastModified"].timestamp()) for item in listed.get("Contents", [])]
 
     def exists(self, sha256: str) -> bool:
         from botocore.exceptions import ClientError
@@ -299,16 +322,21 @@ class S3Store:
         return self.client.get_object(Bucket=self.bucket, Key=self._blob(sha256))["Body"]
 
     def collect(self, sha256: str, grace_seconds: float) -> None:
-        """Remove the blob unless a publish wrote it within the grace period. S3 has no atomic test-and-delete: a
-        publish in the instant between the HEAD and the DELETE loses its blob (docs/SECURITY.md)."""
-        from botocore.exceptions import ClientError
-
-        try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self._blob(sha256))
-        except ClientError:
+        """Remove the blob unless a publish leased it within the grace period. S3 has no atomic test-and-delete, so
+        the blob is set aside, deleted, and put back if a lease appeared meanwhile: a publish whose lease lands
+        after that second look finds no blob and uploads its own."""
+        if any(age < grace_seconds for _, age in self._leases(sha256)) or not self.exists(sha256):
             return
-        if time.time() - head["LastModified"].timestamp() >= grace_seconds:
-            self.client.delete_object(Bucket=self.bucket, Key=self._blob(sha256))
+        aside = self._key("tmp", f"collect-{uuid.uuid4().hex}")
+        self._copy(self._blob(sha256), aside)
+        self.client.delete_object(Bucket=self.bucket, Key=self._blob(sha256))
+        leases = self._leases(sha256)
+        if any(age < grace_seconds for _, age in leases):
+            self._copy(aside, self._blob(sha256))
+        else:
+            for key, _ in leases:
+                self.client.delete_object(Bucket=self.bucket, Key=key)
+        self.client.delete_object(Bucket=self.bucket, Key=aside)
 
     def blob_ids(self) -> Iterator[str]:
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key("blobs/"))

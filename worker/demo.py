@@ -61,9 +61,7 @@ def ensure_demo_chain(settings: Settings) -> tuple[Chain, Job | None]:
                 if chain is not kept:
                     _replace(session, store, settings, chain)
             if kept is None:
-                # the package's calibration set is the demo's data set: a root this server may read
-                own = settings.model_copy(update={"max_concurrent_jobs": 0, "allowed_source_roots": [
-                    *settings.allowed_source_roots, DEFAULT_SET.parent.resolve()]})
+                own = settings.model_copy(update={"max_concurrent_jobs": 0})
                 kept, _ = create_chain(session, own, demo_chain_body(), DEMO_OWNER)
                 log.info("demo chain %s queued (recipe %d)", kept.id, DEMO_RECIPE)
             return kept, jobs.latest_job(session, kept.id)
@@ -78,7 +76,7 @@ def _replace(session: Session, store: ArtifactStore, settings: Settings, chain: 
     for job_id in session.scalars(select(Job.id).where(Job.subject_id.in_(subjects), Job.status.in_(jobs.ACTIVE))):
         jobs.cancel_job(session, job_id, DEMO_OWNER, is_admin=True)
     try:
-        delete_chain(session, store, chain.id, settings.blob_grace_seconds)
+        delete_chain(session, store, chain.id, settings.blob_grace_seconds, cascade=True)
     except ApiError as error:
         log.warning("the outdated demo chain %s stays until its job stops: %s", chain.id, error.detail)
         return

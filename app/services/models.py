@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NoReturn
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -222,8 +222,12 @@ def request_model(session: Session, settings: Settings, body: ModelCreate, owner
     estimate = estimate_seconds(settings, p, body, queue)
     jobs.check_budget(settings, estimate, f"materializing {format_size(p.params)}")
     jobs.check_capacity(session, settings, owner)
-    if existing is not None:  # a failed or cancelled model is made again on request
-        existing.status = "queued"
+    if existing is not None:  # a failed or cancelled model is made again on request, by one of concurrent requests
+        retried = session.execute(update(Model).where(Model.id == existing.id, Model.status.in_(RETRYABLE))
+                                  .values(status="queued").execution_options(synchronize_session=False))
+        if retried.rowcount != 1:  # another request queued it first: that one's job makes it
+            session.rollback()
+            return get_model(session, existing.id), False
         job = jobs.new_job("materialize_model", existing.id, queue, owner, estimate=estimate)
         session.add(job)
         session.commit()

@@ -29,7 +29,7 @@ def local_path(settings: Settings, field: str, reference: str) -> Path:
     """A path the server may read: resolved (symlinks included) and inside one of CBD_ALLOWED_SOURCE_ROOTS."""
     if "\x00" in reference:
         raise invalid(field, "contains a NUL byte")
-    path = resolved_within(Path(reference).expanduser(), settings.allowed_source_roots)
+    path = resolved_within(Path(reference).expanduser(), settings.source_roots)
     if path is None:
         roots = ", ".join(str(r) for r in settings.allowed_source_roots) or "none configured"
         raise invalid(field, f"local paths must be under the server's allowed roots ({roots})")
@@ -63,19 +63,39 @@ def checkpoint(settings: Settings, field: str, ref: str) -> str:
     elif not (path / "config.json").is_file():
         raise invalid(field, f"not a model folder with config.json: {ref}")
     else:
-        escaping = sorted(p.name for p in path.iterdir() if resolved_within(p, settings.allowed_source_roots) is None)
-        if escaping:
-            raise invalid(field, f"links outside the server's allowed roots: {', '.join(escaping)}")
+        confined_files(settings, field, path)
     return str(path)
+
+
+def confined_files(settings: Settings, field: str, folder: Path) -> list[Path]:
+    """The files under a folder, each of whose links stays inside the roots: a worker reads (and may publish or
+    quote in an error) every one of them."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    escaping = [str(p.relative_to(folder)) for p in files if resolved_within(p, settings.source_roots) is None]
+    if escaping:
+        raise invalid(field, f"links outside the server's allowed roots: {', '.join(escaping)}")
+    return files
+
+
+def within_dataset_budget(settings: Settings, field: str, files: list[Path]) -> None:
+    size = sum(p.stat().st_size for p in files)
+    if size > settings.max_dataset_bytes:
+        raise invalid(field, f"is {size} bytes, more than this server's CBD_MAX_DATASET_BYTES "
+                             f"({settings.max_dataset_bytes}): a data set is read whole into memory")
 
 
 def dataset_file(settings: Settings, field: str, ref: str) -> str:
     path = local_path(settings, field, ref)
     if not path.is_file():
         raise invalid(field, f"no such file: {ref}")
+    within_dataset_budget(settings, field, [path])
     return str(path)
 
 
 def dataset_id(settings: Settings, field: str, ref: str) -> str:
-    """`dataset.hf`: a Hub data set id, or a local data set folder under the roots (absolute)."""
-    return str(reference(settings, field, ref))
+    """`dataset.hf`: a Hub data set id (its size is checked by the worker, which fetches it), or a local data set
+    folder under the roots (absolute), with every file inside the roots and within the size budget."""
+    path = reference(settings, field, ref)
+    if isinstance(path, Path) and path.is_dir():
+        within_dataset_budget(settings, field, confined_files(settings, field, path))
+    return str(path)

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
+from app.auth import create_token
 from app.db import upgrade_database
 from app.main import create_app
 from app.settings import Settings
@@ -120,3 +124,21 @@ def tiny_chain(client: TestClient, settings: Settings, tiny_anchors: tuple[Path,
     assert response.status_code == 202, response.text
     assert run_pending(settings) == ["succeeded"]
     return client.get(f"/chains/{response.json()['id']}").json()
+
+
+@pytest.fixture
+def live_server(tmp_path: Path, tiny_anchors: tuple[Path, Path]) -> tuple[str, Settings, str]:
+    """The app on a real socket with auth on (huggingface_hub needs an endpoint), and a read token."""
+    settings = make_settings(tmp_path, auth="on")
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    with app.state.session_factory() as session:
+        token, _ = create_token(session, ["read", "build"])
+    yield f"http://127.0.0.1:{port}", settings, token
+    server.should_exit = True
+    thread.join(5)

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import threading
-import time
 from pathlib import Path
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from app.auth import create_token, hash_token
@@ -70,24 +67,6 @@ def test_hub_routes(client: TestClient, model: dict) -> None:
     head = client.head(f"/cbd/{model['id']}/resolve/main/model.safetensors")
     assert head.headers["x-repo-commit"] == info["sha"]
     assert head.headers["x-linked-etag"] == f'"{weights_of(model)["sha256"]}"'
-
-
-@pytest.fixture
-def live_server(tmp_path: Path, tiny_anchors: tuple[Path, Path]) -> tuple[str, Settings, str]:
-    """The app on a real socket with auth on (huggingface_hub needs an endpoint), and a read token."""
-    settings = make_settings(tmp_path, auth="on")
-    app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    with app.state.session_factory() as session:
-        token, _ = create_token(session, ["read", "build"])
-    yield f"http://127.0.0.1:{port}", settings, token
-    server.should_exit = True
-    thread.join(5)
 
 
 def test_client_and_snapshot_download_fetch_a_model_unchanged(live_server: tuple[str, Settings, str],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
 import socket
@@ -65,12 +66,51 @@ def test_s3_store_round_trip(s3_endpoint: str, tmp_path: Path) -> None:
     assert presigned.content == source.read_bytes(), (store.presigned_url(stored.sha256, "blob.bin"), presigned.text)
     store.fetch_to(stored.sha256, tmp_path / "copy.bin")
     assert (tmp_path / "copy.bin").read_bytes() == source.read_bytes()
-    assert store.put_file(source) == stored  # published again: the existing blob is touched (copied onto itself)
-    assert list(store.blob_ids()) == [stored.sha256]
-    store.collect(stored.sha256, 3600.0)  # young: a publish may be about to record it
+    assert store.put_file(source) == stored  # published again: the existing blob is leased, not uploaded
+    assert list(store.blob_ids()) == [stored.sha256] and len(store._leases(stored.sha256)) == 2
+    store.collect(stored.sha256, 3600.0)  # young leases: a publish may be about to record it
     assert store.exists(stored.sha256)
     store.collect(stored.sha256, 0.0)
-    assert not store.exists(stored.sha256)
+    assert not store.exists(stored.sha256) and store._leases(stored.sha256) == []
+
+
+@pytest.mark.parametrize("moment", ["before the blob is deleted", "after the second look at the leases"])
+def test_a_collect_racing_a_publish_of_the_same_blob_leaves_it_whole(s3_endpoint: str, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     moment: str) -> None:
+    """The collector has found no row naming the blob and no young lease; a worker publishes the same bytes for
+    another model in the middle of the collector's steps (forced here), then records its rows."""
+    store = S3Store("artifacts", "cbd", s3_endpoint)
+    source = tmp_path / "blob.bin"
+    source.write_bytes(b"weights" * 1000)
+    stored = store.put_file(source)
+    time.sleep(1.5)  # its lease is past a 1 s grace period: the blob is collectable
+    publish = functools.partial(store.put_file, source)
+    if moment == "before the blob is deleted":
+        delete = store.client.delete_object
+
+        def publish_then_delete(**kwargs: object) -> object:
+            if kwargs["Key"] == store._blob(stored.sha256):
+                publish()
+            return delete(**kwargs)
+
+        monkeypatch.setattr(store.client, "delete_object", publish_then_delete)
+    else:
+        leases, looks = store._leases, []
+
+        def look_then_publish(sha256: str) -> list[tuple[str, float]]:
+            found = leases(sha256)
+            looks.append(found)
+            if len(looks) == 2:
+                publish()
+            return found
+
+        monkeypatch.setattr(store, "_leases", look_then_publish)
+    store.collect(stored.sha256, 1.0)
+    monkeypatch.undo()
+    assert store.exists(stored.sha256)
+    store.fetch_to(stored.sha256, tmp_path / "copy.bin")
+    assert (tmp_path / "copy.bin").read_bytes() == source.read_bytes()
 
 
 def test_service_on_s3_redirects_downloads_and_keeps_sha256_in_head(s3_endpoint: str, tmp_path: Path,

@@ -27,7 +27,7 @@ from app.settings import Settings
 from app.storage import StoredFile, sha256_file
 from cbd_cli.service import server_config
 from tests.service.conftest import make_settings, run_pending
-from tests.service.test_api import assert_problem, make_model
+from tests.service.test_api import assert_problem, make_model, midpoint
 from worker.webhooks import deliver
 
 
@@ -373,3 +373,136 @@ def test_a_revoked_token_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         assert_problem(client.get("/models", headers=headers), 401, "invalid bearer token")
         assert cli(["token", "revoke", token_id]) == 2  # no such token any more
         assert cli(["token", "list"]) == 0 and capsys.readouterr().out == ""
+
+
+# --- the second pass: what the review read but did not run -------------------------------------------------------
+
+
+def test_a_hub_source_is_fetched_without_the_workers_own_token_and_within_the_size_cap(
+        live_server: tuple[str, Settings, str], tiny_anchors: tuple[Path, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another factory (auth on) stands in for the Hub: the worker's HF_TOKEN reads it, and must not be sent."""
+    from huggingface_hub import constants
+
+    from cbd_client import Client
+    from worker.tasks import source_folder
+
+    url, settings, token = live_server
+    large, small = tiny_anchors
+    client = Client(url, token=token)
+    chain = client.create_chain({"name": "t", "source": str(large),
+                                 "anchors": [{"checkpoint": str(small), "distill": False}]})
+    assert run_pending(settings) == ["succeeded"]
+    params = [a["params"] for a in client.chain(chain["id"])["anchors"]]
+    created = client.create_model(source=str(large), size=sum(params) // 2)
+    assert run_pending(settings) == ["succeeded"]
+    model = client.model(created["id"])
+    monkeypatch.setenv("HF_TOKEN", token)  # the worker's own login
+    monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "0")  # both restored after the test: `source_folder` sets them
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    worker = make_settings(tmp_path, hub_endpoint=url)
+    with pytest.raises(Exception, match="401"):
+        source_folder(model["hub_repo_id"], worker)
+    size = sum(f["size"] for f in model["files"])
+    with pytest.raises(ValueError, match="CBD_MAX_SOURCE_BYTES"):
+        source_folder(model["hub_repo_id"], make_settings(tmp_path, hub_endpoint=url, hub_token=token,
+                                                          max_source_bytes=size - 1))
+    folder = source_folder(model["hub_repo_id"], make_settings(tmp_path, hub_endpoint=url, hub_token=token))
+    assert {f["name"]: f["sha256"] for f in model["files"]} == {p.name: sha256_file(p) for p in folder.iterdir()}
+
+
+def test_a_data_set_over_the_budget_or_with_a_link_outside_the_roots_is_422(
+        client: TestClient, tiny_anchors: tuple[Path, Path], tmp_path: Path, outside: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    large, _ = tiny_anchors
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"instruction": "a", "output": "b"}\n' * 100)
+    client.app.state.settings.max_dataset_bytes = rows.stat().st_size - 1
+    body = {"name": "t", "source": str(large), "anchors": [{"size": 10000}], "device": "cpu"}
+    assert_problem(client.post("/chains", json={**body, "dataset": {"path": str(rows)}}), 422,
+                   "CBD_MAX_DATASET_BYTES")
+    client.app.state.settings.max_dataset_bytes = 1 << 30
+    folder = tmp_path / "hfdata"
+    folder.mkdir()
+    shutil.copyfile(rows, folder / "train.jsonl")
+    (folder / "extra.csv").symlink_to(outside / "secret.txt")
+    monkeypatch.chdir(tmp_path)  # `dataset.hf` names a folder relative to the server's working folder
+    assert_problem(client.post("/chains", json={**body, "dataset": {"hf": "hfdata"}}), 422, "extra.csv")
+
+
+def test_concurrent_re_requests_of_a_failed_model_queue_one_job(client: TestClient, settings: Settings,
+                                                                 tiny_chain: dict,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy import func, select, update
+
+    from app.models import Job, Model
+    from app.schemas import ModelCreate
+    from app.services import models
+
+    model = make_model(client, settings, tiny_chain)
+    factory = client.app.state.session_factory
+    with factory() as session:
+        session.execute(update(Model).where(Model.id == model["id"]).values(status="failed"))
+        session.commit()
+    both_read = threading.Barrier(2, timeout=30)  # each request has seen the failed model before either queues it
+    check = models.jobs.check_capacity
+    monkeypatch.setattr(models.jobs, "check_capacity", lambda *args: (both_read.wait(), check(*args)))
+    results: list[tuple[str, bool]] = []
+
+    def request() -> None:
+        with factory() as session:
+            made, started = models.request_model(session, settings, ModelCreate(chain=tiny_chain["id"],
+                                                                                size=midpoint(tiny_chain)), "t")
+            results.append((made.id, started))
+
+    threads = [threading.Thread(target=request) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(results) == [(model["id"], False), (model["id"], True)]
+    with factory() as session:
+        queued = select(func.count()).select_from(Job).where(Job.subject_id == model["id"], Job.status == "queued")
+        assert session.scalar(queued) == 1
+
+
+def test_a_chain_job_run_again_after_its_chain_is_ready_keeps_the_chain_and_its_models(
+        client: TestClient, settings: Settings, tiny_chain: dict) -> None:
+    """The worker died between marking the chain ready and recording its job's end: the job runs again."""
+    from sqlalchemy import update
+
+    from app.models import Job
+
+    model = make_model(client, settings, tiny_chain)
+    with client.app.state.session_factory() as session:
+        session.execute(update(Job).where(Job.id == tiny_chain["job"]["id"])
+                        .values(status="running", lease_expires_at=None, finished_at=None))
+        session.commit()
+    assert run_pending(settings) == ["succeeded"]
+    assert client.get(f"/chains/{tiny_chain['id']}").json()["anchors"] == tiny_chain["anchors"]
+    assert client.get(f"/models/{model['id']}").json()["status"] == "ready"
+
+
+def test_a_chain_is_deleted_by_an_admin_and_with_its_models_only_when_asked(client: TestClient, settings: Settings,
+                                                                           tiny_chain: dict) -> None:
+    model = make_model(client, settings, tiny_chain)
+    assert_problem(client.delete(f"/chains/{tiny_chain['id']}"), 409, model["id"], "cascade=true")
+    assert client.get(f"/models/{model['id']}").status_code == 200
+    assert client.delete(f"/chains/{tiny_chain['id']}", params={"cascade": "true"}).status_code == 204
+    assert client.get(f"/chains/{tiny_chain['id']}").status_code == 404
+    assert client.get(f"/models/{model['id']}").status_code == 404
+    assert_problem(client.delete(f"/chains/{tiny_chain['id']}"), 404)
+
+
+def test_a_damaged_blob_fails_the_job_that_reads_it(client: TestClient, settings: Settings, tiny_chain: dict) -> None:
+    weights = next(f for f in tiny_chain["anchors"][0]["files"] if f["name"] == "model.safetensors")
+    blob = client.app.state.store.local_path(weights["sha256"])
+    damaged = bytearray(blob.read_bytes())
+    damaged[-1] ^= 0xFF
+    blob.write_bytes(bytes(damaged))  # bit rot under the store's name for it
+    response = client.post("/models", json={"chain": tiny_chain["id"], "size": midpoint(tiny_chain)})
+    assert response.status_code == 202
+    assert run_pending(settings) == ["failed"]
+    job = client.get(response.json()["job"]["url"]).json()
+    assert weights["sha256"] in job["error"] and "damaged" in job["error"]
