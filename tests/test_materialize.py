@@ -16,8 +16,8 @@ from cbd_engine.data.calibration import Calibration, default_calibration
 from cbd_engine.materialization.anchor import Anchor, Term
 from cbd_engine.materialization.mixing import Pair
 from cbd_engine.materialization.planning import ImportanceSource, build_plan, plan_pair
-from cbd_engine.materialization.stream import iter_tensors, state_dict
 from cbd_engine.materialization.recipe import materialize
+from cbd_engine.materialization.stream import iter_tensors, state_dict
 from cbd_engine.materialization.transforms import LayerMap, Plan, grown_eps
 from cbd_engine.spec.families import ModelSpec, read_config
 from cbd_engine.spec.shapes import ShapeError
