@@ -68,7 +68,7 @@ class Model(Base):
     shape: Mapped[dict[str, Any]] = mapped_column(JSON)
     alpha: Mapped[float | None] = mapped_column(Float)
     alpha_request: Mapped[str] = mapped_column(String(20))  # "auto", "proportional" or the number (repr of a float)
-    mix: Mapped[str] = mapped_column(String(10))  # cbd_engine.mixing.MIXES
+    mix: Mapped[str] = mapped_column(String(10))  # cbd_engine.materialization.mixing.MIXES
     heal: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {steps, learning_rate}, or None: teacher-free
     init: Mapped[str] = mapped_column(String(20))
     seed: Mapped[int] = mapped_column(BigInteger)

@@ -8,13 +8,13 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator, model_validator
 
-from cbd_engine.distill_config import LOSS_BY_MODE, LOSSES, MODES, SELECT_BY, TEACHER_CACHE_TAILS, DistillConfig
-from cbd_engine.options import ALPHA_MODES, INITS, MIXES
-from cbd_engine.shapes import PRUNE_ORDER, PRUNE_ORDERS, ShapeError, parse_size
+from cbd_engine.spec.distill_config import LOSS_BY_MODE, LOSSES, MODES, SELECT_BY, TEACHER_CACHE_TAILS, DistillConfig
+from cbd_engine.spec.options import ALPHA_MODES, DEVICES, DTYPES, INITS, MIXES
+from cbd_engine.spec.shapes import PRUNE_ORDER, PRUNE_ORDERS, ShapeError, parse_size
 
 MAX_SIZE = 10**13
 RECIPE = {f.name: f.default for f in fields(DistillConfig)}  # the chain recipe's defaults, shown in the API
-Device = Literal["auto", "cpu", "gpu", "npu"]
+Device = Literal[DEVICES]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JobKind = Literal["build_chain", "materialize_model", "evaluate_model"]
 ResourceStatus = Literal["queued", "running", "ready", "failed", "cancelled"]
@@ -96,7 +96,7 @@ class BridgeShapeIn(ShapeIn):
 
 
 class GenerationIn(Strict):
-    """How the source answers the prompts (cbd_engine.bridge.GenerationParams); null: the engine's default."""
+    """How the source answers the prompts (cbd_engine.pipelines.bridge.GenerationParams); null: the engine's default."""
 
     do_sample: bool | None = None
     temperature: float | None = Field(default=None, gt=0, le=100)
@@ -135,7 +135,7 @@ class DatasetIn(Strict):
 
 
 class DistillationIn(Strict):
-    """The chain recipe's settings: values and defaults are the engine's (cbd_engine.distill_config.DistillConfig),
+    """The chain recipe's settings: values and defaults are the engine's (cbd_engine.spec.distill_config.DistillConfig),
     so the API accepts what the engine accepts."""
 
     loss: Literal[LOSSES] | None = Field(
@@ -200,7 +200,7 @@ class ModelCreate(Strict):
                                                           "anchor for `steps` steps after materializing it")
     init: Literal[INITS] = "cbd"
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: Literal[DTYPES] = "bfloat16"
     device: Device = "auto"
 
     _size = field_validator("size", mode="before")(_check_size)

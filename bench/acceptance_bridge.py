@@ -18,9 +18,9 @@ import os
 import time
 from pathlib import Path
 
-from cbd_engine.chain import build_chain
-from cbd_engine.progress import TqdmProgress
-from cbd_engine.zoo import smollm2_135m_instruct
+from cbd_engine.io.zoo import smollm2_135m_instruct
+from cbd_engine.pipelines.chain import build_chain
+from cbd_engine.spec.progress import TqdmProgress
 
 DOLLY = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruction" / "minillm_dolly_dev.jsonl"
 

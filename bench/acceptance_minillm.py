@@ -16,13 +16,13 @@ import json
 import time
 from pathlib import Path
 
-from cbd_engine.batches import encode_file
-from cbd_engine.distill import distill
-from cbd_engine.distill_config import DistillConfig
-from cbd_engine.materialize import materialize
-from cbd_engine.models import load_tokenizer
-from cbd_engine.progress import TqdmProgress
-from cbd_engine.zoo import smollm2_135m_instruct
+from cbd_engine.data.batches import encode_file
+from cbd_engine.distillation.recipe import distill
+from cbd_engine.io.zoo import smollm2_135m_instruct
+from cbd_engine.materialization.recipe import materialize
+from cbd_engine.nn.loading import load_tokenizer
+from cbd_engine.spec.distill_config import DistillConfig
+from cbd_engine.spec.progress import TqdmProgress
 
 DOLLY = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruction" / "minillm_dolly_dev.jsonl"
 

@@ -32,8 +32,9 @@ RUNS = {  # name: (shape, loss, learning rate, from anchor 1)
 
 
 def score(folder: Path) -> dict:
-    from cbd_engine.data import read_instruction_rows, split_rows
-    from cbd_engine.models import load_model, load_tokenizer, response_loss
+    from cbd_engine.data.rows import read_instruction_rows, split_rows
+    from cbd_engine.nn.loading import load_model, load_tokenizer
+    from cbd_engine.nn.validation import response_loss
 
     model, tokenizer = load_model(folder).eval(), load_tokenizer(folder)
     held_out = {"dolly": split_rows(read_instruction_rows(DOLLY)).validation,
@@ -42,13 +43,12 @@ def score(folder: Path) -> dict:
 
 
 def run(name: str, out: Path) -> dict:
-    from cbd_engine.chain import ChainData
-    from cbd_engine.checkpoint import read_config
-    from cbd_engine.distill import distill
-    from cbd_engine.distill_config import DistillConfig
-    from cbd_engine.families import ModelSpec
-    from cbd_engine.materialize import materialize
-    from cbd_engine.zoo import smollm2_135m_instruct
+    from cbd_engine.distillation.recipe import distill
+    from cbd_engine.io.zoo import smollm2_135m_instruct
+    from cbd_engine.materialization.recipe import materialize
+    from cbd_engine.pipelines.chain import ChainData
+    from cbd_engine.spec.distill_config import DistillConfig
+    from cbd_engine.spec.families import ModelSpec, read_config
 
     shape_key, loss, learning_rate, second = RUNS[name]
     source = smollm2_135m_instruct()

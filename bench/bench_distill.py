@@ -27,13 +27,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cbd_engine.batches import IGNORE, Example, collate, response_positions
-from cbd_engine.distill import StudentLoss, accumulate_gradients
-from cbd_engine.distill_config import DistillConfig
-from cbd_engine.losses import LossConfig, chunked_token_losses
-from cbd_engine.models import load_model
-from cbd_engine.teacher_cache import CacheSettings, TeacherCache, build_teacher_cache
-from cbd_engine.zoo import smollm2_135m_instruct
+from cbd_engine.data.batches import IGNORE, Example, collate, response_positions
+from cbd_engine.distillation.step import StudentLoss, accumulate_gradients
+from cbd_engine.distillation.teacher_cache import CacheSettings, TeacherCache, build_teacher_cache
+from cbd_engine.io.zoo import smollm2_135m_instruct
+from cbd_engine.nn.loading import load_model
+from cbd_engine.nn.losses import LossConfig, chunked_token_losses
+from cbd_engine.spec.distill_config import DistillConfig
 
 
 def synthetic_examples(batch: int, length: int, vocab: int, seed: int = 0) -> list[Example]:
@@ -113,7 +113,7 @@ def speed_one(variant: str, args: argparse.Namespace) -> dict:
     the project's step, optionally with the decoders compiled (DistillConfig.compile), activation checkpointing
     (DistillConfig.gradient_checkpointing) and the teacher cache (DistillConfig.teacher_cache, built before the
     timing: over a data set's epochs the build is one teacher forward per example), as `distill` sets them up."""
-    from cbd_engine.models import compile_decoders
+    from cbd_engine.nn.loading import compile_decoders
 
     device = torch.device(args.device)
     bf16 = device.type == "cuda"

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from cbd_engine.batches import pad_id_of
-from cbd_engine.data import read_instruction_rows
+from cbd_engine.data.batches import pad_id_of
+from cbd_engine.data.rows import read_instruction_rows
 from cbd_engine.evaluation.scoring import encode_pair, greedy_generate, loglikelihoods
 from cbd_engine.evaluation.tasks import choice_requests, read_choice_rows
-from cbd_engine.models import load_model, load_tokenizer
-from cbd_engine.zoo import smollm2_135m_instruct
+from cbd_engine.io.zoo import smollm2_135m_instruct
+from cbd_engine.nn.loading import load_model, load_tokenizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -28,14 +28,15 @@ from pathlib import Path
 
 import torch
 
-from cbd_engine.batches import IGNORE, bucketed_batches, collate, encode_rows, response_positions
-from cbd_engine.data import read_instruction_rows, split_rows
-from cbd_engine.distill import StudentLoss, accumulate_gradients, distill
-from cbd_engine.distill_config import TEACHER_CACHE_TAILS, DistillConfig
-from cbd_engine.losses import LossConfig, TeacherTopK, chunked_token_losses
-from cbd_engine.models import hidden_states, load_model, load_tokenizer, output_head
-from cbd_engine.teacher_cache import CacheSettings, TeacherCache, build_teacher_cache, teacher_top_k
-from cbd_engine.zoo import smollm2_135m_instruct
+from cbd_engine.data.batches import IGNORE, bucketed_batches, collate, encode_rows, response_positions
+from cbd_engine.data.rows import read_instruction_rows, split_rows
+from cbd_engine.distillation.recipe import distill
+from cbd_engine.distillation.step import StudentLoss, accumulate_gradients
+from cbd_engine.distillation.teacher_cache import CacheSettings, TeacherCache, build_teacher_cache, teacher_top_k
+from cbd_engine.io.zoo import smollm2_135m_instruct
+from cbd_engine.nn.loading import hidden_states, load_model, load_tokenizer, output_head
+from cbd_engine.nn.losses import LossConfig, TeacherTopK, chunked_token_losses
+from cbd_engine.spec.distill_config import TEACHER_CACHE_TAILS, DistillConfig
 
 DOLLY = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruction" / "minillm_dolly_dev.jsonl"
 KS = (8, 32, 64, 256)
@@ -43,7 +44,7 @@ KINDS = ("forward_kl", "reverse_kl")
 
 
 def pruned_student(teacher: Path, work: Path) -> Path:
-    from cbd_engine.materialize import materialize
+    from cbd_engine.materialization.recipe import materialize
 
     out = work / "student-100M"
     if not (out / "config.json").is_file():

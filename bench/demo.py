@@ -114,7 +114,7 @@ def main() -> None:
         process.terminate()
         process.wait(timeout=60)
     from cbd_engine.evaluation.stats import paired_difference
-    from cbd_engine.zoo import smollm2_135m_instruct
+    from cbd_engine.io.zoo import smollm2_135m_instruct
 
     source = smollm2_135m_instruct()
     reference = row_losses(source)

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from cbd_engine.batches import encode_rows
-from cbd_engine.checkpoint import copy_side_files
-from cbd_engine.data import read_instruction_rows, split_rows
-from cbd_engine.distill import DistillConfig, distill
-from cbd_engine.losses import LossConfig, chunked_token_losses, eager_token_losses
-from cbd_engine.models import load_tokenizer
+from cbd_engine.data.batches import encode_rows
+from cbd_engine.data.rows import read_instruction_rows, split_rows
+from cbd_engine.distillation.recipe import distill
+from cbd_engine.io.checkpoint import copy_side_files
+from cbd_engine.nn.loading import load_tokenizer
+from cbd_engine.nn.losses import LossConfig, chunked_token_losses, eager_token_losses
+from cbd_engine.spec.distill_config import DistillConfig
 
 
 def tiny(folder: Path, tokenizer_dir: Path, layers: int, seed: int) -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import make_tiny_model  # noqa: E402
 
-from cbd_engine.chain import build_chain  # noqa: E402
+from cbd_engine.pipelines.chain import build_chain  # noqa: E402
 
 
 def spec(source: Path, tokenizer: Path, data: Path, epochs: float) -> dict:

@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "cbd-bench"))
     args = parser.parse_args()
 
-    from cbd_engine.zoo import smollm2_135m_instruct
+    from cbd_engine.io.zoo import smollm2_135m_instruct
 
     work = Path(args.work)
     source = smollm2_135m_instruct()
@@ -112,7 +112,7 @@ def main() -> None:
 
 def in_process(source: Path, other: Path, shape: dict, work: Path, repeat: int) -> dict:
     """Materialization time inside one process against the I/O floor: read both inputs, write the output once."""
-    from cbd_engine.materialize import materialize
+    from cbd_engine.materialization.recipe import materialize
 
     out = work / "merged-inproc"
     times = []
@@ -135,7 +135,7 @@ def in_process(source: Path, other: Path, shape: dict, work: Path, repeat: int) 
 
 def shape_changing(source: Path, work: Path) -> dict:
     """Anchors ~135M (the source) and ~60M (derived by activation pruning), target 100M."""
-    from cbd_engine.materialize import materialize
+    from cbd_engine.materialization.recipe import materialize
 
     small = work / "anchor-60M"
     if not small.is_dir():

@@ -23,9 +23,10 @@ MAX_LENGTH = 256
 
 def row_losses(model_dir: Path) -> dict[str, list[tuple[float, int]]]:
     """Per-row (loss sum, tokens) on each held-out set's validation rows."""
-    from cbd_engine.batches import encode_rows, pad_id_of
-    from cbd_engine.data import read_instruction_rows, split_rows
-    from cbd_engine.models import example_losses, load_model, load_tokenizer
+    from cbd_engine.data.batches import encode_rows, pad_id_of
+    from cbd_engine.data.rows import read_instruction_rows, split_rows
+    from cbd_engine.nn.loading import load_model, load_tokenizer
+    from cbd_engine.nn.validation import example_losses
 
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
     result = {}
@@ -41,8 +42,8 @@ def mean(rows: list[tuple[float, int]]) -> float:
 
 def calibration(size: str, out: Path) -> list[dict]:
     from cbd_engine.evaluation.stats import paired_difference
-    from cbd_engine.materialize import materialize
-    from cbd_engine.zoo import smollm2_135m_instruct
+    from cbd_engine.io.zoo import smollm2_135m_instruct
+    from cbd_engine.materialization.recipe import materialize
 
     source = smollm2_135m_instruct()
     ways = {"default (no flag)": {}, "dolly rows given": {"calibration": HELD_OUT["dolly"]},

@@ -177,7 +177,7 @@ def main() -> None:
     parser.add_argument("--rates", default="200", help="comma-separated request rates for the latency test; the "
                         "highest whose p99 stays under 50 ms is reported")
     args = parser.parse_args()
-    from cbd_engine.zoo import smollm2_135m_instruct
+    from cbd_engine.io.zoo import smollm2_135m_instruct
 
     smollm2 = smollm2_135m_instruct()
     work = Path(tempfile.mkdtemp(prefix="cbd-bench-"))

@@ -44,7 +44,7 @@ def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = 
 def _options() -> list[tuple[str, type, object, str]]:
     from dataclasses import fields
 
-    from cbd_engine.distill_config import DistillConfig
+    from cbd_engine.spec.distill_config import DistillConfig
 
     helps = {"loss": "forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl or ce",
              "mode": "off_policy, on_policy or minillm", "device": "auto, cpu, gpu or npu",
@@ -75,7 +75,7 @@ def read_spec(path: Path) -> dict:
 
 
 def config_from_args(args: argparse.Namespace):  # -> DistillConfig (imported late: the CLI starts fast)
-    from cbd_engine.distill_config import DistillConfig
+    from cbd_engine.spec.distill_config import DistillConfig
 
     settings = read_spec(args.config) if args.config else {}
     settings.update({name: getattr(args, name) for name, *_ in _OPTIONS if getattr(args, name, None) is not None})
@@ -83,8 +83,9 @@ def config_from_args(args: argparse.Namespace):  # -> DistillConfig (imported la
 
 
 def run_chain_build(args: argparse.Namespace) -> int:
-    from cbd_engine.chain import build_chain, spec_summary
-    from cbd_engine.progress import TqdmProgress
+    from cbd_engine.pipelines.chain import build_chain
+    from cbd_engine.spec.estimate import spec_summary
+    from cbd_engine.spec.progress import TqdmProgress
 
     spec = read_spec(args.spec)
     if args.estimate:
@@ -102,10 +103,10 @@ def run_chain_build(args: argparse.Namespace) -> int:
 
 
 def run_distill(args: argparse.Namespace) -> int:
-    from cbd_engine.batches import encode_file
-    from cbd_engine.distill import distill
-    from cbd_engine.models import load_tokenizer
-    from cbd_engine.progress import TqdmProgress
+    from cbd_engine.data.batches import encode_file
+    from cbd_engine.distillation.recipe import distill
+    from cbd_engine.nn.loading import load_tokenizer
+    from cbd_engine.spec.progress import TqdmProgress
 
     config = config_from_args(args)
     data = encode_file(load_tokenizer(args.student), args.data, config.prompt_format, config.max_length)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
-    from cbd_engine.options import ALIGNMENTS, IMPORTANCES, INITS, MIXES, REFINE_STEPS
-    from cbd_engine.shapes import PRUNE_ORDER, PRUNE_ORDERS
+    from cbd_engine.spec.options import ALIGNMENTS, DTYPES, GROWS, IMPORTANCES, INITS, MIXES, REFINE_STEPS
+    from cbd_engine.spec.shapes import PRUNE_ORDER, PRUNE_ORDERS
 
     p = subcommands.add_parser("materialize", help="build a model of any size from one or two anchors")
     p.add_argument("--small", help="the smaller anchor (a Hugging Face folder)")
@@ -40,9 +40,9 @@ def register(subcommands: argparse._SubParsersAction) -> None:
                    help="then distill the model from --large for this many steps (default 0: teacher-free)")
     p.add_argument("--heal-data", help="instruction JSONL for healing (default: the package's calibration set)")
     p.add_argument("--heal-lr", type=float, help="healing learning rate (default: the distillation default)")
-    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--grow", default="zero", choices=("zero", "replicate"),
+    p.add_argument("--grow", default="zero", choices=GROWS,
                    help="new layers: inert copies with zeroed residual writers (keeps the function) or replicas")
     p.add_argument("--align", default="auto", choices=ALIGNMENTS,
                    help="how units of the two anchors are matched: recorded lineage, weight similarity, or position")
@@ -61,8 +61,8 @@ def register(subcommands: argparse._SubParsersAction) -> None:
 
 
 def _materialize(args: argparse.Namespace) -> int:
-    from cbd_engine.materialize import materialize
-    from cbd_engine.progress import TqdmProgress
+    from cbd_engine.materialization.recipe import materialize
+    from cbd_engine.spec.progress import TqdmProgress
 
     alpha = args.alpha if args.alpha in ("auto", "proportional") else float(args.alpha)
     if args.heal_steps and not args.large:
@@ -93,7 +93,7 @@ def _heal(made: Path, args: argparse.Namespace, progress) -> dict:
     """Distill the materialized model from --large into --out; the unhealed folder goes once --out is written."""
     import shutil
 
-    from cbd_engine.heal import heal
+    from cbd_engine.pipelines.heal import heal
 
     dataset = {"path": args.heal_data} if args.heal_data else None
     result = heal(made, args.large, args.out, args.heal_steps, dataset=dataset, learning_rate=args.heal_lr,
@@ -104,8 +104,7 @@ def _heal(made: Path, args: argparse.Namespace, progress) -> dict:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from cbd_engine.checkpoint import read_config
-    from cbd_engine.families import ModelSpec
+    from cbd_engine.spec.families import ModelSpec, read_config
 
     spec = ModelSpec.from_config(read_config(args.folder))
     info = {"family": spec.family.name, "shape": spec.shape.to_dict(), "params": spec.num_params}
@@ -122,7 +121,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _import_gguf(args: argparse.Namespace) -> int:
-    from cbd_engine.gguf_import import import_gguf
+    from cbd_engine.io.gguf import import_gguf
 
     print(import_gguf(args.file, args.out))
     return 0

@@ -11,6 +11,7 @@ TASK_HELP = ("TYPE=PATH, repeatable; TYPE is perplexity (text), response_loss or
 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
+    from cbd_engine.spec.options import DEVICES
     p = subcommands.add_parser("eval", help="evaluate a model on local task files (metrics with 95%% CIs)")
     p.add_argument("model", help="a Hugging Face model folder")
     p.add_argument("--task", action="append", required=True, help=TASK_HELP)
@@ -22,14 +23,14 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="generation length for rougeL/summarization")
     p.add_argument("--prompt-format", default="alpaca", choices=("alpaca", "chat"),
                    help="instruction prompts: the paper's template or the tokenizer's chat template")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu", "npu"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--out", required=True, help="results.json to write")
     p.set_defaults(func=_eval)
 
 
 def _eval(args: argparse.Namespace) -> int:
     from cbd_engine.evaluation import evaluate
-    from cbd_engine.progress import TqdmProgress
+    from cbd_engine.spec.progress import TqdmProgress
 
     progress = TqdmProgress()
     try:

@@ -19,8 +19,8 @@ def register(subcommands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbd_engine.experiment import plan_experiment, run_experiment
-    from cbd_engine.progress import TqdmProgress
+    from cbd_engine.pipelines.experiment import plan_experiment, run_experiment
+    from cbd_engine.spec.progress import TqdmProgress
 
     spec = read_spec(args.spec)
     if args.plan:

@@ -25,8 +25,8 @@ def register(subcommands: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from cbd_engine.progress import TqdmProgress
-    from cbd_engine.train import train
+    from cbd_engine.distillation.train import train
+    from cbd_engine.spec.progress import TqdmProgress
 
     bar = TqdmProgress()
     try:

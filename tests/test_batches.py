@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import DOLLY
 
-from cbd_engine.batches import (
+from cbd_engine.data.batches import (
     IGNORE,
     bucketed_batches,
     collate,
@@ -17,7 +17,7 @@ from cbd_engine.batches import (
     next_token_targets,
     response_positions,
 )
-from cbd_engine.data import InstructionRow, read_dataset_spec, rows_from_records
+from cbd_engine.data.rows import InstructionRow, read_dataset_spec, rows_from_records
 
 ROW = InstructionRow("Name a colour.", "", "Blue is a colour.")
 

@@ -12,11 +12,14 @@ import pytest
 from conftest import DOLLY, save_char_tokenizer
 from distill_helpers import tiny_with_tokenizer
 
-from cbd_engine.bridge import GenerationParams, generate_responses
-from cbd_engine.chain import build_chain, estimate_chain_seconds, parse_spec
-from cbd_engine.data import read_instruction_rows, split_rows
-from cbd_engine.models import load_tokenizer
-from cbd_engine.progress import Cancelled
+from cbd_engine.data.rows import read_instruction_rows, split_rows
+from cbd_engine.nn.loading import load_tokenizer
+from cbd_engine.pipelines.bridge import generate_responses
+from cbd_engine.pipelines.chain import build_chain
+from cbd_engine.spec.bridge import GenerationParams
+from cbd_engine.spec.chain import parse_spec
+from cbd_engine.spec.estimate import estimate_chain_seconds
+from cbd_engine.spec.progress import Cancelled
 
 BRIDGE_SHAPE = {"family": "gpt2", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "intermediate_size": 128}
 SMALL_GPT2 = {"num_layers": 1, "hidden_size": 32, "num_heads": 2, "num_kv_heads": 2, "head_dim": 16,
@@ -88,7 +91,7 @@ def test_estimate_counts_the_bridge_and_stays_torch_free(source, char_tokenizer)
     plain = estimate_chain_seconds(_spec(source, None))
     bridged = _spec(source, _bridge(char_tokenizer, num_samples=1000, generation={"max_new_tokens": 256}))
     assert estimate_chain_seconds(bridged) > plain
-    script = ("import json, sys; from cbd_engine.chain import estimate_chain_seconds; "
+    script = ("import json, sys; from cbd_engine.pipelines.chain import estimate_chain_seconds; "
               f"print(estimate_chain_seconds(json.loads({json.dumps(json.dumps(bridged))}))); "
               "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
@@ -109,7 +112,7 @@ def test_answers_are_cached_by_source_prompts_and_parameters(source, tmp_path, m
     def no_model(*args, **kwargs):
         raise AssertionError("a cached generation loaded the source")
 
-    monkeypatch.setattr("cbd_engine.models.load_model", no_model)
+    monkeypatch.setattr("cbd_engine.nn.loading.load_model", no_model)
     again = generate_responses(source, rows, params, tmp_path / "cache", device="cpu")
     assert again.cached and again.rows == first.rows and again.stats == first.stats
     monkeypatch.undo()
@@ -124,7 +127,7 @@ def test_answers_are_cached_by_source_prompts_and_parameters(source, tmp_path, m
 def test_a_cancelled_generation_resumes_after_its_last_finished_part(source, tmp_path):
     """Parts of 8 batches: cancelled in the second part, the generation keeps the first; resumed, it generates only
     the rest and gives the answers of an uninterrupted run (each part seeds its own sampling)."""
-    from cbd_engine.bridge import BATCHES_PER_PART
+    from cbd_engine.pipelines.bridge import BATCHES_PER_PART
 
     rows = split_rows(read_instruction_rows(DOLLY)).train[:21]
     params = GenerationParams(max_new_tokens=6, batch_size=2, max_length=64)
@@ -203,7 +206,7 @@ def test_chain_with_a_bridge_builds_it_as_anchor_zero_and_resumes(source, char_t
 def test_smollm2_teaches_a_gpt2_bridge_across_vocabularies(smollm2, tmp_path):
     """SmolLM2-135M-Instruct (Llama, 49152 tokens) answers; a fresh 4-layer GPT-2 with GPT-2's tokenizer (50257)
     learns the answers: its loss on held-out answers falls clearly."""
-    from cbd_engine.zoo import gpt2_tokenizer
+    from cbd_engine.io.zoo import gpt2_tokenizer
 
     bridge = {"model": {"family": "gpt2", "num_layers": 4, "hidden_size": 128, "num_heads": 4,
                         "intermediate_size": 512}, "num_samples": 16, "epochs": 12, "learning_rate": 3e-3,

@@ -10,8 +10,10 @@ import pytest
 from conftest import DOLLY
 from distill_helpers import tiny_with_tokenizer
 
-from cbd_engine.chain import build_chain, estimate_chain_seconds, parse_spec, read_chain
-from cbd_engine.progress import Cancelled
+from cbd_engine.pipelines.chain import build_chain, read_chain
+from cbd_engine.spec.chain import parse_spec
+from cbd_engine.spec.estimate import estimate_chain_seconds
+from cbd_engine.spec.progress import Cancelled
 
 SMALL_SHAPE = {"num_layers": 2, "hidden_size": 48, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16,
                "intermediate_size": 64}
@@ -49,7 +51,7 @@ def test_estimate_grows_with_steps_and_is_torch_free(source):
     short = estimate_chain_seconds(_spec(source, [{"shape": SMALL_SHAPE}], steps=100))
     long = estimate_chain_seconds(_spec(source, [{"shape": SMALL_SHAPE}], steps=1000))
     assert 0 < short < long
-    script = ("import json, sys; from cbd_engine.chain import estimate_chain_seconds; "
+    script = ("import json, sys; from cbd_engine.pipelines.chain import estimate_chain_seconds; "
               f"print(estimate_chain_seconds(json.loads({json.dumps(json.dumps(_spec(source, [{'size': '1M'}])))}))); "
               "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
@@ -114,9 +116,9 @@ def test_cli_registers_a_checkpoint_as_it_is(source, tmp_path):
 
 
 def test_dev_and_validation_rows_never_reach_training_or_calibration(source):
-    from cbd_engine.chain import ChainData
-    from cbd_engine.distill_config import DistillConfig
-    from cbd_engine.models import load_tokenizer
+    from cbd_engine.nn.loading import load_tokenizer
+    from cbd_engine.pipelines.chain import ChainData
+    from cbd_engine.spec.distill_config import DistillConfig
 
     data = ChainData.load({"path": str(DOLLY)}, source, DistillConfig(max_length=64))
     tokenizer = load_tokenizer(source)
@@ -137,8 +139,8 @@ def test_chain_data_from_a_hugging_face_folder_matches_the_jsonl_file(tmp_path):
     validation examples as dataset.path, and calibrates on the same training texts."""
     from distill_helpers import small_tokenizer
 
-    from cbd_engine.chain import ChainData
-    from cbd_engine.distill_config import DistillConfig
+    from cbd_engine.pipelines.chain import ChainData
+    from cbd_engine.spec.distill_config import DistillConfig
 
     lines = DOLLY.read_text().splitlines()[:200]
     (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n")
@@ -156,8 +158,8 @@ def test_chain_data_from_a_hugging_face_folder_matches_the_jsonl_file(tmp_path):
 
 
 def test_teacher_samples_join_the_training_rows_and_are_cached(source, tmp_path, monkeypatch):
-    from cbd_engine.chain import ChainData
-    from cbd_engine.distill_config import DistillConfig
+    from cbd_engine.pipelines.chain import ChainData
+    from cbd_engine.spec.distill_config import DistillConfig
 
     monkeypatch.setenv("CBD_GENERATIONS_DIR", str(tmp_path / "generations"))
     rows = DOLLY.read_text().splitlines()[:60]

@@ -14,7 +14,7 @@ import torch
 from conftest import DOLLY
 from distill_helpers import tiny_with_tokenizer
 
-from cbd_engine.models import load_model
+from cbd_engine.nn.loading import load_model
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 

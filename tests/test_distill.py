@@ -9,10 +9,13 @@ import torch
 from conftest import DOLLY
 from distill_helpers import assert_resumes_to_the_same_weights, dolly_examples, tiny_with_tokenizer
 
-from cbd_engine.batches import IGNORE, Batch, collate
-from cbd_engine.data import read_instruction_rows, split_rows
-from cbd_engine.distill import DistillConfig, StudentLoss, accumulate_gradients, batch_loss_sums, distill
-from cbd_engine.models import compile_decoders, load_model, load_tokenizer, response_loss
+from cbd_engine.data.batches import IGNORE, Batch, collate
+from cbd_engine.data.rows import read_instruction_rows, split_rows
+from cbd_engine.distillation.recipe import distill
+from cbd_engine.distillation.step import StudentLoss, accumulate_gradients, batch_loss_sums
+from cbd_engine.nn.loading import compile_decoders, load_model, load_tokenizer
+from cbd_engine.nn.validation import response_loss
+from cbd_engine.spec.distill_config import DistillConfig
 
 MAX_LENGTH = 64
 
@@ -151,7 +154,7 @@ def test_killed_run_resumes_to_the_same_weights(pair, data, tmp_path, mode):
 def test_sampled_responses_keep_the_prompt_and_skip_cross_entropy(pair, data):
     import random
 
-    from cbd_engine.distill import sample_responses
+    from cbd_engine.distillation.on_policy import sample_responses
 
     _, student = _models(pair)
     tokenizer = load_tokenizer(pair[1])
@@ -169,7 +172,7 @@ def test_sampled_responses_keep_the_prompt_and_skip_cross_entropy(pair, data):
 
 def test_cli_distill_and_folder_validation_loss(pair, tmp_path):
     from cbd_cli import main
-    from cbd_engine.models import validation_loss
+    from cbd_engine.nn.validation import validation_loss
 
     out = tmp_path / "cli"
     code = main(["distill", "--teacher", str(pair[0]), "--student", str(pair[1]), "--data", str(DOLLY), "--out",

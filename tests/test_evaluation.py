@@ -196,8 +196,9 @@ def test_generation_needs_room_for_the_prompt(char_tokenizer):
 
 
 def test_response_loss_task_matches_the_engines_response_loss(tiny_model):
-    from cbd_engine.data import read_instruction_rows
-    from cbd_engine.models import load_model, load_tokenizer, response_loss
+    from cbd_engine.data.rows import read_instruction_rows
+    from cbd_engine.nn.loading import load_model, load_tokenizer
+    from cbd_engine.nn.validation import response_loss
 
     folder = tiny_model("llama")
     results = evaluate(folder, [f"response_loss={DOLLY}"], limit=6, batch_size=4, device="cpu")
@@ -237,8 +238,8 @@ def test_cbd_eval_writes_every_task_with_metrics_rows_and_intervals(tiny_model, 
 
 @pytest.mark.slow
 def test_batched_greedy_generation_matches_one_prompt_at_a_time(smollm2):
-    from cbd_engine.data import read_instruction_rows
-    from cbd_engine.models import load_model, load_tokenizer
+    from cbd_engine.data.rows import read_instruction_rows
+    from cbd_engine.nn.loading import load_model, load_tokenizer
 
     model, tokenizer = load_model(smollm2).eval(), load_tokenizer(smollm2)
     rows = [row for row in read_instruction_rows(DOLLY) if not row.input][:3]  # short prompts, different lengths

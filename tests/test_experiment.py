@@ -12,7 +12,7 @@ import pytest
 from conftest import DOLLY, SHARED_DATA
 from distill_helpers import tiny_with_tokenizer
 
-from cbd_engine.experiment import plan_experiment, run_experiment
+from cbd_engine.pipelines.experiment import plan_experiment, run_experiment
 
 SHAPE = {"num_layers": 2, "hidden_size": 48, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16,
          "intermediate_size": 64}

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cbd_engine.losses import DIVERGENCES, LossConfig, chunked_token_losses, divergence, eager_token_losses
+from cbd_engine.nn.losses import DIVERGENCES, LossConfig, chunked_token_losses, divergence, eager_token_losses
 
 KINDS = [(kind, {}) for kind in DIVERGENCES] + [("jsd", {"beta": 0.1}), ("jsd", {"beta": 0.9})]
 
@@ -182,7 +182,7 @@ def test_bf16_is_close_to_fp32_in_value_and_gradient():
 def test_default_chunk_is_larger_on_accelerators():
     """CPU chunks bound the loss's memory; accelerator chunks are ~12x larger because each one costs a launch and a
     recomputation (measured on an H200, docs/DISTILLATION.md)."""
-    from cbd_engine.losses import default_chunk
+    from cbd_engine.nn.losses import default_chunk
 
     cpu, gpu = default_chunk(torch.device("cpu"), 49152), default_chunk(torch.device("cuda"), 49152)
     assert cpu * 49152 <= 2**23 < (cpu + 1) * 49152

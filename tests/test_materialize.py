@@ -12,14 +12,15 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from cbd_cli import main as cbd
-from cbd_engine.anchor import Anchor, Term
-from cbd_engine.calibration import Calibration, default_calibration
-from cbd_engine.checkpoint import read_config
-from cbd_engine.families import ModelSpec
-from cbd_engine.materialize import ImportanceSource, build_plan, iter_tensors, materialize, plan_pair, state_dict
-from cbd_engine.mixing import Pair
-from cbd_engine.shapes import ShapeError
-from cbd_engine.transforms import LayerMap, Plan, grown_eps
+from cbd_engine.data.calibration import Calibration, default_calibration
+from cbd_engine.materialization.anchor import Anchor, Term
+from cbd_engine.materialization.mixing import Pair
+from cbd_engine.materialization.planning import ImportanceSource, build_plan, plan_pair
+from cbd_engine.materialization.recipe import materialize
+from cbd_engine.materialization.stream import iter_tensors, state_dict
+from cbd_engine.materialization.transforms import LayerMap, Plan, grown_eps
+from cbd_engine.spec.families import ModelSpec, read_config
+from cbd_engine.spec.shapes import ShapeError
 
 FAMILIES = ["llama", "llama_untied_bias", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox"]
 IDS = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -240,7 +241,7 @@ def test_align_none_is_a_positional_merge_and_lineage_must_exist(tiny_model, tmp
 
 
 def test_activation_importance_is_computed_once_per_anchor_and_calibration(tiny_model, tmp_path, monkeypatch):
-    import cbd_engine.importance as importance
+    import cbd_engine.materialization.importance as importance
 
     monkeypatch.setenv("CBD_CACHE_DIR", str(tmp_path / "cache"))
     large = tiny_model("llama")
@@ -295,8 +296,9 @@ def test_auto_alpha_is_the_default_and_picks_the_best_of_a_grid_with_both_ends(t
     assert result.provenance["alphas"] == dict.fromkeys(("attention", "mlp", "embeddings_norms"), result.alpha)
     assert not result.provenance["quality"]["worse_than_alpha_0"]
     # the dev loss recorded is the written model's own (scored again from the files)
-    from cbd_engine.alpha_search import dev_examples
-    from cbd_engine.models import examples_loss, load_model, load_tokenizer
+    from cbd_engine.materialization.alpha_search import dev_examples
+    from cbd_engine.nn.loading import load_model, load_tokenizer
+    from cbd_engine.nn.validation import examples_loss
 
     tokenizer = load_tokenizer(tmp_path / "auto")
     loss = examples_loss(load_model(tmp_path / "auto"), dev_examples(tokenizer, default_calibration()),
@@ -509,8 +511,8 @@ def test_cli_heals_the_materialized_model_from_the_larger_anchor(tiny_model, tmp
 
 
 def test_heal_settings_are_the_chains_with_checkpoints_every_fifth_and_minillm_between_rollouts():
-    from cbd_engine.distill_config import DistillConfig
-    from cbd_engine.heal import heal_config
+    from cbd_engine.pipelines.heal import heal_config
+    from cbd_engine.spec.distill_config import DistillConfig
 
     config = heal_config(DistillConfig(learning_rate=1e-4, batch_size=4), 100)
     assert (config.steps, config.learning_rate, config.batch_size, config.checkpoint_every) == (100, 1e-4, 4, 20)

@@ -12,12 +12,8 @@ import torch
 from conftest import SHARED_DATA
 from distill_helpers import assert_resumes_to_the_same_weights, dolly_examples, tiny_with_tokenizer
 
-from cbd_engine.batches import IGNORE, Batch, collate
-from cbd_engine.checkpoint import copy_side_files
-from cbd_engine.distill import StudentLoss, distill
-from cbd_engine.distill_config import DistillConfig
-from cbd_engine.losses import divergence
-from cbd_engine.minillm import (
+from cbd_engine.data.batches import IGNORE, Batch, collate
+from cbd_engine.distillation.minillm import (
     PolicyDistillation,
     decode_step,
     future_advantages,
@@ -29,7 +25,12 @@ from cbd_engine.minillm import (
     sample_from_mixture,
     score_rollouts,
 )
-from cbd_engine.models import load_model, load_tokenizer
+from cbd_engine.distillation.recipe import distill
+from cbd_engine.distillation.step import StudentLoss
+from cbd_engine.io.checkpoint import copy_side_files
+from cbd_engine.nn.loading import load_model, load_tokenizer
+from cbd_engine.nn.losses import divergence
+from cbd_engine.spec.distill_config import DistillConfig
 
 MAX_LENGTH = 64
 SHAKESPEARE = SHARED_DATA / "text" / "tinyshakespeare.txt"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cbd_engine import progress
-from cbd_engine.progress import StageTimer
+from cbd_engine.spec import progress
+from cbd_engine.spec.progress import StageTimer
 
 
 @pytest.mark.parametrize(("first", "expected_eta"), [(0, 8 * 2.0), (10, 8 * 2.0)])

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from cbd_engine.families import ModelSpec
-from cbd_engine.shapes import Shape, ShapeError, parse_size, solve_shape
+from cbd_engine.spec.families import ModelSpec
+from cbd_engine.spec.shapes import Shape, ShapeError, parse_size, solve_shape
 
 GPT2_BASE = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024}
 
@@ -99,7 +99,8 @@ def test_shape_validation_messages():
 
 
 def test_shapes_module_does_not_import_torch():
-    code = "import sys, cbd_engine.shapes, cbd_engine.families, cbd_engine.data; print('torch' in sys.modules)"
+    code = ("import sys, cbd_engine.spec.shapes, cbd_engine.spec.families, cbd_engine.data.rows; "
+            "print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
@@ -109,7 +110,7 @@ SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
 
 
 def test_derived_anchor_shapes_cut_the_ffn_first_then_every_width():
-    from cbd_engine.shapes import solve_derived_shape
+    from cbd_engine.spec.shapes import solve_derived_shape
 
     spec = ModelSpec.from_config(SMOLLM2)
     arch, source = spec.architecture, spec.shape

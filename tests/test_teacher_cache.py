@@ -10,12 +10,19 @@ import pytest
 import torch
 from distill_helpers import VOCAB, assert_resumes_to_the_same_weights, dolly_examples, tiny_with_tokenizer
 
-from cbd_engine import teacher_cache
-from cbd_engine.batches import Example, collate, response_positions
-from cbd_engine.chain import parse_spec
-from cbd_engine.distill import DistillConfig, StudentLoss, batch_loss_sums, distill
-from cbd_engine.distill_config import MODES, TEACHER_CACHE_TAILS
-from cbd_engine.losses import (
+from cbd_engine.data.batches import Example, collate, response_positions
+from cbd_engine.distillation import teacher_cache
+from cbd_engine.distillation.recipe import distill
+from cbd_engine.distillation.step import StudentLoss, batch_loss_sums
+from cbd_engine.distillation.teacher_cache import (
+    CacheSettings,
+    TeacherCache,
+    build_teacher_cache,
+    cache_key,
+    teacher_top_k,
+)
+from cbd_engine.nn.loading import load_model
+from cbd_engine.nn.losses import (
     DIVERGENCES,
     TeacherTopK,
     bucket_log_probs,
@@ -23,8 +30,8 @@ from cbd_engine.losses import (
     divergence,
     sparse_divergence,
 )
-from cbd_engine.models import load_model
-from cbd_engine.teacher_cache import CacheSettings, TeacherCache, build_teacher_cache, cache_key, teacher_top_k
+from cbd_engine.spec.chain import parse_spec
+from cbd_engine.spec.distill_config import MODES, TEACHER_CACHE_TAILS, DistillConfig
 
 MAX_LENGTH = 64
 
@@ -245,7 +252,7 @@ def _config(tmp_path, **overrides) -> DistillConfig:
 
 
 def test_distillation_from_the_cache_learns_and_loads_the_teacher_once(pair, data, tmp_path, monkeypatch):
-    import cbd_engine.distill
+    import cbd_engine.distillation.recipe
 
     loaded = []
 
@@ -255,7 +262,7 @@ def test_distillation_from_the_cache_learns_and_loads_the_teacher_once(pair, dat
             return load(path, *args, **kwargs)
         return counted
 
-    for module in (cbd_engine.distill, teacher_cache):
+    for module in (cbd_engine.distillation.recipe, teacher_cache):
         monkeypatch.setattr(module, "load_model", counting(module.load_model))
     config = _config(tmp_path, eval_every=6)
     first = distill(pair[0], pair[1], data, tmp_path / "first", config)

@@ -11,9 +11,9 @@ import pytest
 from conftest import DOLLY, SHARED_DATA
 from distill_helpers import tiny_with_tokenizer
 
-from cbd_engine.batches import Example
-from cbd_engine.distill_config import DistillConfig
-from cbd_engine.train import steps_for_budget, train
+from cbd_engine.data.batches import Example
+from cbd_engine.distillation.train import steps_for_budget, train
+from cbd_engine.spec.distill_config import DistillConfig
 
 SETTINGS = {"batch_size": 4, "max_length": 64, "learning_rate": 3e-3, "eval_rows": 8, "eval_every": 3,
             "device": "cpu"}

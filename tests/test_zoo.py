@@ -7,7 +7,7 @@ import pytest
 def test_gpt2_tokenizer_matches_gpt2_ids():
     from transformers import AutoTokenizer
 
-    from cbd_engine.zoo import gpt2_tokenizer
+    from cbd_engine.io.zoo import gpt2_tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gpt2_tokenizer())
     assert len(tokenizer) == 50257 and tokenizer.eos_token_id == 50256
@@ -20,8 +20,7 @@ def test_gpt2_tokenizer_matches_gpt2_ids():
 
 @pytest.mark.slow
 def test_smollm2_is_the_real_model(smollm2):
-    from cbd_engine.checkpoint import read_config
-    from cbd_engine.families import ModelSpec
+    from cbd_engine.spec.families import ModelSpec, read_config
 
     spec = ModelSpec.from_config(read_config(smollm2))
     assert spec.num_params == 134_515_008 and spec.shape.num_layers == 30 and spec.shape.num_kv_heads == 3
@@ -30,7 +29,7 @@ def test_smollm2_is_the_real_model(smollm2):
 
 @pytest.mark.slow
 def test_zoo_names_resolve_as_chain_sources(smollm2, tmp_path):
-    from cbd_engine.chain import resolve_source
+    from cbd_engine.io.sources import resolve_source
 
     assert resolve_source("zoo:smollm2-135m-instruct", tmp_path / "cache") == smollm2
     with pytest.raises(ValueError, match="unknown zoo model"):

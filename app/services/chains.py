@@ -46,7 +46,7 @@ def is_registration(spec: dict) -> bool:
 def estimate_seconds(spec: dict) -> float | None:
     if is_registration(spec):
         return None
-    from cbd_engine.chain import estimate_chain_seconds
+    from cbd_engine.spec.estimate import estimate_chain_seconds
 
     try:
         return float(estimate_chain_seconds(spec))

@@ -67,7 +67,7 @@ def dispatch(session: Session, settings: Settings, job: Job) -> None:
     logged, not the caller's error: the job stays undispatched and the sweeper sends it later."""
     if settings.embedded:
         return
-    from worker.celery_app import send_job
+    from app.broker import send_job  # Celery loads only where a broker is used
 
     try:
         send_job(settings, job.kind, job.id, job.queue)

@@ -22,19 +22,17 @@ from app.services.pagination import paginate, where_given
 from app.services.sources import dataset_file, invalid
 from app.settings import Settings
 from app.storage import ArtifactStore
-from cbd_engine.calibration import DEV_ROWS, IMPORTANCE_ROWS
-from cbd_engine.chain import DECODING_SLOWDOWN, FLOPS_PER_SECOND, distillation_flops, distillation_settings
-from cbd_engine.evaluation import TASK_TYPES
-from cbd_engine.evaluation.samples import SAMPLE_PROMPTS, SAMPLE_TOKENS
-from cbd_engine.families import ModelSpec
-from cbd_engine.options import ALPHA_MODES
-from cbd_engine.shapes import SIZE_TOLERANCE, Shape, ShapeError, format_size, parse_size, solve_shape
+from cbd_engine.spec.chain import distillation_settings
+from cbd_engine.spec.estimate import DECODING_SLOWDOWN, FLOPS_PER_SECOND, distillation_flops
+from cbd_engine.spec.families import ModelSpec
+from cbd_engine.spec.options import ALPHA_MODES, DEV_ROWS, IMPORTANCE_ROWS, SAMPLE_PROMPTS, SAMPLE_TOKENS, TASK_TYPES
+from cbd_engine.spec.shapes import SIZE_TOLERANCE, Shape, ShapeError, format_size, parse_size, solve_shape
 
 RETRYABLE = ("failed", "cancelled")
 
 
 @dataclass(frozen=True)
-class Plan:
+class Landing:
     """Where a request lands: the chain, the two bracketing anchors, and the exact shape and count."""
 
     chain: Chain
@@ -80,7 +78,7 @@ def _range_text(chain: Chain) -> str:
     return f"chain {chain.id} serves {format_size(low)} to {format_size(high)} ({low} to {high})"
 
 
-def _plan_in_chain(chain: Chain, body: ModelCreate) -> Plan:
+def _plan_in_chain(chain: Chain, body: ModelCreate) -> Landing:
     pairs = _pairs(chain)
     if not pairs:
         raise invalid("chain", _range_text(chain))
@@ -95,7 +93,7 @@ def _plan_in_chain(chain: Chain, body: ModelCreate) -> Plan:
             raise invalid("shape", str(error)) from None
         for small, large in pairs:
             if _brackets(small, large, params):
-                return Plan(chain, small, large, shape, params, None)
+                return Landing(chain, small, large, shape, params, None)
         raise invalid("shape", f"this shape has {params} parameters; {_range_text(chain)}")
     target = parse_size(body.size)
     for small, large in pairs:
@@ -105,11 +103,11 @@ def _plan_in_chain(chain: Chain, body: ModelCreate) -> Plan:
                 shape, params = _solve(config, Shape.from_dict(small.shape), Shape.from_dict(large.shape), target)
             except ShapeError as error:
                 raise invalid("size", str(error)) from None
-            return Plan(chain, small, large, shape, params, target)
+            return Landing(chain, small, large, shape, params, target)
     raise invalid("size", f"size {format_size(target)} ({target}) is outside the range: {_range_text(chain)}")
 
 
-def plan(session: Session, body: ModelCreate) -> Plan:
+def plan(session: Session, body: ModelCreate) -> Landing:
     if body.chain is not None:
         chain = session.get(Chain, body.chain)
         if chain is None:
@@ -154,14 +152,14 @@ def heal_key(heal: HealIn | None) -> dict | None:
     return heal.model_dump() if heal is not None else None
 
 
-def identity(p: Plan, body: ModelCreate) -> str:
+def identity(p: Landing, body: ModelCreate) -> str:
     """The contract's identity: (chain, shape, alpha as requested, mix, heal, init, seed, dtype, engine version)."""
     key = [p.chain.id, p.shape.to_dict(), alpha_key(body.alpha), body.mix, heal_key(body.heal), body.init, body.seed,
            body.dtype, cbd_engine.__version__]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-# For estimates (FLOPs at the engine's figures per device, cbd_engine.chain.FLOPS_PER_SECOND): what the worker runs
+# For estimates (FLOPs at the engine's figures per device, spec/estimate.py FLOPS_PER_SECOND): what the worker runs
 TOKENS_PER_ROW = 200  # a calibration, dev or validation row, prompt and response
 AUTO_PASSES = 9  # alpha "auto": the grid's 7 candidates and the anchors' own dev losses
 FIXED_PASSES = 4  # another alpha: the model and alpha 0 scored for its quality, and the anchors' own dev losses
@@ -182,12 +180,12 @@ def samples_seconds(params: int, flops_per_second: float) -> float:
     return forward_seconds(params, tokens, flops_per_second)
 
 
-def heal_seconds(p: Plan, heal: HealIn, recipe: dict, flops_per_second: float) -> float:
+def heal_seconds(p: Landing, heal: HealIn, recipe: dict, flops_per_second: float) -> float:
     """K distillation steps of the chain's settings (the engine's count), the larger anchor teaching."""
     return distillation_flops({**recipe, "eval_every": 0}, heal.steps, p.params, p.large.params) / flops_per_second
 
 
-def estimate_seconds(settings: Settings, p: Plan, body: ModelCreate, queue: str) -> float:
+def estimate_seconds(settings: Settings, p: Landing, body: ModelCreate, queue: str) -> float:
     """Reading both anchors and writing the model (float32 bytes); activation importance of both anchors on the
     calibration's training rows (the first time: it is cached) and the dev rows scored for alpha and quality; heal
     steps when asked (422 when the chain's settings cannot heal); the validation loss and greedy samples."""

@@ -26,7 +26,7 @@ def readiness(session: Session, settings: Settings, store: ArtifactStore) -> dic
         checks["database"] = f"error: {error.__class__.__name__}"
     try:
         if settings.broker_url:
-            from worker.celery_app import broker_ping
+            from app.broker import broker_ping
 
             broker_ping(settings)
         checks["broker"] = "ok" if settings.broker_url else "embedded"

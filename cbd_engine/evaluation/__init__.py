@@ -1,4 +1,5 @@
-"""Evaluation of a model folder on local task files: `evaluate(model_dir, ["TYPE=PATH", ...])` -> results dict.
+"""Layer 5, beside materialization: evaluation of a model folder on local task files:
+`evaluate(model_dir, ["TYPE=PATH", ...])` -> results dict.
 
 Task types (TYPE=PATH; the result key is "TYPE:file-stem"):
 - perplexity       plain text, in windows of max_length tokens; token-level perplexity
@@ -17,12 +18,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cbd_engine.data import InstructionRow, read_instruction_rows
+from cbd_engine.data.rows import InstructionRow, read_instruction_rows
 from cbd_engine.evaluation.stats import mean_ci, ratio_ci, wilson_ci
 from cbd_engine.evaluation.tasks import choice_requests, read_choice_rows, read_summarization_rows
-from cbd_engine.progress import ProgressCallback, StageTimer, no_progress
+from cbd_engine.spec.options import TASK_TYPES
+from cbd_engine.spec.progress import ProgressCallback, StageTimer, no_progress
 
-TASK_TYPES = ("perplexity", "response_loss", "rougeL", "summarization", "multiple_choice")
 STOP_STRINGS = ("###",)  # the template's section marker: a model that writes one has started a new turn
 
 
@@ -72,7 +73,8 @@ def evaluate(model_dir: str | Path, tasks: list[str], limit: int | None = None, 
              progress: ProgressCallback = no_progress, device: str = "auto", max_length: int = 2048,
              max_new_tokens: int = 128, prompt_format: str = "alpaca", fewshot_path: str | None = None) -> dict:
     """Scores of the model in `model_dir` on each task; the structure `cbd eval` writes to results.json."""
-    from cbd_engine.models import load_model, load_tokenizer, resolve_device
+    from cbd_engine.nn.device import resolve_device
+    from cbd_engine.nn.loading import load_model, load_tokenizer
 
     specs = parse_tasks(tasks)
     if limit is not None and limit < 1:
@@ -138,9 +140,9 @@ def _nll(scores: list[tuple[float, int]]) -> tuple[float, tuple[float, float] | 
 
 
 def run_response_loss(model, tokenizer, spec: TaskSpec, settings: Settings, progress: ProgressCallback) -> dict:
-    # cbd_engine.models.response_loss gives the same mean (tested) but no per-row sums, so no interval: the rows are
+    # cbd_engine.nn.loading.response_loss gives the same mean (tested) but no per-row sums, so no interval: the rows are
     # encoded by the same encode_rows and scored here
-    from cbd_engine.batches import encode_rows
+    from cbd_engine.data.batches import encode_rows
     from cbd_engine.evaluation.scoring import loglikelihoods
 
     examples = encode_rows(tokenizer, _instruction_rows(spec, settings), settings.prompt_format, settings.max_length)
@@ -171,7 +173,7 @@ def run_perplexity(model, tokenizer, spec: TaskSpec, settings: Settings, progres
 
 def _rouge_result(model, tokenizer, spec: TaskSpec, settings: Settings, progress: ProgressCallback,
                   rows: list[InstructionRow]) -> dict:
-    from cbd_engine.batches import format_prompt
+    from cbd_engine.data.batches import format_prompt
     from cbd_engine.evaluation.scoring import greedy_generate, rouge_l
 
     prompts = [format_prompt(tokenizer, row, settings.prompt_format)[0] for row in rows]

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cbd_engine.data import InstructionRow
-
-SAMPLE_PROMPTS = ("What is the capital of France?", "Write a short poem about the sea.",
-                  "Give three tips for staying healthy.")
-SAMPLE_TOKENS = 48
+from cbd_engine.data.rows import InstructionRow
+from cbd_engine.spec.options import SAMPLE_PROMPTS, SAMPLE_TOKENS
 
 
 def sample_answers(model_dir: str | Path, prompts: tuple[str, ...] = SAMPLE_PROMPTS, prompt_format: str = "alpaca",
@@ -17,10 +14,10 @@ def sample_answers(model_dir: str | Path, prompts: tuple[str, ...] = SAMPLE_PROM
     """[{prompt, answer}]: greedy, in the chain's prompt format (the one its anchors were distilled on)."""
     import torch
 
-    from cbd_engine.batches import format_prompt
+    from cbd_engine.data.batches import format_prompt
     from cbd_engine.evaluation import STOP_STRINGS
     from cbd_engine.evaluation.scoring import greedy_generate
-    from cbd_engine.models import load_model, load_tokenizer
+    from cbd_engine.nn.loading import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     model = (model if model is not None else load_model(model_dir)).eval()

@@ -11,8 +11,9 @@ from collections.abc import Callable
 
 import torch
 
-from cbd_engine.batches import pad_id_of
-from cbd_engine.models import hidden_states, output_head
+from cbd_engine.data.batches import pad_id_of
+from cbd_engine.nn.generation import left_padded
+from cbd_engine.nn.loading import hidden_states, output_head
 
 TokenRequest = tuple[list[int], list[int]]  # (context ids, continuation ids)
 OnBatch = Callable[[int], None]  # called with the number of requests finished so far
@@ -97,12 +98,8 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        width = len(encoded[chunk[0]])
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, index in enumerate(chunk):
-            ids[row, width - len(encoded[index]) :] = torch.tensor(encoded[index])
-            mask[row, width - len(encoded[index]) :] = 1
+        ids, mask = left_padded([encoded[index] for index in chunk], pad)
+        width = ids.shape[1]
         generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                    max_new_tokens=max_new_tokens, pad_token_id=pad,
                                    eos_token_id=tokenizer.eos_token_id, **decoding)

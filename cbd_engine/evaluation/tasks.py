@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cbd_engine.data import InstructionRow
+from cbd_engine.data.rows import InstructionRow
 
 FEWSHOT_DELIMITER = "\n\n"
 TARGET_DELIMITER = " "

@@ -13,7 +13,7 @@ import os
 import time
 
 import worker.tasks
-from cbd_engine.progress import Cancelled
+from cbd_engine.spec.progress import Cancelled
 from worker.celery_app import celery  # noqa: F401 - the app Celery loads from this module
 from worker.runner import JobContext
 

@@ -157,8 +157,8 @@ def test_the_api_offers_exactly_the_engines_options(client: TestClient) -> None:
     from typing import Literal, get_args
 
     from app import schemas
-    from cbd_engine import distill_config, options
-    from cbd_engine.chain import CHAIN_ONLY_KEYS
+    from cbd_engine.spec import distill_config, options
+    from cbd_engine.spec.chain import CHAIN_ONLY_KEYS
 
     create = schemas.ModelCreate.model_fields
     assert get_args(create["init"].annotation) == options.INITS and get_args(create["mix"].annotation) == options.MIXES

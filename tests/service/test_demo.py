@@ -16,8 +16,8 @@ from sqlalchemy import select, update
 from app.db import make_engine, make_session_factory
 from app.models import Artifact, Chain, Job
 from app.settings import Settings
-from cbd_engine.calibration import DEFAULT_SET
-from cbd_engine.zoo import SMOLLM2_ID
+from cbd_engine.data.calibration import DEFAULT_SET
+from cbd_engine.spec.sources import SMOLLM2_ID
 from tests.service.conftest import free_port, run_pending
 from tests.service.test_api import make_model
 from worker.demo import DEMO_ANCHOR_SIZE, DEMO_DISTILLATION, DEMO_NAME, DEMO_OWNER, demo_chain_name, ensure_demo_chain

@@ -26,7 +26,7 @@ BOOLQ = SHARED_DATA / "multiple_choice" / "boolq_dev.jsonl"
 
 @pytest.fixture(scope="module")
 def derived_anchor(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Path:
-    from cbd_engine.materialize import materialize
+    from cbd_engine.materialization.recipe import materialize
 
     out = tmp_path_factory.mktemp("anchors") / "smollm2-90M"
     materialize(out, large=smollm2, size="90M", dtype="float32")

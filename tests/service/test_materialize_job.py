@@ -15,8 +15,8 @@ from sqlalchemy import select
 from app.db import make_engine, make_session_factory
 from app.models import Job
 from app.settings import Settings
-from cbd_engine.calibration import FILE_NAME
-from cbd_engine.progress import ProgressEvent
+from cbd_engine.data.calibration import FILE_NAME
+from cbd_engine.spec.progress import ProgressEvent
 from tests.service.conftest import DOLLY, run_pending
 from tests.service.test_api import midpoint
 from worker.runner import SHUTDOWN, JobContext

@@ -111,7 +111,7 @@ def test_the_worker_checks_dataset_hf_against_its_own_working_folder(
 
 
 def test_two_gguf_files_of_one_name_are_two_conversions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import cbd_engine.gguf_import
+    import cbd_engine.io.gguf
     from worker.tasks import source_folder
 
     def fake_import(path: Path, target: Path) -> Path:  # the conversion records what it converted
@@ -119,7 +119,7 @@ def test_two_gguf_files_of_one_name_are_two_conversions(tmp_path: Path, monkeypa
         (target / "config.json").write_bytes(path.read_bytes())
         return target
 
-    monkeypatch.setattr(cbd_engine.gguf_import, "import_gguf", fake_import)
+    monkeypatch.setattr(cbd_engine.io.gguf, "import_gguf", fake_import)
     first, second = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf"
     for path, content in ((first, b"GGUF one"), (second, b"GGUF two")):
         path.parent.mkdir()

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from app.db import make_engine, make_session_factory
 from app.models import Job
 from app.settings import Settings
-from cbd_engine.progress import Cancelled, ProgressEvent
+from cbd_engine.spec.progress import Cancelled, ProgressEvent
 from tests.service.conftest import REDIS_URL, require_service
 from tests.service.test_api import midpoint
 from worker.runner import EXIT_HARD_TIME_LIMIT, JobContext, LeaseLost, claim, run_job
@@ -157,7 +157,7 @@ def test_a_job_whose_workers_keep_dying_fails_instead_of_running_again(factory, 
 
 def test_a_failed_materialization_leaves_no_work_files(settings: Settings, client: TestClient, queued_job: str,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import cbd_engine.materialize
+    import cbd_engine.materialization.recipe
     from tests.service.conftest import run_pending
 
     def half_written(out: Path, **kwargs: object) -> None:
@@ -165,7 +165,7 @@ def test_a_failed_materialization_leaves_no_work_files(settings: Settings, clien
         (out / "model.safetensors").write_bytes(b"half")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(cbd_engine.materialize, "materialize", half_written)
+    monkeypatch.setattr(cbd_engine.materialization.recipe, "materialize", half_written)
     assert run_pending(settings) == ["failed"]
     job = client.get(f"/jobs/{queued_job}").json()
     assert job["error"] == "OSError: No space left on device"
