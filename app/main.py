@@ -19,9 +19,10 @@ import cbd_engine
 from app.auth import RateLimiter, TokenCache, configured_tokens
 from app.db import make_engine, make_session_factory
 from app.errors import install_error_handlers, problem, problem_openapi
-from app.routers import chains, files, hub, jobs, models, operations
+from app.routers import chains, console, files, hub, jobs, models, operations
 from app.services.files import collect_blobs
 from app.services.jobs import requeue_expired
+from app.services.links import link_key
 from app.services.operations import JobsCollector
 from app.settings import Settings
 from app.storage import open_store
@@ -164,11 +165,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_redis_url)
     app.state.token_cache = TokenCache(settings.token_cache_seconds)
     app.state.configured_tokens = configured_tokens(settings)
+    app.state.link_key = link_key(settings)
     app.state.registry = CollectorRegistry()
     app.state.registry.register(JobsCollector(app.state.session_factory, settings))
     install_error_handlers(app)
-    for module in (chains, models, jobs, files, hub, operations):
+    for module in (chains, models, jobs, files, hub, operations, console):
         app.include_router(module.router)
+    app.mount("/ui/static", console.static, name="console-static")
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(HostCheck, hosts=settings.served_hosts)
     if settings.trusted_proxies:  # the client address (rate limits with auth off) from X-Forwarded-For
