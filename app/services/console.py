@@ -38,7 +38,9 @@ def human_params(count: float) -> str:
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return "unknown"
-    seconds = max(0, round(seconds))
+    if seconds < 1:
+        return "under a second"
+    seconds = round(seconds)
     if seconds < 60:
         return f"{seconds} s"
     minutes, seconds = divmod(seconds, 60)

@@ -298,3 +298,22 @@ def test_a_first_user_requests_a_size_watches_the_job_and_downloads_the_model(li
 def exact_midpoint(page: object) -> int:
     size = page.get_by_label("Parameters, exact count")
     return (int(size.get_attribute("min")) + int(size.get_attribute("max"))) // 2
+
+
+def test_jobs_refresh_while_active_and_offer_cancel_to_those_allowed(tmp_path: Path,
+                                                                      tiny_anchors: tuple[Path, Path]) -> None:
+    settings = make_settings(tmp_path, auth="on")
+    with TestClient(create_app(settings)) as client:
+        with client.app.state.session_factory() as session:
+            tokens = {scopes: create_token(session, scopes.split(","))[0] for scopes in ("read", "read,build")}
+        builder = {"Authorization": f"Bearer {tokens['read,build']}"}
+        chain = register(client, settings, *tiny_anchors, **builder)
+        body = {"chain": chain["id"], "size": midpoint(chain)}
+        job = client.post("/models", json=body, headers=builder).json()["job"]
+        mine = client.get("/ui/fragments/jobs", headers=builder).text
+        assert f'data-cancel="{job["id"]}"' in mine and "data-refresh" in mine and "estimated" in mine
+        read_only = client.get(f"/ui/fragments/jobs/{job['id']}", headers={"Authorization": f"Bearer {tokens['read']}"})
+        assert "data-cancel" not in read_only.text and "queued" in read_only.text
+        assert client.post(f"/jobs/{job['id']}/cancel", headers=builder).status_code == 202
+        done = client.get(f"/ui/fragments/jobs/{job['id']}", headers=builder).text
+        assert "cancelled" in done and "data-cancel" not in done and "data-refresh" not in done

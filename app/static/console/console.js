@@ -95,7 +95,8 @@ function humanParams(count) {
 }
 
 function duration(seconds) {
-  seconds = Math.max(0, Math.round(seconds));
+  if (seconds < 1) return "under a second";
+  seconds = Math.round(seconds);
   if (seconds < 60) return `${seconds} s`;
   const minutes = Math.floor(seconds / 60);
   if (minutes < 60) return `${minutes} min ${seconds % 60} s`;
