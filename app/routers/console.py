@@ -22,6 +22,7 @@ from app.services import console
 
 HERE = Path(__file__).resolve().parent.parent
 templates = Jinja2Templates(directory=HERE / "templates" / "console")
+templates.env.trim_blocks = templates.env.lstrip_blocks = True  # no blank lines per loop turn (1,000 chart points)
 templates.env.filters.update(params=console.human_params, duration=console.duration, when=console.when)
 static = StaticFiles(directory=HERE / "static" / "console")
 router = APIRouter(prefix="/ui", include_in_schema=False)

@@ -61,8 +61,9 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
 
 
 def _scale(ticks: list[float], a: float, b: float) -> Callable[[float], float]:
+    """Data to pixels, to a tenth of a pixel (a page of 1,000 points stays small)."""
     low, high = ticks[0], ticks[-1]
-    return lambda value: a + (value - low) / (high - low) * (b - a)
+    return lambda value: round(a + (value - low) / (high - low) * (b - a), 1)
 
 
 def plot(x_label: str, y_label: str, x_values: Sequence[float], y_values: Sequence[float],
@@ -108,7 +109,7 @@ def curves(series: dict[str, list[tuple[float, float]]]) -> Chart | None:
     chart, sx, sy = plot("step", "loss", xs, ys, lambda v: f"{v:g}", lambda v: f"{v:.3g}")
     for name, values in series.items():
         chart.lines.append(Line(name.replace("_", "-"), name.replace("_", " "),
-                                " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in values)))
+                                " ".join(f"{sx(x)},{sy(y)}" for x, y in values)))
         if len(values) == 1:  # a lone measurement shows as a point
             x, y = values[0]
             chart.marks.append(Mark(sx(x), sy(y), name.replace("_", "-"), f"{name.replace('_', ' ')} {y:.4f} at {x:g}"))

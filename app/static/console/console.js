@@ -185,7 +185,7 @@ const tooltip = document.getElementById("tooltip");
 function wirePoint(point) {
   const show = () => {
     const box = point.getBoundingClientRect();
-    tooltip.textContent = point.dataset.tip;
+    tooltip.textContent = point.getAttribute("aria-label");
     tooltip.hidden = false;
     tooltip.style.left = `${window.scrollX + box.left + box.width / 2}px`;
     tooltip.style.top = `${window.scrollY + box.top - 8}px`;
