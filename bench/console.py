@@ -46,6 +46,11 @@ def shape(layers: int, intermediate: int) -> dict:
             "intermediate_size": intermediate, **FIXED}
 
 
+def loss(params: int) -> float:
+    """A made-up validation loss falling with size, for the chart to have a curve."""
+    return 1.6 + 0.6 * (1 - params / ANCHORS[0][0])
+
+
 def fill(settings: Settings, count: int) -> tuple[str, str, str]:
     """The registry: returns the chain's, one model's and one job's id."""
     rng = random.Random(0)
@@ -60,7 +65,7 @@ def fill(settings: Settings, count: int) -> tuple[str, str, str]:
         for index, (params, layers, intermediate) in enumerate(ANCHORS):
             config = {**CONFIG, "num_hidden_layers": layers, "intermediate_size": intermediate}
             anchor = Anchor(chain_id=chain.id, index=index, params=params, shape=shape(layers, intermediate),
-                            config=config, status="ready", metrics={"validation_loss": 1.6 + 0.3 * index})
+                            config=config, status="ready", metrics={"validation_loss": loss(params)})
             session.add(anchor)
             anchors.append(anchor)
         session.flush()
@@ -68,7 +73,7 @@ def fill(settings: Settings, count: int) -> tuple[str, str, str]:
         for i in range(count):
             large, small = (anchors[0], anchors[1]) if i % 2 else (anchors[1], anchors[2])
             params = rng.randint(small.params, large.params)
-            metrics = {"validation_loss": 1.6 + 0.6 * (1 - params / ANCHORS[0][0]) + rng.random() * 0.05,
+            metrics = {"validation_loss": loss(params) + rng.random() * 0.04,
                        "anchors_validation_loss": {small.id: small.metrics["validation_loss"],
                                                    large.id: large.metrics["validation_loss"]},
                        "dev_loss": 1.7, "alpha_0_dev_loss": 1.75, "alphas": {"attention": 0.5, "mlp": 0.4},

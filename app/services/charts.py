@@ -60,6 +60,12 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     return [first + i * step for i in range(int(math.ceil((high - first) / step - 1e-9)) + 1)]
 
 
+def padded(values: Sequence[float], share: float = 0.04) -> tuple[float, float]:
+    """The values' range widened a little, so that no point sits on the frame."""
+    low, high = min(values), max(values)
+    return low - share * (high - low), high + share * (high - low)
+
+
 def _scale(ticks: list[float], a: float, b: float) -> Callable[[float], float]:
     """Data to pixels, to a tenth of a pixel (a page of 1,000 points stays small)."""
     low, high = ticks[0], ticks[-1]
@@ -69,7 +75,7 @@ def _scale(ticks: list[float], a: float, b: float) -> Callable[[float], float]:
 def plot(x_label: str, y_label: str, x_values: Sequence[float], y_values: Sequence[float],
          x_text: Callable[[float], str], y_text: Callable[[float], str]) -> tuple[Chart, Callable, Callable]:
     """Axes covering the values, and the functions from data to pixels."""
-    x_ticks, y_ticks = nice_ticks(min(x_values), max(x_values)), nice_ticks(min(y_values), max(y_values))
+    x_ticks, y_ticks = nice_ticks(*padded(x_values)), nice_ticks(*padded(y_values))
     chart = Chart(x_label, y_label, [], [])
     sx, sy = _scale(x_ticks, chart.left, chart.right), _scale(y_ticks, chart.bottom, chart.top)
     chart.x_ticks.extend((sx(t), x_text(t)) for t in x_ticks)

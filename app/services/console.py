@@ -131,13 +131,14 @@ def chain_view(session: Session, store: ArtifactStore, chain_id: str) -> ChainVi
 
 
 def chain_chart(chain: ChainOut, rows: list[tuple]) -> Chart | None:
-    points = [Point(a.params, a.metrics["validation_loss"], "source" if a.index == 0 else "anchor",
-                    f"{'source' if a.index == 0 else f'anchor {a.index}'}: {a.params:,} parameters, "
-                    f"validation loss {a.metrics['validation_loss']:.4f}")
-              for a in chain.anchors if a.metrics.get("validation_loss") is not None]
-    points += [Point(params, loss, "model", f"{model_id}: {params:,} parameters, validation loss {loss:.4f}",
-                     f"/ui/models/{model_id}") for model_id, params, status, loss in rows
-               if loss is not None and status == "ready"]
+    """Every ready model of the chain, then the anchors on top of them."""
+    points = [Point(params, loss, "model", f"{model_id}: {params:,} parameters, validation loss {loss:.4f}",
+                    f"/ui/models/{model_id}") for model_id, params, status, loss in rows
+              if loss is not None and status == "ready"]
+    points += [Point(a.params, a.metrics["validation_loss"], "source" if a.index == 0 else "anchor",
+                     f"{'source' if a.index == 0 else f'anchor {a.index}'}: {a.params:,} parameters, "
+                     f"validation loss {a.metrics['validation_loss']:.4f}")
+               for a in chain.anchors if a.metrics.get("validation_loss") is not None]
     return size_quality(points, human_params)
 
 
