@@ -26,7 +26,8 @@ templates.env.trim_blocks = templates.env.lstrip_blocks = True  # no blank lines
 templates.env.filters.update(params=console.human_params, duration=console.duration, when=console.when)
 static = StaticFiles(directory=HERE / "static" / "console")
 router = APIRouter(prefix="/ui", include_in_schema=False)
-Id = Annotated[str, PathParam(max_length=40)]
+# ids as the registry makes them: a page puts its id into the URL its script fetches, so nothing else may pass
+Id = Annotated[str, PathParam(max_length=40, pattern=r"^[A-Za-z0-9_]+$")]
 
 # the pages' own policy: scripts, styles and requests of this origin only; no framing; no referrer (a signed link
 # in a URL goes nowhere else)

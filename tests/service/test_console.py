@@ -124,6 +124,9 @@ def test_pages_are_shells_and_fragments_need_a_token(tmp_path: Path, tiny_anchor
         assert 'id="request-form"' not in fragment.text and "lacks the <code>build</code> scope" in fragment.text
         assert "/ui/fragments" not in client.get("/openapi.json").text  # the console is not the API's contract
         assert_problem(client.get("/ui/fragments/models/nope", headers={"Authorization": f"Bearer {reader}"}), 404)
+        # a page's id goes into the URL its script fetches: only the registry's own characters (no "..", no "\\")
+        for odd in ("%2E%2E", "..%5C..%5Cmodels%5Cx", "a.b"):
+            assert_problem(client.get(f"/ui/chains/{odd}"), 422)
 
 
 def test_a_chain_with_a_distillation_curve_shows_it(client: TestClient, settings: Settings,

@@ -53,11 +53,11 @@ async function load() {
   } catch (error) {
     return;
   }
-  if (!response.ok) {
+  if (!response.ok || !(response.headers.get("content-type") || "").startsWith("text/html")) {
     const alert = document.createElement("p");
     alert.className = "error";
     alert.setAttribute("role", "alert");
-    alert.textContent = await problem(response);
+    alert.textContent = response.ok ? "not a page of the console" : await problem(response);
     main.replaceChildren(alert);
     return;
   }
