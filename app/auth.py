@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import delete, select
@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from app.errors import ApiError
 from app.models import Token
+from app.services import links
 from app.settings import Settings
 
 SCOPES = ("read", "build", "admin")
@@ -176,14 +177,39 @@ def require(scope: str) -> Callable[..., Awaitable[Principal]]:
         principal = await authenticate(request, credentials)
         if not principal.has(scope):
             raise ApiError(403, f"this token lacks the {scope!r} scope (it has {', '.join(sorted(principal.scopes))})")
-        key = principal.name if principal.name != "anonymous" else f"ip:{request.client.host if request.client else ''}"
-        wait = await request.app.state.rate_limiter.check(key)
-        if wait is not None:
-            raise ApiError(429, f"rate limit of {request.app.state.settings.rate_limit_per_minute} requests per "
-                                "minute exceeded", headers={"Retry-After": str(max(1, round(wait)))})
+        await rate_limit(request, principal)
         return principal
 
     return dependency
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+async def rate_limit(request: Request, principal: Principal) -> None:
+    key = principal.name if principal.name != "anonymous" else f"ip:{client_address(request)}"
+    wait = await request.app.state.rate_limiter.check(key)
+    if wait is not None:
+        raise ApiError(429, f"rate limit of {request.app.state.settings.rate_limit_per_minute} requests per "
+                            "minute exceeded", headers={"Retry-After": str(max(1, round(wait)))})
+
+
+async def reader_or_link(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    expires: Annotated[int | None, Query(ge=0, le=2**40, description="a signed link's expiry (Unix seconds)")] = None,
+    signature: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$", description="a signed link's signature")] = None,
+) -> Principal:
+    """Downloads: a `read` token, or a signed link (`?expires=&signature=` from POST /models/{id}/signed-links),
+    checked whether auth is on or off."""
+    if expires is None and signature is None:
+        return await require("read")(request, credentials)
+    if expires is None or signature is None:
+        raise ApiError(403, "a signed link carries both expires and signature")
+    links.check(request.app.state.link_key, request.url.path, expires, signature)
+    principal = Principal(f"link:{client_address(request)}", frozenset({"read"}))
+    await rate_limit(request, principal)
+    return principal
 
 
 def create_token(session: Session, scopes: list[str], name: str = "") -> tuple[str, Token]:

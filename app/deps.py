@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Query, Request
 from sqlalchemy.orm import Session
 
-from app.auth import Principal, require
+from app.auth import Principal, reader_or_link, require
 from app.db import get_session
 from app.settings import Settings
 from app.storage import ArtifactStore
@@ -25,6 +25,7 @@ SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 Reader = Annotated[Principal, Depends(require("read"))]
+LinkReader = Annotated[Principal, Depends(reader_or_link)]  # a read token or a signed link
 Builder = Annotated[Principal, Depends(require("build"))]
 Admin = Annotated[Principal, Depends(require("admin"))]
 Limit = Annotated[int, Query(ge=1, le=500, description="items per page")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
@@ -19,9 +20,10 @@ import cbd_engine
 from app.auth import RateLimiter, TokenCache, configured_tokens
 from app.db import make_engine, make_session_factory
 from app.errors import install_error_handlers, problem, problem_openapi
-from app.routers import chains, files, hub, jobs, models, operations
+from app.routers import chains, console, files, hub, jobs, models, operations
 from app.services.files import collect_blobs
 from app.services.jobs import requeue_expired
+from app.services.links import link_key
 from app.services.operations import JobsCollector
 from app.settings import Settings
 from app.storage import open_store
@@ -144,10 +146,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     periodic = [asyncio.create_task(_every(app, stop, collect_every, _collect_once))]
     if not settings.embedded:
         periodic.append(asyncio.create_task(_every(app, stop, settings.lease_seconds / 2, _sweep_once)))
+    # what the process holds once started (modules, the app, its routes) lives as long as it does: out of every later
+    # collection, whose full passes would otherwise scan it all (the console's chain page of 1,000 models: 95th
+    # percentile 92 -> 20 ms, bench/console.py)
+    gc.collect()
+    gc.freeze()
     if not settings.auth_enabled:
         log.warning("authentication is OFF (CBD_AUTH=%s on %s): every request has every scope", settings.auth,
                     settings.host)
     yield
+    gc.unfreeze()  # collectable again once this app stops (a test process starts many)
     stop.set()
     await asyncio.gather(*periodic)
     app.state.engine.dispose()
@@ -164,11 +172,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_redis_url)
     app.state.token_cache = TokenCache(settings.token_cache_seconds)
     app.state.configured_tokens = configured_tokens(settings)
+    app.state.link_key = link_key(settings)
     app.state.registry = CollectorRegistry()
     app.state.registry.register(JobsCollector(app.state.session_factory, settings))
     install_error_handlers(app)
-    for module in (chains, models, jobs, files, hub, operations):
+    for module in (chains, models, jobs, files, hub, operations, console):
         app.include_router(module.router)
+    app.mount("/ui/static", console.static, name="console-static")
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(HostCheck, hosts=settings.served_hosts)
     if settings.trusted_proxies:  # the client address (rate limits with auth off) from X-Forwarded-For

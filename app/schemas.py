@@ -300,6 +300,30 @@ class ModelOut(BaseModel):
     created_at: Timestamp
 
 
+class ModelRef(BaseModel):
+    id: str
+    status: ResourceStatus
+    url: str
+
+
+class ModelPlan(BaseModel):
+    """What POST /models would make for this body, without making it."""
+
+    chain: str
+    anchors: list[str] = Field(description="the smaller and the larger bracketing anchor")
+    size: int | None = Field(description="the size requested (null for a shape)")
+    params: int = Field(description="the exact parameter count of the shape")
+    shape: dict[str, Any]
+    queue: str
+    estimated_seconds: float
+    existing: ModelRef | None = Field(description="an identical model: POST /models answers 200 with it")
+
+
+class SignedLinks(BaseModel):
+    expires_at: Timestamp
+    files: list[FileOut] = Field(description="each url works without a bearer header until expires_at")
+
+
 class Progress(BaseModel):
     stage: str | None = None
     step: int | None = None

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     # a blob no row names is removed only once this old: a worker records a model's rows within it of writing the
     # model's blobs (which another model's delete may name too)
     blob_grace_seconds: float = 6 * 3600.0
+    # HMAC key of the short-lived download links (POST /models/{id}/signed-links, the console's downloads); empty: a
+    # random key per API process, so set it when several API processes serve one registry
+    signing_secret: str = ""
+    signed_link_seconds: float = Field(default=300.0, gt=0, le=7 * 24 * 3600.0)  # how long a signed link works
     webhook_url: str = ""
     webhook_secret: str = ""
     webhook_timeout_seconds: float = 30.0  # a webhook's whole delivery, retries included (off the job lane)

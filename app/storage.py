@@ -26,6 +26,7 @@ _CHUNK = 8 << 20
 SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"}
 # side files a model folder may carry besides its weights; pickled formats (*.bin, *.pt, *.pth, *.pkl) never are
 ALLOWED_SUFFIXES = (".safetensors", ".json", ".jinja", ".txt", ".model", ".md")
+ALLOWED_NAMES = ("loss_curve.csv",)  # a distilled anchor's curve (cbd_engine.distill), which the console draws
 
 
 class ArtifactError(ValueError):
@@ -100,7 +101,7 @@ def model_files(folder: Path, roots: Sequence[Path]) -> list[Path]:
             raise ArtifactError(f"{path.name}: a link to a file outside the server's allowed roots")
         if path.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"):
             raise ArtifactError(f"{path.name}: pickled weights are not accepted; use safetensors")
-        if path.suffix not in ALLOWED_SUFFIXES:
+        if path.suffix not in ALLOWED_SUFFIXES and path.name not in ALLOWED_NAMES:
             continue
         if path.suffix == ".safetensors":
             validate_safetensors(path)

@@ -5,7 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response
 
-from app.deps import Reader, SessionDep, StoreDep
+from app.deps import LinkReader, Reader, SessionDep, StoreDep
 from app.errors import ApiError, problem_responses
 from app.services import chains, files, models
 
@@ -29,7 +29,7 @@ def file_route(router: APIRouter, path: str) -> Callable[[Callable[..., Response
 
 @file_route(router, "/models/{model_id}/files/{name}")
 def model_file(model_id: str, name: str, request: Request, session: SessionDep, store: StoreDep,
-               principal: Reader) -> Response:
+               principal: LinkReader) -> Response:
     model = models.get_model(session, model_id)
     if model.status != "ready":
         raise ApiError(404, f"model {model.id} is {model.status}; its files appear when it is ready")

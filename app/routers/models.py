@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 
 from app.deps import Admin, Builder, IdempotencyKeyHeader, Limit, PageToken, Reader, SessionDep, SettingsDep, StoreDep
 from app.errors import problem_responses
-from app.schemas import EvaluationCreate, JobRef, ModelCreate, ModelOut, Page, ResourceStatus
+from app.schemas import EvaluationCreate, JobRef, ModelCreate, ModelOut, ModelPlan, Page, ResourceStatus, SignedLinks
 from app.services import idempotency, jobs, models
 
 router = APIRouter(tags=["models"], responses=problem_responses(400, 401, 403, 429))
@@ -24,6 +24,19 @@ def create_model(body: ModelCreate, session: SessionDep, settings: SettingsDep, 
     if out.job is not None and started:
         response.headers["Location"] = out.job.url
     return out
+
+
+@router.post("/models/plan", response_model=ModelPlan, responses=problem_responses(409, 413, 422))
+def plan_model(body: ModelCreate, session: SessionDep, settings: SettingsDep, principal: Reader) -> ModelPlan:
+    """What POST /models would make for this body (shape, exact count, estimate, an identical model), made nothing."""
+    return models.preview(session, settings, body)
+
+
+@router.post("/models/{model_id}/signed-links", response_model=SignedLinks, responses=problem_responses(404, 409))
+def sign_links(model_id: str, request: Request, session: SessionDep, settings: SettingsDep,
+               principal: Reader) -> SignedLinks:
+    """Links to the model's files that work without a bearer header until `expires_at` (CBD_SIGNED_LINK_SECONDS)."""
+    return models.signed_links(session, request.app.state.link_key, settings.signed_link_seconds, model_id)
 
 
 @router.get("/models", response_model=Page[ModelOut], responses=problem_responses(422))

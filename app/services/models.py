@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from functools import lru_cache
 from typing import NoReturn
 
@@ -15,8 +17,8 @@ from sqlalchemy.orm import Session
 import cbd_engine
 from app.errors import ApiError, not_found
 from app.models import Anchor, Chain, Job, Model
-from app.schemas import EvaluationCreate, HealIn, ModelCreate, ModelOut, Page
-from app.services import jobs
+from app.schemas import EvaluationCreate, FileOut, HealIn, ModelCreate, ModelOut, ModelPlan, ModelRef, Page, SignedLinks
+from app.services import jobs, links
 from app.services.files import artifacts, collect_blobs, files_out, remove_artifacts
 from app.services.pagination import paginate, where_given
 from app.services.sources import dataset_file, invalid
@@ -209,6 +211,27 @@ def heal_recipe(chain: Chain) -> dict:
         raise invalid("heal", f"chain {chain.id}'s distillation settings cannot heal a model: {error}") from None
 
 
+def budgeted_estimate(settings: Settings, p: Landing, body: ModelCreate, queue: str) -> float:
+    """The job's estimate; 422 above the server's budget."""
+    estimate = estimate_seconds(settings, p, body, queue)
+    jobs.check_budget(settings, estimate, f"materializing {format_size(p.params)}")
+    return estimate
+
+
+def preview(session: Session, settings: Settings, body: ModelCreate) -> ModelPlan:
+    """POST /models without its effects: the shape, the exact count, the estimate, and an identical model (the one
+    POST /models would answer with), or the same errors."""
+    p = plan(session, body)
+    existing = session.scalar(select(Model).where(Model.identity == identity(p, body)))
+    queue = jobs.queue_for(body.device, settings)
+    estimate = budgeted_estimate(settings, p, body, queue)
+    reused = existing is not None and existing.status not in RETRYABLE
+    return ModelPlan(chain=p.chain.id, anchors=[p.small.id, p.large.id], size=p.size, params=p.params,
+                     shape=p.shape.to_dict(), queue=queue, estimated_seconds=estimate,
+                     existing=ModelRef(id=existing.id, status=existing.status, url=f"/models/{existing.id}")
+                     if reused else None)
+
+
 def request_model(session: Session, settings: Settings, body: ModelCreate, owner: str) -> tuple[Model, bool]:
     """(model, started): an identical request gets the existing model; two at once materialize once."""
     p = plan(session, body)
@@ -217,8 +240,7 @@ def request_model(session: Session, settings: Settings, body: ModelCreate, owner
     if existing is not None and existing.status not in RETRYABLE:
         return existing, False
     queue = jobs.queue_for(body.device, settings)
-    estimate = estimate_seconds(settings, p, body, queue)
-    jobs.check_budget(settings, estimate, f"materializing {format_size(p.params)}")
+    estimate = budgeted_estimate(settings, p, body, queue)
     jobs.check_capacity(session, settings, owner)
     if existing is not None:  # a failed or cancelled model is made again on request, by one of concurrent requests
         retried = session.execute(update(Model).where(Model.id == existing.id, Model.status.in_(RETRYABLE))
@@ -268,6 +290,17 @@ def model_out(session: Session, model: Model) -> ModelOut:
                     files=files_out(rows, f"/models/{model.id}/files"),
                     provenance=model.provenance or {}, job=jobs.job_ref(jobs.latest_job(session, model.id)),
                     hub_repo_id=f"cbd/{model.id}", created_at=model.created_at)
+
+
+def signed_links(session: Session, key: bytes, seconds: float, model_id: str) -> SignedLinks:
+    """Links to each file of a ready model that work without a bearer header for `seconds`."""
+    model = get_model(session, model_id)
+    if model.status != "ready":
+        raise ApiError(409, f"model {model.id} is {model.status}; its files appear when it is ready")
+    expires = int(time.time() + seconds)
+    files = [FileOut(**{**item.model_dump(), "url": links.sign(key, item.url, expires)})
+             for item in files_out(artifacts(session, model.id), f"/models/{model.id}/files")]
+    return SignedLinks(expires_at=datetime.fromtimestamp(expires, timezone.utc), files=files)
 
 
 def list_models(session: Session, limit: int, page_token: str | None, chain: str | None, source: str | None,
