@@ -2,7 +2,8 @@
 corresponding units and not unrelated ones.
 
 S(large) has already chosen which large unit sits at each target position. Here E(small) chooses which of its units
-goes to each position by Hungarian assignment on weight similarity (scipy's linear_sum_assignment):
+goes to each position by an optimal assignment on weight similarity (scipy's linear_sum_assignment, skipped when
+every unit's best match is its own, as between models whose units already correspond):
 
 1. residual channels by the correlation of their embedding (and head) columns over the shared vocabulary;
 2. layers by relative depth;
@@ -13,6 +14,8 @@ The unit features come from the family's axis declarations, so every family is a
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -28,15 +31,35 @@ from cbd_engine.spec.families import FFN, HEADS, KV_HEADS, POSITIONS, RESIDUAL, 
 from cbd_engine.spec.shapes import Shape
 
 
-def _assign(similarity: torch.Tensor) -> list[int]:
-    """For each column (target position), the row (source unit) assigned to it, NEW where none: maximal total."""
-    from scipy.optimize import linear_sum_assignment  # 0.3 s to import; only this path needs it
+@dataclass
+class Assignments:
+    """How many unit assignments the alignment made, and how many of them needed a solve: anchors whose units
+    already correspond (fine-tunes of one base, a perturbed copy) need none."""
 
-    rows, cols = linear_sum_assignment(similarity.double().numpy(), maximize=True)
-    placed = [NEW] * similarity.shape[1]
-    for row, col in zip(rows.tolist(), cols.tolist(), strict=True):
-        placed[col] = row
-    return placed
+    made: int = 0
+    solved: int = 0
+
+    def assign(self, similarity: torch.Tensor) -> list[int]:
+        """For each column (target position), the row (source unit) assigned to it, NEW where none: maximal total.
+
+        When each unit of the smaller side has a best match of its own, distinct from every other's, pairing each with
+        it is the optimum (every term is at its own maximum: no assignment can do better), found in O(n m) instead of
+        the O(n^3) Hungarian solve (scipy's linear_sum_assignment, which also costs 0.3 s to import)."""
+        self.made += 1
+        rows, columns = similarity.shape
+        best = similarity.argmax(dim=1 if rows <= columns else 0).tolist()
+        if len(set(best)) == min(rows, columns):
+            pairs = enumerate(best) if rows <= columns else ((row, col) for col, row in enumerate(best))
+        else:
+            from scipy.optimize import linear_sum_assignment
+
+            self.solved += 1
+            pairs = zip(*(i.tolist() for i in linear_sum_assignment(similarity.double().numpy(), maximize=True)),
+                        strict=True)
+        placed = [NEW] * columns
+        for row, col in pairs:
+            placed[col] = row
+        return placed
 
 
 SKETCH_DIM = 256
@@ -119,10 +142,13 @@ def _similarity(small_features: torch.Tensor, large_features: torch.Tensor, larg
     return similarity
 
 
-def align_to(small, large, plan_s: Plan, target: Shape, grow: str = "zero") -> Plan:
-    """E's plan: the small anchor's units placed where S keeps the large units most similar to them."""
+def align_to(small, large, plan_s: Plan, target: Shape, grow: str = "zero",
+             assignments: Assignments | None = None) -> Plan:
+    """E's plan: the small anchor's units placed where S keeps the large units most similar to them; `assignments`
+    counts the matchings made and solved."""
+    assignments = assignments if assignments is not None else Assignments()
     s_shape = small.shape
-    residual = _assign(_similarity(unit_features(small, None, RESIDUAL, []),
+    residual = assignments.assign(_similarity(unit_features(small, None, RESIDUAL, []),
                                    unit_features(large, None, RESIDUAL, []), plan_s.residual))
     matched = [j for j, (e, s) in enumerate(zip(residual, plan_s.residual, strict=True)) if e != NEW and s != NEW]
     small_channels = [residual[j] for j in matched]
@@ -132,8 +158,9 @@ def align_to(small, large, plan_s: Plan, target: Shape, grow: str = "zero") -> P
     unit_maps = {}
     for (small_layer, fresh), s_layer in zip(placed, plan_s.layers, strict=True):
         if not fresh:
-            heads, kv_heads = _align_heads(small, large, small_layer, s_layer, target, small_channels, large_channels)
-            ffn = _assign(_similarity(unit_features(small, small_layer, FFN, small_channels),
+            heads, kv_heads = _align_heads(small, large, small_layer, s_layer, target, small_channels, large_channels,
+                                           assignments)
+            ffn = assignments.assign(_similarity(unit_features(small, small_layer, FFN, small_channels),
                                       unit_features(large, s_layer.source, FFN, large_channels), s_layer.ffn))
             unit_maps[small_layer] = (heads, kv_heads, ffn)
     layers = layers_with_copies(placed, unit_maps, grow)
@@ -143,7 +170,7 @@ def align_to(small, large, plan_s: Plan, target: Shape, grow: str = "zero") -> P
 
 
 def _align_heads(small, large, small_layer: int, s_layer: LayerMap, target: Shape, small_channels: list[int],
-                 large_channels: list[int]) -> tuple[list[int], list[int]]:
+                 large_channels: list[int], assignments: Assignments) -> tuple[list[int], list[int]]:
     """KV groups as whole units first; then query heads only within the matched groups, so GQA stays intact."""
     small_q = unit_features(small, small_layer, HEADS, small_channels)
     large_q = unit_features(large, s_layer.source, HEADS, large_channels)
@@ -151,7 +178,7 @@ def _align_heads(small, large, small_layer: int, s_layer: LayerMap, target: Shap
     large_kv = unit_features(large, s_layer.source, KV_HEADS, large_channels)
     if small_kv is None:  # no grouped-query attention in this family: a KV head is its query head
         small_kv, large_kv = small_q, large_q
-    kv_heads = _assign(_similarity(small_kv, large_kv, s_layer.kv_heads))
+    kv_heads = assignments.assign(_similarity(small_kv, large_kv, s_layer.kv_heads))
     r_small, r_target = small.shape.group_size, target.group_size
     heads = []
     for position, group in enumerate(kv_heads):
@@ -160,6 +187,6 @@ def _align_heads(small, large, small_layer: int, s_layer: LayerMap, target: Shap
             heads += [NEW] * r_target
             continue
         members = list(range(group * r_small, (group + 1) * r_small))
-        local = _assign(_similarity(small_q[members], large_q, slots))
+        local = assignments.assign(_similarity(small_q[members], large_q, slots))
         heads += [members[m] if m != NEW else NEW for m in local]
     return heads, kv_heads
