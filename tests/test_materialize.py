@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from cbd_cli import main as cbd
 from cbd_engine.data.calibration import Calibration, default_calibration
+from cbd_engine.materialization.alignment import Assignments
 from cbd_engine.materialization.anchor import Anchor, Term
 from cbd_engine.materialization.mixing import Pair
 from cbd_engine.materialization.planning import ImportanceSource, build_plan, plan_pair
@@ -221,11 +222,40 @@ def test_hungarian_alignment_recovers_an_anchor_without_lineage(tiny_model, tmp_
                              mix="paper")
     assert by_lineage.provenance["alignment"]["method"] == "lineage"
     assert by_weights.provenance["alignment"]["method"] == "hungarian"
+    assert by_weights.provenance["alignment"]["assignments"] > 0
     # a lineage recorded against other weights is not trusted
     other = tiny_model("llama", seed=5, num_hidden_layers=4, intermediate_size=128)
     result = materialize(tmp_path / "other", small=small, large=other, shape=target, alpha=0.5, mix="paper")
     assert result.provenance["alignment"]["method"] == "hungarian"
     torch.testing.assert_close(logits(tmp_path / "hungarian"), logits(tmp_path / "lineage"), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("rows", "columns"), [(6, 6), (4, 7), (7, 4)])
+def test_an_assignment_is_solved_only_when_best_matches_collide(rows: int, columns: int) -> None:
+    """Units already in correspondence are paired without a solve, with the solver's own answer; units whose best
+    matches collide are solved."""
+    from scipy.optimize import linear_sum_assignment
+
+    def solver(similarity: torch.Tensor) -> list[int]:
+        placed = [-1] * columns
+        for row, col in zip(*linear_sum_assignment(similarity.numpy(), maximize=True), strict=True):
+            placed[col] = int(row)
+        return placed
+
+    generator = torch.Generator().manual_seed(rows * columns)
+    noise = 0.1 * torch.rand(rows, columns, generator=generator)
+    order = torch.randperm(max(rows, columns), generator=generator)
+    matched = noise + torch.eye(max(rows, columns))[order][:rows, :columns]  # each unit of the smaller side: its own
+    colliding = noise.clone()
+    if rows <= columns:
+        colliding[:, 0] += 1.0  # every row's best column is column 0
+    else:
+        colliding[0, :] += 1.0  # every column's best row is row 0
+    for similarity, solves in ((matched, 0), (colliding, 1)):
+        assignments = Assignments()
+        placed = assignments.assign(similarity)
+        assert assignments.made == 1 and assignments.solved == solves
+        assert placed == solver(similarity)
 
 
 def test_align_none_is_a_positional_merge_and_lineage_must_exist(tiny_model, tmp_path):

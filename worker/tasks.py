@@ -31,6 +31,7 @@ from app.services.models import alpha_requested, samples_seconds
 from app.services.sources import checkpoint, dataset_file, dataset_id
 from app.settings import Settings
 from app.storage import ArtifactStore, StoredFile, link_folder, open_store, put_folder
+from cbd_engine.nn.loading import has_tokenizer
 from cbd_engine.spec.chain import distillation_settings
 from cbd_engine.spec.estimate import FLOPS_PER_SECOND
 from cbd_engine.spec.progress import Cancelled, ProgressCallback, ProgressEvent, no_progress
@@ -58,10 +59,6 @@ def store_of(ctx: JobContext) -> ArtifactStore:
 
 
 # --- quality -------------------------------------------------------------------------------------------------
-
-
-def has_tokenizer(model_dir: Path) -> bool:
-    return (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer.model").is_file()
 
 
 def measure_validation_loss(model_dir: Path, chain_spec: dict, settings: Settings,

@@ -12,7 +12,7 @@ from cbd_engine.io.cache import cache_dir
 from cbd_engine.io.checkpoint import (
     folder_hashes,
 )
-from cbd_engine.materialization.alignment import align_to
+from cbd_engine.materialization.alignment import Assignments, align_to
 from cbd_engine.materialization.anchor import Anchor
 from cbd_engine.materialization.importance import Importance, cached_activation_importance, magnitude_importance
 from cbd_engine.materialization.transforms import (
@@ -129,8 +129,10 @@ def plan_pair(small: Anchor, large: Anchor, target: Shape, importance_of: Callab
     if align == "none":
         return plan_single(small, target, importance_of, grow), plan_s, {"method": "none", "importance": importance}
     if lineage is None:
-        plan_e = align_to(small, large, plan_s, target, grow)
-        return plan_e, plan_s, {"method": "hungarian", "importance": importance}
+        assignments = Assignments()
+        plan_e = align_to(small, large, plan_s, target, grow, assignments)
+        return plan_e, plan_s, {"method": "hungarian", "importance": importance, "assignments": assignments.made,
+                                "solved": assignments.solved}
     small_of_large_layer = {layer.source: k for k, layer in enumerate(lineage.layers) if not layer.fresh}
     layer_sources = [small_of_large_layer.get(s.source, NEW) if not s.fresh else NEW for s in plan_s.layers]
     placed = fill_fresh_sources(layer_sources)

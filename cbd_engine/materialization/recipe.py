@@ -37,6 +37,7 @@ from cbd_engine.materialization.transforms import (
     check_architecture_match,
     grown_eps,
 )
+from cbd_engine.nn.loading import has_tokenizer
 from cbd_engine.spec.families import TensorSpec
 from cbd_engine.spec.options import ALIGNMENTS, ALPHA_MODES, GROWS, IMPORTANCES, INITS, MIXES, REFINE_STEPS
 from cbd_engine.spec.progress import ProgressCallback, no_progress
@@ -179,6 +180,9 @@ def choose_alpha(alpha: float | str | None, pair: Pair, target: Shape, calibrati
                  refine_steps: int, progress: ProgressCallback) -> AlphaChoice:
     """"auto" (or None): the search on the dev rows; "proportional": by parameter count; a number as it is."""
     if alpha is None or alpha == "auto":
+        if not has_tokenizer(pair.large.anchor.path):
+            raise ValueError(f"alpha 'auto' scores candidates on dev rows, and {pair.large.anchor.path} has no "
+                             "tokenizer files: add them, or give alpha as a number")
         return search_alpha(pair, target, calibration, seed, refine_steps, progress)
     small, large = pair.small.anchor, pair.large.anchor
     value = proportional_alpha(small.params, large.params, large.spec.architecture.num_params(target)) \
@@ -188,7 +192,10 @@ def choose_alpha(alpha: float | str | None, pair: Pair, target: Shape, calibrati
 
 def _quality(choice: AlphaChoice, pair: Pair, target: Shape, calibration: Calibration, seed: int) -> dict:
     """What a user sees of the model's quality before downloading it, on the dev rows: its loss against the larger
-    anchor pruned to its size (alpha 0, the strongest simple baseline), the anchors' own, and uniform guessing."""
+    anchor pruned to its size (alpha 0, the strongest simple baseline), the anchors' own, and uniform guessing. Not
+    measured for anchors without a tokenizer (weights only)."""
+    if not has_tokenizer(pair.large.anchor.path):
+        return {"skipped": "the larger anchor's folder has no tokenizer files"}
     if choice.grid:
         dev_loss, alpha_0 = choice.dev_loss, choice.grid[0.0]
     else:  # a requested alpha: score it and alpha 0 now

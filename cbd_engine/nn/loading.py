@@ -15,6 +15,11 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     return model.to(device)
 
 
+def has_tokenizer(path: str | Path) -> bool:
+    """Whether the folder carries a tokenizer (what scoring on text needs; a checkpoint may ship weights only)."""
+    return any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
