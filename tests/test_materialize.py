@@ -415,6 +415,13 @@ def test_reload_matches_in_memory_tied_and_deterministic(tiny_model, tmp_path):
             assert head == -1 or head // 2 == layer["kv_heads"][position // 2]
 
 
+def test_every_init_is_the_materializer_s_own_or_a_registered_baseline():
+    from cbd_engine.materialization.baselines import BASELINES
+    from cbd_engine.spec.options import INITS
+
+    assert sorted({"cbd", "single", *BASELINES}) == sorted(INITS)
+
+
 def test_random_and_learngene_baselines(tiny_model, tmp_path):
     large = tiny_model("llama", num_hidden_layers=6)
     shape = {**spec_of(large).shape.to_dict(), "num_layers": 5}

@@ -29,7 +29,7 @@ from cbd_engine.io.checkpoint import (
 )
 from cbd_engine.materialization.alpha_search import AlphaChoice, Candidates, anchor_dev_loss, search_alpha
 from cbd_engine.materialization.anchor import Anchor, Term
-from cbd_engine.materialization.baselines import materialize_baseline
+from cbd_engine.materialization.baselines import BASELINES, materialize_baseline
 from cbd_engine.materialization.mixing import Pair, tensor_group, uniform
 from cbd_engine.materialization.planning import ImportanceSource, plan_pair, plan_single
 from cbd_engine.materialization.stream import MaterializeResult, iter_tensors, lineage_record, term_record, write_model
@@ -84,7 +84,7 @@ def materialize(
     out_dtype = parse_dtype(dtype)
     anchors = _load_anchors(small, large)
     target = resolve_target(anchors, size, shape, prune_order)
-    if init in ("random", "learngene_auto", "learngene_van"):
+    if init in BASELINES:
         return materialize_baseline(out, init, anchors[-1], target, seed, out_dtype, progress, should_stop)
     calib = resolve_calibration(calibration, [a.path for a in anchors])
     importance_of = ImportanceSource(calib, importance, progress)
