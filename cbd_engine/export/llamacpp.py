@@ -65,7 +65,8 @@ class LlamaCpp:
         import httpx
 
         response = httpx.post(f"{self.server.listening_address}/embedding", json={"content": [ids]}, timeout=600)
-        response.raise_for_status()
+        if response.status_code != 200:
+            raise RuntimeError(f"llama.cpp /embedding: {response.status_code} {response.text}")
         return np.asarray(response.json()[0]["embedding"], dtype=np.float32)
 
 
@@ -76,6 +77,15 @@ def llama_cpp(path: str | Path, embedding: bool = False) -> Iterator[LlamaCpp]:
         yield runtime
     finally:
         del runtime.server  # the server's threads stop and the model is freed here, not at some later collection
+
+
+def context_length(path: str | Path) -> int:
+    """The positions the file's model was made for: llama.cpp caps its context there."""
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    arch = fields["general.architecture"].contents()
+    return int(fields[f"{arch}.context_length"].contents())
 
 
 def output_head(path: str | Path) -> np.ndarray:
@@ -102,12 +112,14 @@ def gguf_validation_loss(path: str | Path, tokenizer_folder: str | Path, data_pa
                          max_rows: int | None = 200, max_length: int = 512, prompt_format: str = "alpaca",
                          progress: ProgressCallback = no_progress) -> float:
     """The response-token loss of a GGUF file run by llama.cpp, on the validation rows of an instruction file,
-    tokenized by the model's own tokenizer (as the safetensors model's validation loss is)."""
+    tokenized by the model's own tokenizer (as the safetensors model's validation loss is); rows are cut to the
+    model's context length where that is shorter than `max_length` (llama.cpp refuses longer inputs)."""
     from cbd_engine.nn.loading import load_tokenizer
 
     rows = split_rows(read_instruction_rows(data_path)).validation[:max_rows]
     if not rows:
         raise ValueError(f"{data_path} has no validation rows (sha256 of instruction + input is 0 mod 10)")
+    max_length = min(max_length, context_length(path))
     examples = encode_rows(load_tokenizer(tokenizer_folder), rows, prompt_format, max_length)
     head = output_head(path)
     timer = StageTimer("validation", len(examples), progress)
