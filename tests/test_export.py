@@ -149,3 +149,17 @@ def test_smollm2_answers_in_llama_cpp_as_in_transformers(quant, smollm2, tmp_pat
             ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                                 return_dict=True)["input_ids"]
             assert runtime.greedy(ids, 24) == hf_greedy(model, ids, 24), question
+
+
+def test_cbd_export_writes_the_file_and_measures_it(bpe_tiny, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    folder = bpe_tiny("qwen3")
+    out = tmp_path / "out" / "model-Q8_0.gguf"
+    done = subprocess.run([sys.executable, "-m", "cbd_cli", "export", str(folder), "--quant", "Q8_0", "--out",
+                           str(out), "--data", str(DOLLY)], capture_output=True, text=True, check=True)
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["out"] == str(out) and summary["size_bytes"] == out.stat().st_size
+    assert 0 < summary["validation_loss"] < 20
