@@ -136,19 +136,27 @@ def test_a_tokenizer_without_a_gguf_form_is_a_clear_error(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", ["F16", "Q8_0"])
-def test_smollm2_answers_in_llama_cpp_as_in_transformers(quant, smollm2, tmp_path):
+def test_smollm2_answers_in_llama_cpp_as_in_transformers_and_q8_0_keeps_its_loss(smollm2, tmp_path):
+    """F16: the same greedy tokens as transformers on every prompt. Q8_0 (llama.cpp also quantizes activations
+    to 8 bits in its Q8_0 products) changes some of SmolLM2-135M's greedy answers (measured: the capital of France
+    becomes "L'Étoile, ..."), so for Q8_0 the measured loss is held instead: within 1% of transformers'."""
     from transformers import AutoTokenizer
+
+    from cbd_engine.nn.validation import validation_loss
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     model = hf_model(smollm2)
-    path = write_gguf(smollm2, tmp_path / f"model-{quant}.gguf", quant)
+    path = write_gguf(smollm2, tmp_path / "model-F16.gguf", "F16")
     questions = ["What is the capital of France?", "Write a haiku about the sea.", "Give three uses of a paperclip."]
     with llama_cpp(path) as runtime:
         for question in questions:
             ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                                 return_dict=True)["input_ids"]
             assert runtime.greedy(ids, 24) == hf_greedy(model, ids, 24), question
+    q8 = write_gguf(smollm2, tmp_path / "model-Q8_0.gguf", "Q8_0")
+    theirs = validation_loss(smollm2, DOLLY, max_rows=12)
+    assert gguf_validation_loss(path, smollm2, DOLLY, max_rows=12) == pytest.approx(theirs, abs=0.005)
+    assert gguf_validation_loss(q8, smollm2, DOLLY, max_rows=12) == pytest.approx(theirs, rel=0.01)
 
 
 def test_cbd_export_writes_the_file_and_measures_it(bpe_tiny, tmp_path):
