@@ -1,4 +1,4 @@
-"""`cbd materialize`, `cbd inspect`, `cbd import-gguf`: the materializer's command-line face."""
+"""`cbd materialize`, `cbd inspect`, `cbd import-gguf`, `cbd export`: the materializer's command-line face."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
+    from cbd_engine.spec.export import DEFAULT_QUANT, GGUF_QUANTS
     from cbd_engine.spec.options import ALIGNMENTS, DTYPES, GROWS, IMPORTANCES, INITS, MIXES, REFINE_STEPS
     from cbd_engine.spec.shapes import PRUNE_ORDER, PRUNE_ORDERS
 
@@ -58,6 +59,14 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     p.add_argument("file")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_import_gguf)
+
+    p = subcommands.add_parser("export", help="write a model folder as a GGUF file (llama.cpp, ollama, LM Studio)")
+    p.add_argument("folder")
+    p.add_argument("--format", choices=["gguf"], default="gguf")
+    p.add_argument("--quant", choices=GGUF_QUANTS, default=DEFAULT_QUANT["gguf"])
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--data", help="an instruction JSONL: also measure the file's validation loss in llama.cpp")
+    p.set_defaults(func=_export)
 
 
 def _materialize(args: argparse.Namespace) -> int:
@@ -124,4 +133,17 @@ def _import_gguf(args: argparse.Namespace) -> int:
     from cbd_engine.io.gguf import import_gguf
 
     print(import_gguf(args.file, args.out))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from cbd_engine.export.gguf import write_gguf
+
+    path = write_gguf(args.folder, args.out, args.quant)
+    summary = {"out": str(path), "quant": args.quant, "size_bytes": path.stat().st_size}
+    if args.data:
+        from cbd_engine.export.llamacpp import gguf_validation_loss
+
+        summary["validation_loss"] = gguf_validation_loss(path, args.folder, args.data)
+    print(json.dumps(summary))
     return 0
