@@ -45,12 +45,17 @@ class LlamaCpp:
         self.server = xllamacpp.Server(params)
 
     def greedy(self, ids: list[int], new_tokens: int) -> list[int]:
-        """The next `new_tokens` greedy tokens after the token ids `ids` (given as ids: no tokenizer in between)."""
-        result = self.server.handle_completions({"prompt": ids, "n_predict": new_tokens, "temperature": 0.0,
-                                                 "top_k": 1, "n_probs": 1, "cache_prompt": False, "ignore_eos": True})
-        if "error" in result:
-            raise RuntimeError(f"llama.cpp: {result['error']}")
-        return [token["id"] for token in result["choices"][0]["logprobs"]["content"]]  # the OpenAI form: ids here
+        """The next `new_tokens` greedy tokens after the token ids `ids` (given as ids: no tokenizer in between).
+        Read from the native /completion's `tokens`: the OpenAI form's per-token entries merge a token that ends
+        inside a UTF-8 character (SmolLM2's 'Ġí') into the next one, so its id would be missing."""
+        import httpx
+
+        response = httpx.post(f"{self.server.listening_address}/completion", timeout=600, json={
+            "prompt": ids, "n_predict": new_tokens, "temperature": 0.0, "top_k": 1, "cache_prompt": False,
+            "ignore_eos": True, "return_tokens": True})
+        if response.status_code != 200:
+            raise RuntimeError(f"llama.cpp /completion: {response.status_code} {response.text}")
+        return response.json()["tokens"]
 
     def chat(self, message: str, max_tokens: int = 64) -> str:
         """A greedy answer to one user message, through the file's own chat template and tokenizer."""
