@@ -45,6 +45,9 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grow", default="zero", choices=GROWS,
                    help="new layers: inert copies with zeroed residual writers (keeps the function) or replicas")
+    p.add_argument("--quality", action="store_true",
+                   help="with a number alpha: also score the model and alpha 0 on the dev rows (two forward passes; "
+                        "alpha auto has them from its search)")
     p.add_argument("--align", default="auto", choices=ALIGNMENTS,
                    help="how units of the two anchors are matched: recorded lineage, weight similarity, or position")
     p.add_argument("--out", required=True)
@@ -87,6 +90,7 @@ def _materialize(args: argparse.Namespace) -> int:
                 calibration=args.calibration, importance=args.importance, prune_order=args.prune_order,
                 refine_steps=args.refine_steps,
                 dtype=args.dtype, seed=args.seed, grow=args.grow, align=args.align, progress=progress,
+                quality=args.quality,
             )
         record = json.loads((made / "cbd.json").read_text())
         summary = {"out": str(out), **{key: record.get(key) for key in ("params", "alpha", "shape", "quality")}}

@@ -303,16 +303,19 @@ def test_proportional_alpha(tiny_model, tmp_path):
     p_small, p_large = spec_of(small).num_params, spec_of(large).num_params
     out = tmp_path / "mid"
     result = materialize(out, small=small, large=large, size=(p_small + p_large) // 2, alpha="proportional",
-                         dtype="float32")
+                         dtype="float32", quality=True)
     assert result.alpha == pytest.approx((p_large - result.params) / (p_large - p_small))
     assert p_small < result.params < p_large and result.params == spec_of(out).num_params
     provenance = json.loads((out / "cbd.json").read_text())
     assert provenance["alignment"]["method"] == "lineage" and provenance["alpha"] == result.alpha
     assert provenance["mix"] == "unit" and provenance["alpha_search"] == {"requested": "proportional"}
     assert [a["role"] for a in provenance["anchors"]] == ["small", "large"]
-    quality = provenance["quality"]  # a requested alpha is scored on the dev rows too, beside alpha 0
+    quality = provenance["quality"]  # a requested alpha is scored on the dev rows when asked, beside alpha 0
     assert quality["dev_rows"] == 32 and quality["dev_loss"] > 0 and quality["alpha_0_dev_loss"] > 0
     assert quality["worse_than_alpha_0"] == (quality["dev_loss"] > quality["alpha_0_dev_loss"])
+    unscored = materialize(tmp_path / "fast", small=small, large=large, size=(p_small + p_large) // 2,
+                           alpha="proportional", dtype="float32")  # by default a given alpha costs no forward pass
+    assert unscored.provenance["quality"] is None
 
 
 def test_auto_alpha_is_the_default_and_picks_the_best_of_a_grid_with_both_ends(tiny_model, tmp_path):

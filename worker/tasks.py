@@ -408,7 +408,8 @@ def materialize_model(ctx: JobContext) -> None:
         started = time.monotonic()
         result = materialize(out, small=small_dir, large=large_dir, shape=Shape.from_dict(model.shape),
                              alpha=alpha_requested(model.alpha_request), mix=model.mix, init=model.init,
-                             dtype=model.dtype, seed=model.seed, progress=ctx.progress, should_stop=ctx.should_stop)
+                             dtype=model.dtype, seed=model.seed, progress=ctx.progress, should_stop=ctx.should_stop,
+                             quality=True)  # the model's flags: worse than alpha 0, than uniform
         folder, known = out, {f.name: f.sha256 for f in result.files}
         metrics = quality_metrics(result.provenance, small, large)
         if model.heal:
