@@ -13,7 +13,7 @@ COPY app app
 COPY worker worker
 COPY migrations migrations
 COPY alembic.ini ./
-RUN pip install -e '.[server,eval,data]'  # editable: alembic.ini and migrations/ stay beside the code; eval and data:
-# the workers' Rouge-L and evaluation, and dataset.hf
+RUN pip install -e '.[server,eval,data,export]'  # editable: alembic.ini and migrations/ stay beside the code; eval and data:
+# the workers' Rouge-L and evaluation, and dataset.hf; export: llama.cpp and ONNX Runtime GenAI (exports)
 EXPOSE 8000
 CMD ["cbd", "serve", "--host", "0.0.0.0"]

@@ -14,7 +14,7 @@ from app.settings import Settings
 
 QUEUES = ("cpu", "gpu", "npu")
 TASK_NAMES = {"build_chain": "cbd.build_chain", "materialize_model": "cbd.materialize_model",
-              "evaluate_model": "cbd.evaluate_model"}
+              "evaluate_model": "cbd.evaluate_model", "export_model": "cbd.export_model"}
 
 
 def make_celery(settings: Settings, include: tuple[str, ...] = ()) -> Celery:

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 ORM models: chains, anchors, models, jobs, artifacts, tokens, idempotency keys."""
+"""SQLAlchemy 2 ORM models: chains, anchors, models, exports, jobs, artifacts, tokens, idempotency keys."""
 
 from __future__ import annotations
 
@@ -83,13 +83,30 @@ class Model(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class Export(Base):
+    """A model in a device format (a GGUF file of one quantization), served in the model's sibling repository
+    `cbd/<model id>-GGUF`; its file is an artifact owned by this row, so the model's own files never change."""
+
+    __tablename__ = "exports"
+    __table_args__ = (UniqueConstraint("model_id", "format", "quant"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("exp"))
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    format: Mapped[str] = mapped_column(String(10))
+    quant: Mapped[str] = mapped_column(String(10))
+    status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    owner: Mapped[str] = mapped_column(String(64), default="anonymous")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Job(Base):
     """The source of truth for long work: a worker holds a job by its lease and renews it with heartbeats."""
 
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
-    kind: Mapped[str] = mapped_column(String(30), index=True)  # build_chain, materialize_model, evaluate_model
+    kind: Mapped[str] = mapped_column(String(30), index=True)  # JobKind: build_chain, materialize_model, ...
     status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
     queue: Mapped[str] = mapped_column(String(10), default="cpu")
     subject_id: Mapped[str] = mapped_column(String(40), index=True)  # the chain or model being built

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator, model_validator
 
 from cbd_engine.spec.distill_config import LOSS_BY_MODE, LOSSES, MODES, SELECT_BY, TEACHER_CACHE_TAILS, DistillConfig
+from cbd_engine.spec.export import DEFAULT_QUANT, GGUF_QUANTS
 from cbd_engine.spec.options import ALPHA_MODES, DEVICES, DTYPES, INITS, MIXES
 from cbd_engine.spec.shapes import PRUNE_ORDER, PRUNE_ORDERS, ShapeError, parse_size
 
@@ -16,7 +17,7 @@ MAX_SIZE = 10**13
 RECIPE = {f.name: f.default for f in fields(DistillConfig)}  # the chain recipe's defaults, shown in the API
 Device = Literal[DEVICES]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-JobKind = Literal["build_chain", "materialize_model", "evaluate_model"]
+JobKind = Literal["build_chain", "materialize_model", "evaluate_model", "export_model"]
 ResourceStatus = Literal["queued", "running", "ready", "failed", "cancelled"]
 
 
@@ -324,6 +325,28 @@ class SignedLinks(BaseModel):
     files: list[FileOut] = Field(description="each url works without a bearer header until expires_at")
 
 
+class ExportCreate(Strict):
+    format: Literal["gguf"] = Field(default="gguf", description="gguf: one file for llama.cpp, ollama, LM Studio")
+    quant: Literal[GGUF_QUANTS] = Field(
+        default=DEFAULT_QUANT["gguf"], description="F16; Q8_0 and Q4_0 (blocks of 32 weights; a tensor whose rows "
+                                                    "are not whole blocks stays F16, Q4_0's embedding Q8_0)")
+    device: Device = "auto"
+
+
+class ExportOut(BaseModel):
+    id: str
+    model: str
+    format: str
+    quant: str
+    status: ResourceStatus
+    metrics: dict[str, Any] = Field(description="validation_loss measured by loading the file in its runtime "
+                                                "(llama.cpp), beside the model's own; size_bytes; samples")
+    files: list[FileOut]
+    hub_repo_id: str = Field(description="the sibling repository that serves every export of the model")
+    job: JobRef | None
+    created_at: Timestamp
+
+
 class Progress(BaseModel):
     stage: str | None = None
     step: int | None = None
@@ -337,6 +360,7 @@ class Progress(BaseModel):
 class JobResult(BaseModel):
     chain: str | None = None
     model: str | None = None
+    export: str | None = None
     warnings: list[str] = Field(default_factory=list, description="what a user should know about the result, in "
                                                                    "words (e.g. a model worse than uniform guessing)")
 
@@ -389,6 +413,18 @@ class HubModelInfo(BaseModel):
     siblings: list[HubSibling]
     createdAt: Timestamp  # noqa: N815
     lastModified: Timestamp  # noqa: N815
+
+
+class HubRef(BaseModel):
+    name: str
+    ref: str
+    targetCommit: str  # noqa: N815 - the Hub's field name
+
+
+class HubRefs(BaseModel):
+    branches: list[HubRef]
+    converts: list[HubRef] = Field(default_factory=list)
+    tags: list[HubRef] = Field(default_factory=list)
 
 
 class HubLfs(BaseModel):

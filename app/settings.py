@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     # materialization (seconds) or an evaluation (minutes) never waits behind a chain build (hours). One lane with
     # all kinds runs one job at a time (less memory: a single model-loading process).
     embedded_lanes: Annotated[list[tuple[str, ...]], NoDecode] = Field(
-        default_factory=lambda: [("build_chain",), ("materialize_model", "evaluate_model")])
+        default_factory=lambda: [("build_chain",), ("materialize_model", "evaluate_model", "export_model")])
     validation_rows: int = 32  # validation rows scored for each new model and anchor
     # a blob no row names is removed only once this old: a worker records a model's rows within it of writing the
     # model's blobs (which another model's delete may name too)
@@ -96,7 +96,7 @@ class Settings(BaseSettings):
         kinds = [kind for lane in lanes for kind in lane]
         if sorted(kinds) != sorted(known):  # a kind in no lane would never run
             raise ValueError(f"embedded lanes must name each job kind once ({', '.join(known)}), as in "
-                             f"'build_chain;materialize_model,evaluate_model'; got {value!r}")
+                             f"'build_chain;materialize_model,evaluate_model,export_model'; got {value!r}")
         return lanes
 
     @cached_property

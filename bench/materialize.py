@@ -38,7 +38,9 @@ def timed(command: list[str], cwd: Path | None = None) -> tuple[float, float]:
     return hours * 3600 + minutes * 60 + seconds, rss / 1024
 
 
-def perturbed_copy(source: Path, out: Path) -> Path:
+def perturbed_copy(source: Path, out: Path, permute_ffn: bool = False) -> Path:
+    """The model plus 1% noise; with `permute_ffn`, each layer's FFN neurons also in a random order (the same
+    function: an alignment has to find the order again)."""
     if (out / "model.safetensors").is_file():
         return out
     import torch
@@ -48,6 +50,13 @@ def perturbed_copy(source: Path, out: Path) -> Path:
     generator = torch.Generator().manual_seed(0)
     tensors = {k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in
                load_file(source / "model.safetensors").items()}
+    layers = sorted({int(k.split(".")[2]) for k in tensors if k.startswith("model.layers.")})
+    for layer in layers if permute_ffn else []:
+        prefix = f"model.layers.{layer}.mlp."
+        order = torch.randperm(tensors[prefix + "up_proj.weight"].shape[0], generator=generator)
+        for name in ("gate_proj.weight", "up_proj.weight"):
+            tensors[prefix + name] = tensors[prefix + name][order]
+        tensors[prefix + "down_proj.weight"] = tensors[prefix + "down_proj.weight"][:, order]
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     for path in source.iterdir():
         if path.suffix != ".safetensors" and path.is_file() and not path.name.startswith("."):
@@ -77,11 +86,14 @@ def main() -> None:
     out = work / "merged"
     report: dict[str, object] = {"cpu_count": os.cpu_count()}
 
-    def cbd_merge(align: str = "none") -> tuple[float, float]:
-        """`--align none`: units by position, the same work as mergekit's linear merge; `auto` adds the Hungarian
-        alignment that two checkpoints without recorded lineage get by default."""
+    permuted = perturbed_copy(source, work / "smollm2-permuted", permute_ffn=True)
+
+    def cbd_merge(align: str = "none", small: Path = other) -> tuple[float, float]:
+        """`--align none`: units by position, the same work as mergekit's linear merge; `auto` (the default) adds
+        the alignment that two checkpoints without recorded lineage get: units already in correspondence are
+        paired without a solve, permuted ones (`small=permuted`) are matched by the assignment solver."""
         shutil.rmtree(out, ignore_errors=True)
-        return timed([*CBD, "materialize", "--small", str(other), "--large", str(source), "--shape",
+        return timed([*CBD, "materialize", "--small", str(small), "--large", str(source), "--shape",
                       json.dumps(shape), "--alpha", "0.5", "--dtype", "float32", "--align", align, "--out", str(out)])
 
     subprocess.run(["cat", str(source / "model.safetensors"), str(other / "model.safetensors")],
@@ -90,20 +102,25 @@ def main() -> None:
     report["cbd_merge_wall_s"], report["cbd_merge_peak_rss_mib"] = best_of(args.repeat, cbd_merge)
     report["cbd_merge_hungarian_wall_s"], report["cbd_merge_hungarian_peak_rss_mib"] = best_of(
         args.repeat, lambda: cbd_merge("auto"))
+    report["cbd_merge_default_alignment"] = json.loads((out / "cbd.json").read_text())["alignment"]
+    report["cbd_merge_permuted_wall_s"], report["cbd_merge_permuted_peak_rss_mib"] = best_of(
+        args.repeat, lambda: cbd_merge("auto", permuted))
+    report["cbd_merge_permuted_alignment"] = json.loads((out / "cbd.json").read_text())["alignment"]
     report["cat_inputs_wall_s"], _ = best_of(args.repeat, lambda: timed(
         ["sh", "-c", f"cat {source}/model.safetensors {other}/model.safetensors > /dev/null"]))
 
     if args.mergekit:
-        config = work / "mergekit.yml"
-        config.write_text(f"merge_method: linear\ndtype: float32\nmodels:\n  - model: {source}\n    parameters:\n"
-                          f"      weight: 0.5\n  - model: {other}\n    parameters:\n      weight: 0.5\n")
         mk_out = work / "mergekit-out"
 
-        def mergekit() -> tuple[float, float]:
+        def mergekit(second: Path = other) -> tuple[float, float]:
+            config = work / "mergekit.yml"
+            config.write_text(f"merge_method: linear\ndtype: float32\nmodels:\n  - model: {source}\n    parameters:"
+                              f"\n      weight: 0.5\n  - model: {second}\n    parameters:\n      weight: 0.5\n")
             shutil.rmtree(mk_out, ignore_errors=True)
             return timed([args.mergekit, str(config), str(mk_out)])
 
         report["mergekit_wall_s"], report["mergekit_peak_rss_mib"] = best_of(args.repeat, mergekit)
+        report["mergekit_permuted_wall_s"], _ = best_of(args.repeat, lambda: mergekit(permuted))
 
     report.update(in_process(source, other, shape, work, args.repeat))
     report.update(shape_changing(source, work))

@@ -52,7 +52,9 @@ SHAPES = {
     "smollm2-1.7b": {**LLAMA, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
                      "num_attention_heads": 32, "num_key_value_heads": 32, "rope_theta": 130000.0},
 }
-DTYPES = {"qwen3-1.7b-tied": torch.bfloat16, "qwen3-1.7b-untied": torch.bfloat16}
+# as the models are published: Qwen3 and SmolLM2-1.7B in bfloat16, Pythia in float16 (bfloat16 here), the rest float32
+DTYPES = {"qwen3-1.7b-tied": torch.bfloat16, "qwen3-1.7b-untied": torch.bfloat16, "smollm2-1.7b": torch.bfloat16,
+          "pythia-1.4b": torch.bfloat16}
 SHARD_BYTES = 1 << 30  # shards and an index, as hub checkpoints of this size come
 
 

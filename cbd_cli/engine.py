@@ -1,4 +1,4 @@
-"""`cbd materialize`, `cbd inspect`, `cbd import-gguf`: the materializer's command-line face."""
+"""`cbd materialize`, `cbd inspect`, `cbd import-gguf`, `cbd export`: the materializer's command-line face."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
+    from cbd_engine.spec.export import DEFAULT_QUANT, GGUF_QUANTS
     from cbd_engine.spec.options import ALIGNMENTS, DTYPES, GROWS, IMPORTANCES, INITS, MIXES, REFINE_STEPS
     from cbd_engine.spec.shapes import PRUNE_ORDER, PRUNE_ORDERS
 
@@ -44,6 +45,9 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grow", default="zero", choices=GROWS,
                    help="new layers: inert copies with zeroed residual writers (keeps the function) or replicas")
+    p.add_argument("--quality", action="store_true",
+                   help="with a number alpha: also score the model and alpha 0 on the dev rows (two forward passes; "
+                        "alpha auto has them from its search)")
     p.add_argument("--align", default="auto", choices=ALIGNMENTS,
                    help="how units of the two anchors are matched: recorded lineage, weight similarity, or position")
     p.add_argument("--out", required=True)
@@ -58,6 +62,14 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     p.add_argument("file")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_import_gguf)
+
+    p = subcommands.add_parser("export", help="write a model folder as a GGUF file (llama.cpp, ollama, LM Studio)")
+    p.add_argument("folder")
+    p.add_argument("--format", choices=["gguf"], default="gguf")
+    p.add_argument("--quant", choices=GGUF_QUANTS, default=DEFAULT_QUANT["gguf"])
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--data", help="an instruction JSONL: also measure the file's validation loss in llama.cpp")
+    p.set_defaults(func=_export)
 
 
 def _materialize(args: argparse.Namespace) -> int:
@@ -78,6 +90,7 @@ def _materialize(args: argparse.Namespace) -> int:
                 calibration=args.calibration, importance=args.importance, prune_order=args.prune_order,
                 refine_steps=args.refine_steps,
                 dtype=args.dtype, seed=args.seed, grow=args.grow, align=args.align, progress=progress,
+                quality=args.quality,
             )
         record = json.loads((made / "cbd.json").read_text())
         summary = {"out": str(out), **{key: record.get(key) for key in ("params", "alpha", "shape", "quality")}}
@@ -124,4 +137,17 @@ def _import_gguf(args: argparse.Namespace) -> int:
     from cbd_engine.io.gguf import import_gguf
 
     print(import_gguf(args.file, args.out))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from cbd_engine.export.gguf import write_gguf
+
+    path = write_gguf(args.folder, args.out, args.quant)
+    summary = {"out": str(path), "quant": args.quant, "size_bytes": path.stat().st_size}
+    if args.data:
+        from cbd_engine.export.llamacpp import gguf_validation_loss
+
+        summary["validation_loss"] = gguf_validation_loss(path, args.folder, args.data)
+    print(json.dumps(summary))
     return 0

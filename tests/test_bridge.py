@@ -91,7 +91,7 @@ def test_estimate_counts_the_bridge_and_stays_torch_free(source, char_tokenizer)
     plain = estimate_chain_seconds(_spec(source, None))
     bridged = _spec(source, _bridge(char_tokenizer, num_samples=1000, generation={"max_new_tokens": 256}))
     assert estimate_chain_seconds(bridged) > plain
-    script = ("import json, sys; from cbd_engine.pipelines.chain import estimate_chain_seconds; "
+    script = ("import json, sys; from cbd_engine.spec.estimate import estimate_chain_seconds; "
               f"print(estimate_chain_seconds(json.loads({json.dumps(json.dumps(bridged))}))); "
               "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)

@@ -51,7 +51,7 @@ def test_estimate_grows_with_steps_and_is_torch_free(source):
     short = estimate_chain_seconds(_spec(source, [{"shape": SMALL_SHAPE}], steps=100))
     long = estimate_chain_seconds(_spec(source, [{"shape": SMALL_SHAPE}], steps=1000))
     assert 0 < short < long
-    script = ("import json, sys; from cbd_engine.pipelines.chain import estimate_chain_seconds; "
+    script = ("import json, sys; from cbd_engine.spec.estimate import estimate_chain_seconds; "
               f"print(estimate_chain_seconds(json.loads({json.dumps(json.dumps(_spec(source, [{'size': '1M'}])))}))); "
               "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)

@@ -6,10 +6,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cbd_engine.nn.losses import DIVERGENCES, LossConfig, chunked_token_losses, divergence, eager_token_losses
+from cbd_engine.nn.losses import (
+    DIVERGENCE_FUNCTIONS,
+    DIVERGENCES,
+    LossConfig,
+    chunked_token_losses,
+    divergence,
+    eager_token_losses,
+)
 
 KINDS = [(kind, {}) for kind in DIVERGENCES] + [("jsd", {"beta": 0.1}), ("jsd", {"beta": 0.9})]
 
+
+
+def test_every_offered_loss_has_exactly_one_divergence_function():
+    """The API and the CLI offer DIVERGENCES; the engine computes what DIVERGENCE_FUNCTIONS registers."""
+    assert tuple(DIVERGENCE_FUNCTIONS) == DIVERGENCES
 
 @pytest.mark.parametrize("kind,extra", KINDS)
 def test_divergence_of_a_distribution_with_itself_is_exactly_zero(kind, extra):

@@ -303,16 +303,19 @@ def test_proportional_alpha(tiny_model, tmp_path):
     p_small, p_large = spec_of(small).num_params, spec_of(large).num_params
     out = tmp_path / "mid"
     result = materialize(out, small=small, large=large, size=(p_small + p_large) // 2, alpha="proportional",
-                         dtype="float32")
+                         dtype="float32", quality=True)
     assert result.alpha == pytest.approx((p_large - result.params) / (p_large - p_small))
     assert p_small < result.params < p_large and result.params == spec_of(out).num_params
     provenance = json.loads((out / "cbd.json").read_text())
     assert provenance["alignment"]["method"] == "lineage" and provenance["alpha"] == result.alpha
     assert provenance["mix"] == "unit" and provenance["alpha_search"] == {"requested": "proportional"}
     assert [a["role"] for a in provenance["anchors"]] == ["small", "large"]
-    quality = provenance["quality"]  # a requested alpha is scored on the dev rows too, beside alpha 0
+    quality = provenance["quality"]  # a requested alpha is scored on the dev rows when asked, beside alpha 0
     assert quality["dev_rows"] == 32 and quality["dev_loss"] > 0 and quality["alpha_0_dev_loss"] > 0
     assert quality["worse_than_alpha_0"] == (quality["dev_loss"] > quality["alpha_0_dev_loss"])
+    unscored = materialize(tmp_path / "fast", small=small, large=large, size=(p_small + p_large) // 2,
+                           alpha="proportional", dtype="float32")  # by default a given alpha costs no forward pass
+    assert unscored.provenance["quality"] is None
 
 
 def test_auto_alpha_is_the_default_and_picks_the_best_of_a_grid_with_both_ends(tiny_model, tmp_path):
@@ -413,6 +416,13 @@ def test_reload_matches_in_memory_tied_and_deterministic(tiny_model, tmp_path):
     for layer in json.loads((tmp_path / "a" / "cbd.json").read_text())["terms"][1]["plan"]["layers"]:
         for position, head in enumerate(layer["heads"]):  # query heads stay with their KV head
             assert head == -1 or head // 2 == layer["kv_heads"][position // 2]
+
+
+def test_every_init_is_the_materializer_s_own_or_a_registered_baseline():
+    from cbd_engine.materialization.baselines import BASELINES
+    from cbd_engine.spec.options import INITS
+
+    assert sorted({"cbd", "single", *BASELINES}) == sorted(INITS)
 
 
 def test_random_and_learngene_baselines(tiny_model, tmp_path):

@@ -1,4 +1,5 @@
-"""The tasks: build_chain, materialize_model, evaluate_model. Heavy: the engine (and torch) is imported in here only.
+"""The tasks: build_chain, materialize_model, evaluate_model, export_model. Heavy: the engine (and torch) is
+imported in here only.
 
 The same handlers run under Celery (`cbd worker`) and in the embedded worker process of `cbd serve`.
 """
@@ -24,7 +25,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import make_engine, make_session_factory
-from app.models import Anchor, Artifact, Chain, Job, Model
+from app.models import Anchor, Artifact, Chain, Export, Job, Model
 from app.services.chains import is_registration
 from app.services.files import record_files
 from app.services.models import alpha_requested, samples_seconds
@@ -407,7 +408,8 @@ def materialize_model(ctx: JobContext) -> None:
         started = time.monotonic()
         result = materialize(out, small=small_dir, large=large_dir, shape=Shape.from_dict(model.shape),
                              alpha=alpha_requested(model.alpha_request), mix=model.mix, init=model.init,
-                             dtype=model.dtype, seed=model.seed, progress=ctx.progress, should_stop=ctx.should_stop)
+                             dtype=model.dtype, seed=model.seed, progress=ctx.progress, should_stop=ctx.should_stop,
+                             quality=True)  # the model's flags: worse than alpha 0, than uniform
         folder, known = out, {f.name: f.sha256 for f in result.files}
         metrics = quality_metrics(result.provenance, small, large)
         if model.heal:
@@ -460,6 +462,69 @@ def evaluate_model(ctx: JobContext) -> None:
         ctx.commit(session)
 
 
+# --- export_model --------------------------------------------------------------------------------------------
+
+
+def measure_export(ctx: JobContext, path: Path, model_dir: Path, chain_spec: dict) -> dict:
+    """The export's quality as the device runs it: its validation loss in llama.cpp (on the chain's validation
+    rows, as the model's own is measured; None without an instruction file), and greedy answers to the fixed
+    instructions through the file's own tokenizer and chat template."""
+    from cbd_engine.export.llamacpp import gguf_validation_loss, llama_cpp
+    from cbd_engine.spec.options import SAMPLE_PROMPTS, SAMPLE_TOKENS
+
+    dataset = chain_spec.get("dataset") or {}
+    data = dataset.get("path")
+    loss = None
+    if data and data.endswith((".jsonl", ".json")):
+        loss = gguf_validation_loss(path, model_dir, data, max_rows=ctx.settings.validation_rows,
+                                    prompt_format=dataset.get("prompt_format", "alpaca"), progress=ctx.progress)
+    with stage(ctx, "samples"), contextlib.suppress(RuntimeError):  # a template llama.cpp cannot run: no samples
+        with llama_cpp(path) as runtime:
+            return {"validation_loss": loss,
+                    "samples": [{"prompt": p, "answer": runtime.chat(p, SAMPLE_TOKENS)} for p in SAMPLE_PROMPTS]}
+    return {"validation_loss": loss, "samples": None}
+
+
+def export_model(ctx: JobContext) -> None:
+    """Write the export from the model's stored files, measure it in its runtime, then publish it: the file is
+    downloadable only with its metrics."""
+    from cbd_engine.export.gguf import write_gguf
+    from cbd_engine.spec.export import export_filename
+
+    store = store_of(ctx)
+    with ctx.session_factory() as session:
+        export = session.get(Export, ctx.subject_id)
+        model = session.get(Model, export.model_id)
+        chain = session.get(Chain, model.chain_id)
+        rows = session.scalars(select(Artifact).where(Artifact.owner_id == model.id)).all()
+        files = [StoredFile(r.name, r.size, r.sha256) for r in rows]
+        export.status = "running"
+        ctx.commit(session)
+        session.expunge_all()
+    work = fresh_dir(ctx.settings.work_dir / "exports" / export.id)
+    try:
+        folder = link_folder(store, files, work / "model")
+        name = export_filename(export.format, export.quant)
+        with stage(ctx, "write"):
+            path = write_gguf(folder, work / name, export.quant, name=f"cbd/{model.id}",
+                              metadata={"general.source.url": f"cbd/{model.id}"})
+        metrics = {"size_bytes": path.stat().st_size,
+                   "model_validation_loss": (model.metrics or {}).get("validation_loss"),
+                   **measure_export(ctx, path, folder, chain.spec)}
+        if ctx.should_stop():
+            raise Cancelled("export cancelled before it was published")
+        with stage(ctx, "publish"):
+            stored = store.put_file(path)
+        with ctx.session_factory() as session:
+            session.execute(delete(Artifact).where(Artifact.owner_id == export.id))
+            record_files(session, export.id, [StoredFile(name, stored.size, stored.sha256)])
+            row = session.get(Export, export.id)
+            row.status, row.metrics = "ready", metrics
+            ctx.commit(session)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def warm_up() -> None:
     """Import the engine (torch, transformers) when a worker starts, not inside its first job."""
     import cbd_engine.materialization.recipe  # noqa: F401
@@ -485,7 +550,7 @@ def _hand_back_running_jobs(how: str, **kwargs: object) -> None:
 
 
 HANDLERS: dict[str, Handler] = {"build_chain": build_chain, "materialize_model": materialize_model,
-                                "evaluate_model": evaluate_model}
+                                "evaluate_model": evaluate_model, "export_model": export_model}
 
 
 def run(job_id: str) -> str:
@@ -505,4 +570,9 @@ def materialize_model_task(job_id: str) -> str:
 
 @celery.task(name="cbd.evaluate_model")
 def evaluate_model_task(job_id: str) -> str:
+    return run(job_id)
+
+
+@celery.task(name="cbd.export_model")
+def export_model_task(job_id: str) -> str:
     return run(job_id)

@@ -1,4 +1,7 @@
-"""The routes current huggingface_hub uses, so snapshot_download(repo_id="cbd/<id>", endpoint=...) works unchanged."""
+"""The routes current huggingface_hub uses, so snapshot_download(repo_id="cbd/<id>", endpoint=...) works unchanged,
+and those llama.cpp's `-hf` download uses (refs, then the tree at the commit, then HEAD and GET on resolve), so
+`MODEL_ENDPOINT=http://host:port/ llama-cli -hf cbd/<id>-GGUF:Q8_0` pulls an export. `{model_id}` is a repository
+name: a model id, or a model id with a sibling's suffix (`-GGUF`)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from fastapi import APIRouter, Query, Request, Response
 from app.deps import Reader, SessionDep, StoreDep
 from app.errors import ApiError, problem_responses
 from app.routers.files import file_route
-from app.schemas import HubModelInfo, HubTreeEntry
+from app.schemas import HubModelInfo, HubRefs, HubTreeEntry
 from app.services import files, hub
 
 router = APIRouter(tags=["hub"], responses=problem_responses(400, 401, 403, 404, 429))
@@ -15,12 +18,18 @@ router = APIRouter(tags=["hub"], responses=problem_responses(400, 401, 403, 404,
 
 @router.get("/api/models/cbd/{model_id}", response_model=HubModelInfo)
 def repo_info(model_id: str, session: SessionDep, principal: Reader) -> HubModelInfo:
-    return hub.model_info(*hub.repo(session, model_id))
+    return hub.model_info(model_id, *hub.repo(session, model_id))
+
+
+@router.get("/api/models/cbd/{model_id}/refs", response_model=HubRefs)
+def repo_refs(model_id: str, session: SessionDep, principal: Reader) -> HubRefs:
+    _, _, sha = hub.repo(session, model_id)
+    return hub.refs(sha)
 
 
 @router.get("/api/models/cbd/{model_id}/revision/{revision}", response_model=HubModelInfo)
 def repo_revision(model_id: str, revision: str, session: SessionDep, principal: Reader) -> HubModelInfo:
-    return hub.model_info(*hub.repo(session, model_id, revision))
+    return hub.model_info(model_id, *hub.repo(session, model_id, revision))
 
 
 @router.get("/api/models/cbd/{model_id}/tree/{revision}", response_model=list[HubTreeEntry])

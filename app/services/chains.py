@@ -6,10 +6,10 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.errors import ApiError, not_found
-from app.models import Anchor, Chain, Job, Model
+from app.models import Anchor, Chain, Export, Job, Model
 from app.schemas import AnchorOut, ChainAccepted, ChainCreate, ChainOut, Page
 from app.services import jobs, sources
-from app.services.files import artifacts, collect_blobs, files_out, remove_artifacts
+from app.services.files import artifacts, collect_blobs, files_out, remove_artifacts, remove_exports
 from app.services.pagination import paginate, where_given
 from app.settings import Settings
 from app.storage import ArtifactStore
@@ -81,11 +81,12 @@ def delete_chain(session: Session, store: ArtifactStore, chain_id: str, grace_se
         shown = ", ".join(models[:5]) + (f" and {len(models) - 5} more" if len(models) > 5 else "")
         raise ApiError(409, f"chain {chain.id} has {len(models)} models ({shown}); delete them first, or delete the "
                             "chain with ?cascade=true to remove them with it")
-    subjects = [chain.id, *models]
+    subjects = [chain.id, *models, *session.scalars(select(Export.id).where(Export.model_id.in_(models)))]
     active = session.scalar(select(Job).where(Job.subject_id.in_(subjects), Job.status.in_(jobs.ACTIVE)).limit(1))
     if active is not None:
         raise ApiError(409, f"chain {chain.id} has a {active.status} {active.kind} job {active.id}; cancel it first")
-    blobs = remove_artifacts(session, [anchor.id for anchor in chain.anchors] + models)
+    owners = [anchor.id for anchor in chain.anchors] + models
+    blobs = remove_exports(session, models) | remove_artifacts(session, owners)
     session.execute(delete(Job).where(Job.subject_id.in_(subjects)))
     session.execute(delete(Model).where(Model.chain_id == chain.id))
     session.execute(delete(Anchor).where(Anchor.chain_id == chain.id))

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSatisfiable, StreamingResponse
 
 from app.errors import ApiError
-from app.models import Artifact
+from app.models import Artifact, Export
 from app.schemas import FileOut
 from app.storage import ArtifactStore, StoredFile
 
@@ -51,6 +51,14 @@ def remove_artifacts(session: Session, owner_ids: list[str]) -> set[str]:
     `collect_blobs` once that is committed."""
     blobs = set(session.scalars(select(Artifact.sha256).where(Artifact.owner_id.in_(owner_ids))))
     session.execute(delete(Artifact).where(Artifact.owner_id.in_(owner_ids)))
+    return blobs
+
+
+def remove_exports(session: Session, model_ids: list[str]) -> set[str]:
+    """Delete these models' exports with their artifact rows (uncommitted); the blobs they named, as above."""
+    export_ids = list(session.scalars(select(Export.id).where(Export.model_id.in_(model_ids))))
+    blobs = remove_artifacts(session, export_ids)
+    session.execute(delete(Export).where(Export.id.in_(export_ids)))
     return blobs
 
 

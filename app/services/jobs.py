@@ -29,7 +29,8 @@ def job_ref(job: Job | None) -> JobRef | None:
 
 
 def job_out(job: Job) -> JobOut:
-    result = {"chain" if job.kind == "build_chain" else "model": job.subject_id, "warnings": job.warnings or []}
+    subject = {"build_chain": "chain", "export_model": "export"}.get(job.kind, "model")
+    result = {subject: job.subject_id, "warnings": job.warnings or []}
     known = set(Progress.model_fields)
     return JobOut(
         id=job.id, kind=job.kind, status=job.status, queue=job.queue,

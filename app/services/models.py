@@ -16,10 +16,10 @@ from sqlalchemy.orm import Session
 
 import cbd_engine
 from app.errors import ApiError, not_found
-from app.models import Anchor, Chain, Job, Model
+from app.models import Anchor, Chain, Export, Job, Model
 from app.schemas import EvaluationCreate, FileOut, HealIn, ModelCreate, ModelOut, ModelPlan, ModelRef, Page, SignedLinks
 from app.services import jobs, links
-from app.services.files import artifacts, collect_blobs, files_out, remove_artifacts
+from app.services.files import artifacts, collect_blobs, files_out, remove_artifacts, remove_exports
 from app.services.pagination import paginate, where_given
 from app.services.sources import dataset_file, invalid
 from app.settings import Settings
@@ -313,10 +313,11 @@ def list_models(session: Session, limit: int, page_token: str | None, chain: str
 def delete_model(session: Session, store: ArtifactStore, model_id: str, grace_seconds: float) -> None:
     """Remove the model, its rows and the blobs no other model or anchor still uses."""
     model = get_model(session, model_id)
-    active = jobs.latest_job(session, model.id)
-    if active is not None and active.status in jobs.ACTIVE:
-        raise ApiError(409, f"model {model.id} has a {active.status} job {active.id}; cancel it first")
-    blobs = remove_artifacts(session, [model.id])
+    subjects = [model.id, *session.scalars(select(Export.id).where(Export.model_id == model.id))]
+    active = session.scalar(select(Job).where(Job.subject_id.in_(subjects), Job.status.in_(jobs.ACTIVE)).limit(1))
+    if active is not None:
+        raise ApiError(409, f"model {model.id} has a {active.status} {active.kind} job {active.id}; cancel it first")
+    blobs = remove_exports(session, [model.id]) | remove_artifacts(session, [model.id])
     session.delete(model)
     session.commit()
     collect_blobs(session, store, blobs, grace_seconds)

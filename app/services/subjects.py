@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from app.models import Chain, Job, Model
+from app.models import Chain, Export, Job, Model
 
-SUBJECTS = {"build_chain": Chain, "materialize_model": Model}
+SUBJECTS = {"build_chain": Chain, "materialize_model": Model, "export_model": Export}
 
 
 def mark_subject(session: Session, job: Job, status: str) -> None:

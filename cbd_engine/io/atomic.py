@@ -22,6 +22,21 @@ def write_text_atomically(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
+def atomic_output_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write (a file too large to hold in memory: a GGUF export), renamed
+    to `path` on success and removed on any error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_output_dir(out: str | Path, *, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`, moved to `out` on success and removed on any error. `out` must be
     absent or empty unless `replace` (a checkpoint saved over the last one): then the old folder is swapped out

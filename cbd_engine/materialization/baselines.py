@@ -20,6 +20,9 @@ from cbd_engine.spec.shapes import (
 )
 
 LEARNGENE_LAYERS = 3
+# The baselines made from a fresh initialization (spec/options.py INITS; "cbd" and "single" are the materializer's
+# own), by the layers of the larger anchor each inherits: none, its first three, its last three (paper appendix I).
+BASELINES: dict[str, str | None] = {"random": None, "learngene_auto": "first", "learngene_van": "last"}
 
 
 def learngene_shape(large: Anchor, params: int) -> Shape:
@@ -38,17 +41,17 @@ def materialize_baseline(out: str | Path, init: str, large: Anchor, target: Shap
     the depth whose size is closest to the target's; embeddings and final norm from the anchor."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    arch = large.spec.architecture
-    if init != "random":
+    arch, inherits = large.spec.architecture, BASELINES[init]
+    if inherits is not None:
         target = learngene_shape(large, arch.num_params(target))
     torch.manual_seed(seed)
     config = AutoConfig.for_model(**large.spec.config_for(target))
     model = AutoModelForCausalLM.from_config(config)
     state = model.state_dict()
-    if init != "random":
+    if inherits is not None:
         depth, count = target.num_layers, LEARNGENE_LAYERS
-        copied = range(count) if init == "learngene_auto" else range(depth - count, depth)
-        source_of = {j: (j if init == "learngene_auto" else large.shape.num_layers - depth + j) for j in copied}
+        copied = range(count) if inherits == "first" else range(depth - count, depth)
+        source_of = {j: (j if inherits == "first" else large.shape.num_layers - depth + j) for j in copied}
         for name, spec, layer in arch.tensor_names(target):
             if layer is None or layer in source_of:
                 source = spec.name.format(layer=source_of[layer]) if layer is not None else name

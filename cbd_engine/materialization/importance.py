@@ -120,29 +120,43 @@ def activation_importance(model_dir: str | Path, texts: list[str], max_length: i
     )
 
 
+BLOCK_BYTES = 64 << 20  # float32 bytes of a tensor slice in memory at once (magnitude importance)
+
+
+def squared_sums(reader: SafetensorsReader, name: str, dims: list[int]) -> dict[int, torch.Tensor]:
+    """For each of `dims`, the sum of squares over every other dimension of the tensor, read a slice of rows at a
+    time: the largest tensor (Qwen3-1.7B's 151936 x 2048 embedding: 1.2 GB in float32) never exists whole."""
+    shape = reader.info(name).shape
+    per_row = math.prod(shape[1:])
+    step = max(1, BLOCK_BYTES // (4 * per_row)) if shape else 1
+    sums: dict[int, list[torch.Tensor]] = {dim: [] for dim in dims}
+    for start in range(0, shape[0] if shape else 1, step):
+        rows = (start, min(start + step, shape[0])) if shape else None
+        block = reader.read(name, rows).float().pow_(2)
+        for dim in dims:
+            sums[dim].append(block.sum(dim=[d for d in range(block.ndim) if d != dim]))
+    return {dim: torch.cat(parts) if dim == 0 else torch.stack(parts).sum(0) for dim, parts in sums.items()}
+
+
 def magnitude_importance(model_dir: str | Path, spec: ModelSpec) -> Importance:
     """Squared norms of each unit's weight slices, summed over every tensor that has the unit's axis (no data)."""
     shape, arch = spec.shape, spec.architecture
-    residual = torch.zeros(shape.hidden_size)
-    heads = torch.zeros(shape.num_layers, shape.num_heads)
-    ffn = torch.zeros(shape.num_layers, shape.intermediate_size)
+    totals = {RESIDUAL: torch.zeros(shape.hidden_size), HEADS: torch.zeros(shape.num_layers, shape.num_heads),
+              FFN: torch.zeros(shape.num_layers, shape.intermediate_size)}
     with SafetensorsReader(model_dir) as reader:
         for name, tensor_spec, layer in arch.tensor_names(shape):
-            tensor = None
-            for dim, axes in enumerate(tensor_spec.dims):
-                if len(axes) != 1 or axes[0].role in (GAIN, SHIFT) or axes[0].kind not in (RESIDUAL, HEADS, FFN):
-                    continue
-                tensor = reader.read(name).float() if tensor is None else tensor
-                axis = axes[0]
-                per_row = tensor.pow(2).sum(dim=[d for d in range(tensor.ndim) if d != dim])
-                per_unit = per_row.reshape(-1, unit_rows(shape, axis)).sum(-1)
-                if axis.kind == RESIDUAL:
-                    residual += per_unit
-                elif axis.kind == HEADS:
-                    heads[layer] += per_unit
+            axes = {dim: axes[0] for dim, axes in enumerate(tensor_spec.dims) if len(axes) == 1
+                    and axes[0].role not in (GAIN, SHIFT) and axes[0].kind in (RESIDUAL, HEADS, FFN)}
+            if not axes:
+                continue
+            for dim, per_row in squared_sums(reader, name, list(axes)).items():
+                per_unit = per_row.reshape(-1, unit_rows(shape, axes[dim])).sum(-1)
+                target = totals[axes[dim].kind]
+                if axes[dim].kind == RESIDUAL:
+                    target += per_unit
                 else:
-                    ffn[layer] += per_unit
-    return Importance("magnitude", residual.tolist(), None, heads.tolist(), ffn.tolist())
+                    target[layer] += per_unit
+    return Importance("magnitude", totals[RESIDUAL].tolist(), None, totals[HEADS].tolist(), totals[FFN].tolist())
 
 
 IMPORTANCE_VERSION = 1  # bump when the measures change, so cached values are not reused

@@ -56,6 +56,43 @@ def _log_softmax(logits: torch.Tensor, dtype: torch.dtype, temperature: float) -
     return F.log_softmax(logits if temperature == 1 else logits / temperature, dim=-1)
 
 
+def _forward_kl(log_p: torch.Tensor, log_q: torch.Tensor, d: torch.Tensor, beta: float, skew: float) -> torch.Tensor:
+    return (log_p.exp() * d).sum(-1)
+
+
+def _reverse_kl(log_p: torch.Tensor, log_q: torch.Tensor, d: torch.Tensor, beta: float, skew: float) -> torch.Tensor:
+    return -(log_q.exp() * d).sum(-1)
+
+
+def _jsd(log_p: torch.Tensor, log_q: torch.Tensor, d: torch.Tensor, beta: float, skew: float) -> torch.Tensor:
+    if not 0 < beta < 1:
+        raise ValueError(f"jsd needs 0 < beta < 1 (use forward_kl or reverse_kl for the ends), got {beta}")
+    log_m = _log_mixture_minus_log_q(d, beta)  # log m - log q
+    return beta * (log_p.exp() * (d - log_m)).sum(-1) + (1 - beta) * -(log_q.exp() * log_m).sum(-1)
+
+
+def _skew(skew: float) -> float:
+    if not 0 <= skew < 1:
+        raise ValueError(f"skew must be in [0, 1), got {skew}")
+    return skew
+
+
+def _skew_forward_kl(log_p: torch.Tensor, log_q: torch.Tensor, d: torch.Tensor, beta: float,
+                     skew: float) -> torch.Tensor:  # m = skew p + (1 - skew) q
+    return (log_p.exp() * (d - _log_mixture_minus_log_q(d, _skew(skew)))).sum(-1)
+
+
+def _skew_reverse_kl(log_p: torch.Tensor, log_q: torch.Tensor, d: torch.Tensor, beta: float,
+                     skew: float) -> torch.Tensor:  # m = skew q + (1 - skew) p
+    return -(log_q.exp() * _log_mixture_minus_log_q(d, 1 - _skew(skew))).sum(-1)
+
+
+# The registry of divergences, by the names of spec/distill_config.py DIVERGENCES (which the API and the CLI offer):
+# a new loss is a function here and its name there (tests/test_losses.py checks that the two agree).
+DIVERGENCE_FUNCTIONS = {"forward_kl": _forward_kl, "reverse_kl": _reverse_kl, "jsd": _jsd,
+                        "skew_forward_kl": _skew_forward_kl, "skew_reverse_kl": _skew_reverse_kl}
+
+
 def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "reverse_kl",
                beta: float = 0.5, skew: float = 0.1, temperature: float = 1.0) -> torch.Tensor:
     """Per-position divergence [...] between the softmaxes of [..., vocab] logits, computed in float32 (or float64
@@ -69,24 +106,7 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind:
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     log_q = _log_softmax(student_logits[..., :vocab], dtype, temperature)
     log_p = _log_softmax(teacher_logits[..., :vocab], dtype, temperature)
-    d = log_p - log_q
-    if kind == "forward_kl":
-        return (log_p.exp() * d).sum(-1)
-    if kind == "reverse_kl":
-        return -(log_q.exp() * d).sum(-1)
-    if kind == "jsd":
-        if not 0 < beta < 1:
-            raise ValueError(f"jsd needs 0 < beta < 1 (use forward_kl or reverse_kl for the ends), got {beta}")
-        log_m = _log_mixture_minus_log_q(d, beta)  # log m - log q
-        kl_p_m = (log_p.exp() * (d - log_m)).sum(-1)
-        kl_q_m = -(log_q.exp() * log_m).sum(-1)
-        return beta * kl_p_m + (1 - beta) * kl_q_m
-    if not 0 <= skew < 1:
-        raise ValueError(f"skew must be in [0, 1), got {skew}")
-    if kind == "skew_forward_kl":  # m = skew p + (1 - skew) q
-        return (log_p.exp() * (d - _log_mixture_minus_log_q(d, skew))).sum(-1)
-    # skew_reverse_kl: m = skew q + (1 - skew) p
-    return -(log_q.exp() * _log_mixture_minus_log_q(d, 1 - skew)).sum(-1)
+    return DIVERGENCE_FUNCTIONS[kind](log_p, log_q, log_p - log_q, beta, skew)
 
 
 # The log-mass of an empty tail (top-k covering the whole vocabulary): finite, so log-ratios stay defined, and

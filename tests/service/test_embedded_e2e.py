@@ -66,7 +66,7 @@ class Service:
         tasks = Path(f"/proc/{self.process.pid}/task").iterdir()  # the supervisor threads started them
         children = [pid for task in tasks for pid in (task / "children").read_text().split()]
         lanes = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2].decode() for pid in children}
-        assert sorted(lanes.values()) == ["build_chain", "materialize_model,evaluate_model"], lanes
+        assert sorted(lanes.values()) == ["build_chain", "materialize_model,evaluate_model,export_model"], lanes
         return next(int(pid) for pid, lane in lanes.items() if kind in lane.split(","))
 
 

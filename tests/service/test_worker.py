@@ -176,10 +176,10 @@ def test_a_failed_materialization_leaves_no_work_files(settings: Settings, clien
 def test_embedded_lanes_name_every_job_kind_once(monkeypatch: pytest.MonkeyPatch) -> None:
     from pydantic import ValidationError
 
-    monkeypatch.setenv("CBD_EMBEDDED_LANES", "build_chain ; materialize_model, evaluate_model")
-    assert Settings().embedded_lanes == [("build_chain",), ("materialize_model", "evaluate_model")]
-    for wrong in ("build_chain;materialize_model",  # evaluations would never run
-                  "build_chain;materialize_model,evaluate_model;build_chain", "distill;build_chain"):
+    monkeypatch.setenv("CBD_EMBEDDED_LANES", "build_chain ; materialize_model, evaluate_model ; export_model")
+    assert Settings().embedded_lanes == [("build_chain",), ("materialize_model", "evaluate_model"), ("export_model",)]
+    for wrong in ("build_chain;materialize_model,evaluate_model",  # exports would never run
+                  "build_chain;materialize_model,evaluate_model,export_model;build_chain", "distill;build_chain"):
         with pytest.raises(ValidationError, match="each job kind once"):
             Settings(embedded_lanes=wrong)
 

@@ -1,0 +1,93 @@
+"""Exports of a ready model to device formats (GGUF), each a row with its own job and file, served in the model's
+sibling repository `cbd/<model id>-GGUF` (the Hub community's convention), so the model's own revision never
+changes when a quantization is added."""
+
+from __future__ import annotations
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.errors import ApiError, not_found
+from app.models import Export, Model
+from app.schemas import ExportCreate, ExportOut
+from app.services import jobs
+from app.services.files import artifacts, files_out
+from app.services.models import RETRYABLE, get_model
+from app.settings import Settings
+from cbd_engine.spec.export import repo_suffix
+
+EXPORT_BYTES_PER_SECOND = 20e6  # quantizing in numpy and writing (SmolLM2-135M: about 3 s for 145 MB here)
+
+
+def sibling_repo(model_id: str, fmt: str) -> str:
+    return f"{model_id}-{repo_suffix(fmt)}"
+
+
+def export_out(session: Session, export: Export) -> ExportOut:
+    repo = sibling_repo(export.model_id, export.format)
+    rows = artifacts(session, export.id) if export.status == "ready" else []
+    return ExportOut(id=export.id, model=export.model_id, format=export.format, quant=export.quant,
+                     status=export.status, metrics=export.metrics or {},
+                     files=files_out(rows, f"/cbd/{repo}/resolve/main"), hub_repo_id=f"cbd/{repo}",
+                     job=jobs.job_ref(jobs.latest_job(session, export.id)), created_at=export.created_at)
+
+
+def estimate_seconds(model: Model) -> float:
+    """Reading the model's float32 weights, writing the file, then the validation rows and samples in llama.cpp
+    (the model's own measuring time, which the materialization estimated)."""
+    measured = (model.provenance or {}).get("service", {})
+    return 4 * model.params / EXPORT_BYTES_PER_SECOND + 2 * float(measured.get("publish_seconds", 1.0)) + 30.0
+
+
+def request_export(session: Session, settings: Settings, model_id: str, body: ExportCreate,
+                   owner: str) -> tuple[Export, bool]:
+    """(export, started): an export of this model, format and quant exists once; a failed one is made again."""
+    model = get_model(session, model_id)
+    if model.status != "ready":
+        raise ApiError(409, f"model {model.id} is {model.status}; exports need a ready model")
+    existing = session.scalar(select(Export).where(Export.model_id == model.id, Export.format == body.format,
+                                                   Export.quant == body.quant))
+    if existing is not None and existing.status not in RETRYABLE:
+        return existing, False
+    queue = jobs.queue_for(body.device, settings)
+    jobs.check_capacity(session, settings, owner)
+    if existing is not None:
+        retried = session.execute(update(Export).where(Export.id == existing.id, Export.status.in_(RETRYABLE))
+                                  .values(status="queued").execution_options(synchronize_session=False))
+        if retried.rowcount != 1:
+            session.rollback()
+            return get_export(session, model.id, existing.id), False
+        export = existing
+    else:
+        export = Export(model_id=model.id, format=body.format, quant=body.quant, status="queued", metrics={},
+                        owner=owner)
+        session.add(export)
+        try:
+            session.flush()
+        except IntegrityError:  # an identical request won the race
+            session.rollback()
+            return session.scalar(select(Export).where(Export.model_id == model.id, Export.format == body.format,
+                                                       Export.quant == body.quant)), False
+    job = jobs.new_job("export_model", export.id, queue, owner, estimate=estimate_seconds(model))
+    session.add(job)
+    session.commit()
+    jobs.dispatch(session, settings, job)
+    return export, True
+
+
+def get_export(session: Session, model_id: str, export_id: str) -> Export:
+    export = session.get(Export, export_id)
+    if export is None or export.model_id != model_id:
+        raise not_found("export", export_id)
+    return export
+
+
+def list_exports(session: Session, model_id: str) -> list[Export]:
+    get_model(session, model_id)
+    return list(session.scalars(select(Export).where(Export.model_id == model_id).order_by(Export.id)))
+
+
+def ready_exports(session: Session, model_id: str, fmt: str) -> list[Export]:
+    return list(session.scalars(select(Export).where(Export.model_id == model_id, Export.format == fmt,
+                                                     Export.status == "ready").order_by(Export.quant)))

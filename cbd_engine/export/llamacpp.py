@@ -1,0 +1,137 @@
+"""A GGUF file run by llama.cpp itself (the `xllamacpp` wheel: llama.cpp's own server, in process): greedy tokens,
+and the validation loss of the export as the device will run it.
+
+The loss: llama.cpp's server returns no logits for prompt tokens, but with pooling "none" its `/embedding` route
+returns, per token, the final normed hidden state (`t_embd`, the input of the output head; unnormalized for pooling
+none). The one step run outside llama.cpp is the output head: those states times the file's own head weights
+(dequantized by `gguf.quants`, so quantization of the head counts), then the same response-token cross-entropy as
+cbd_engine.nn.validation (one mean over all scored tokens), on the same token ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from cbd_engine.data.batches import IGNORE, Example, encode_rows
+from cbd_engine.data.rows import read_instruction_rows, split_rows
+from cbd_engine.spec.progress import ProgressCallback, StageTimer, no_progress
+
+CONTEXT = 1024  # tokens a session holds: the validation rows' 512 and generous room for samples
+
+
+class LlamaCpp:
+    """llama.cpp serving one GGUF file in this process; `embedding=True` serves hidden states (llama.cpp's server
+    answers either completions or embeddings)."""
+
+    def __init__(self, path: str | Path, embedding: bool = False, context: int = CONTEXT, threads: int = 2):
+        import xllamacpp
+
+        params = xllamacpp.CommonParams()
+        params.model.path = str(path)
+        params.n_ctx = context
+        params.n_parallel = 1
+        params.cpuparams.n_threads = threads
+        params.cpuparams_batch.n_threads = threads
+        params.warmup = False
+        params.verbosity = -1
+        if embedding:
+            params.embedding = True
+            params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_NONE
+            params.n_batch = params.n_ubatch = context  # a row's tokens in one micro-batch, as embeddings need
+        self.server = xllamacpp.Server(params)
+
+    def greedy(self, ids: list[int], new_tokens: int) -> list[int]:
+        """The next `new_tokens` greedy tokens after the token ids `ids` (given as ids: no tokenizer in between).
+        Read from the native /completion's `tokens`: the OpenAI form's per-token entries merge a token that ends
+        inside a UTF-8 character (SmolLM2's 'Ġí') into the next one, so its id would be missing."""
+        import httpx
+
+        response = httpx.post(f"{self.server.listening_address}/completion", timeout=600, json={
+            "prompt": ids, "n_predict": new_tokens, "temperature": 0.0, "top_k": 1, "cache_prompt": False,
+            "ignore_eos": True, "return_tokens": True})
+        if response.status_code != 200:
+            raise RuntimeError(f"llama.cpp /completion: {response.status_code} {response.text}")
+        return response.json()["tokens"]
+
+    def chat(self, message: str, max_tokens: int = 64) -> str:
+        """A greedy answer to one user message, through the file's own chat template and tokenizer."""
+        result = self.server.handle_chat_completions({"messages": [{"role": "user", "content": message}],
+                                                      "max_tokens": max_tokens, "temperature": 0.0, "top_k": 1})
+        if "error" in result:
+            raise RuntimeError(f"llama.cpp: {result['error']}")
+        return result["choices"][0]["message"]["content"]
+
+    def hidden_states(self, ids: list[int]) -> np.ndarray:
+        """[tokens, hidden]: the final normed hidden state at each position (embedding=True)."""
+        import httpx
+
+        response = httpx.post(f"{self.server.listening_address}/embedding", json={"content": [ids]}, timeout=600)
+        if response.status_code != 200:
+            raise RuntimeError(f"llama.cpp /embedding: {response.status_code} {response.text}")
+        return np.asarray(response.json()[0]["embedding"], dtype=np.float32)
+
+
+@contextlib.contextmanager
+def llama_cpp(path: str | Path, embedding: bool = False) -> Iterator[LlamaCpp]:
+    runtime = LlamaCpp(path, embedding)
+    try:
+        yield runtime
+    finally:
+        del runtime.server  # the server's threads stop and the model is freed here, not at some later collection
+
+
+def context_length(path: str | Path) -> int:
+    """The positions the file's model was made for: llama.cpp caps its context there."""
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    arch = fields["general.architecture"].contents()
+    return int(fields[f"{arch}.context_length"].contents())
+
+
+def output_head(path: str | Path) -> np.ndarray:
+    """[vocab, hidden] float32: the file's output head (the token embedding when the head is tied), dequantized."""
+    import gguf
+
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    head = tensors.get("output.weight") or tensors["token_embd.weight"]
+    return gguf.quants.dequantize(head.data, head.tensor_type).astype(np.float32)
+
+
+def example_loss(hidden: np.ndarray, head: np.ndarray, example: Example) -> tuple[float, int]:
+    """(cross-entropy sum, scored tokens) of one example: the logits at t scored against labels[t + 1]."""
+    labels = np.asarray(example.labels)
+    positions = np.nonzero(labels[1:] != IGNORE)[0]
+    logits = hidden[positions].astype(np.float64) @ head.T.astype(np.float64)
+    top = logits.max(axis=1, keepdims=True)
+    log_norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+    targets = labels[positions + 1]
+    return float((log_norm - logits[np.arange(len(positions)), targets]).sum()), len(positions)
+
+
+def gguf_validation_loss(path: str | Path, tokenizer_folder: str | Path, data_path: str | Path,
+                         max_rows: int | None = 200, max_length: int = 512, prompt_format: str = "alpaca",
+                         progress: ProgressCallback = no_progress) -> float:
+    """The response-token loss of a GGUF file run by llama.cpp, on the validation rows of an instruction file,
+    tokenized by the model's own tokenizer (as the safetensors model's validation loss is); rows are cut to the
+    model's context length where that is shorter than `max_length` (llama.cpp refuses longer inputs)."""
+    from cbd_engine.nn.loading import load_tokenizer
+
+    rows = split_rows(read_instruction_rows(data_path)).validation[:max_rows]
+    if not rows:
+        raise ValueError(f"{data_path} has no validation rows (sha256 of instruction + input is 0 mod 10)")
+    max_length = min(max_length, context_length(path))
+    examples = encode_rows(load_tokenizer(tokenizer_folder), rows, prompt_format, max_length)
+    head = output_head(path)
+    timer = StageTimer("validation", len(examples), progress)
+    total, count = 0.0, 0
+    with llama_cpp(path, embedding=True) as runtime:
+        for done, example in enumerate(examples, 1):
+            loss, scored = example_loss(runtime.hidden_states(example.input_ids), head, example)
+            total, count = total + loss, count + scored
+            timer.update(done)
+    return total / max(count, 1)

@@ -1,0 +1,179 @@
+"""GGUF exports: the engine's own writer, run by llama.cpp itself (the xllamacpp wheel) and read back by
+transformers' GGUF loader, for every family; the size arithmetic of `fits` against the files written."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import DOLLY, make_tiny_model
+
+from cbd_engine.export.gguf import GGUFExportError, write_gguf
+from cbd_engine.export.llamacpp import gguf_validation_loss, llama_cpp
+from cbd_engine.spec.export import gguf_weight_bytes
+from cbd_engine.spec.families import ModelSpec, read_config
+
+FAMILIES = ("llama", "llama_untied_bias", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox")
+# token ids of SmolLM2's tokenizer (the tiny models below share it): chat markers, words, punctuation
+PROMPTS = [[1, 9690, 198, 2683, 359, 253], [504, 3575, 282, 4649, 314], [28, 29, 30, 31, 32, 33, 34]]
+NEW_TOKENS = 8
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+@pytest.fixture
+def bpe_tiny(tmp_path, smollm2):
+    """A tiny random model of a family with SmolLM2's real byte-level BPE tokenizer (a GGUF file carries its
+    tokenizer; the character tokenizer of the other tests has no GGUF form). Weights drawn wider than transformers'
+    default so that greedy choices are not near-ties."""
+    def build(family: str, **overrides) -> Path:
+        overrides = {"vocab_size": 49152, "initializer_range": 0.2, **overrides}
+        if family == "gpt2":
+            overrides["n_positions"] = 512
+        else:
+            overrides["max_position_embeddings"] = 512
+        folder = make_tiny_model(tmp_path / family, family, **overrides)
+        (folder / "special_tokens_map.json").unlink(missing_ok=True)
+        for name in TOKENIZER_FILES:
+            shutil.copy(smollm2 / name, folder / name)
+        return folder
+
+    return build
+
+
+def hf_model(folder: Path, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+
+
+@torch.no_grad()
+def hf_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
+    out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+@torch.no_grad()
+def hf_final_hidden(model, ids: list[int]) -> np.ndarray:
+    return model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0].numpy()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_f16_files_of_every_family_generate_the_same_greedy_tokens_in_llama_cpp(family, bpe_tiny, tmp_path):
+    folder = bpe_tiny(family)  # FFN 96 = 1.5 x hidden: llama.cpp's own GPT-2 converter assumes 4 x
+    path = write_gguf(folder, tmp_path / "model-F16.gguf", "F16")
+    model = hf_model(folder)
+    with llama_cpp(path) as runtime:
+        for ids in PROMPTS:
+            assert runtime.greedy(ids, NEW_TOKENS) == hf_greedy(model, ids, NEW_TOKENS), (family, ids)
+
+
+@pytest.mark.parametrize("quant,cosine", [("Q8_0", 0.99), ("Q4_0", 0.5)])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2", "gpt_neox"])
+def test_quantized_files_run_the_source_network_in_llama_cpp(family, quant, cosine, bpe_tiny, tmp_path):
+    """llama.cpp's final hidden states of a quantized file point where transformers' do on the source weights, at
+    every position (a tensor in a wrong layout gives a cosine near 0; 4-bit noise compounds through a random
+    network's layers, hence Q4_0's looser bound). Greedy tokens of a random model are not
+    compared here: its near-ties flip under 8-bit noise; the real SmolLM2's are (test_smollm2_...)."""
+    folder = bpe_tiny(family)
+    path = write_gguf(folder, tmp_path / f"model-{quant}.gguf", quant)
+    model = hf_model(folder)
+    with llama_cpp(path, embedding=True) as runtime:
+        for ids in PROMPTS:
+            ours, theirs = runtime.hidden_states(ids), hf_final_hidden(model, ids)
+            cos = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
+            assert cos.min() > cosine, (family, quant, cos)
+
+
+# transformers' GGUF loader (5.x) drops Llama's attention/MLP biases, reads Qwen3's head_dim from hidden / heads
+# and refuses this GPT-2 file's shapes; llama.cpp runs all three as transformers does (the F16 test above)
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_transformers_gguf_loader_reads_the_file_back_with_the_source_logits(family, bpe_tiny, tmp_path):
+    folder = bpe_tiny(family)
+    write_gguf(folder, tmp_path / "model-F16.gguf", "F16")
+    source, loaded = hf_model(folder), hf_model(tmp_path, gguf_file="model-F16.gguf")
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        expected, got = source(ids).logits, loaded(ids).logits
+    assert torch.allclose(got, expected, atol=0.05), (got - expected).abs().max()
+
+
+def test_an_ffn_width_off_the_quantization_block_falls_back_to_f16_and_sizes_add_up(bpe_tiny, tmp_path):
+    """FFN 80 (not a multiple of Q8_0's 32-weight blocks): the down projection, whose rows are 80 long, is F16;
+    the rest is Q8_0; the file still generates as transformers does, and its tensor bytes are what the `fits`
+    arithmetic (spec/export.py) counts."""
+    import gguf
+
+    folder = bpe_tiny("llama", intermediate_size=80)
+    path = write_gguf(folder, tmp_path / "model-Q8_0.gguf", "Q8_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.ffn_down.weight"] == "F16"
+    assert types["blk.0.ffn_up.weight"] == types["token_embd.weight"] == "Q8_0"
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    spec = ModelSpec.from_config(read_config(folder))
+    expected, _ = gguf_weight_bytes(spec.architecture, spec.shape, "Q8_0")
+    assert sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors) == expected
+
+
+def test_an_ffn_width_off_the_quantization_block_generates_as_transformers(bpe_tiny, tmp_path):
+    folder = bpe_tiny("llama", intermediate_size=80)
+    f16 = write_gguf(folder, tmp_path / "model-F16.gguf", "F16")
+    with llama_cpp(f16) as runtime:
+        assert runtime.greedy(PROMPTS[0], NEW_TOKENS) == hf_greedy(hf_model(folder), PROMPTS[0], NEW_TOKENS)
+
+
+def test_the_validation_loss_measured_in_llama_cpp_is_the_engines(bpe_tiny, tmp_path):
+    from cbd_engine.nn.validation import validation_loss
+
+    folder = bpe_tiny("llama")
+    path = write_gguf(folder, tmp_path / "model-F16.gguf", "F16")
+    ours = gguf_validation_loss(path, folder, DOLLY, max_rows=6, max_length=128)
+    theirs = validation_loss(folder, DOLLY, max_rows=6, max_length=128)
+    assert ours == pytest.approx(theirs, abs=0.01)
+
+
+def test_a_tokenizer_without_a_gguf_form_is_a_clear_error(tiny_model, tmp_path):
+    folder = tiny_model("llama")  # a character-level WordLevel tokenizer
+    with pytest.raises(GGUFExportError, match="byte-level BPE"):
+        write_gguf(folder, tmp_path / "model.gguf", "Q8_0")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp"))
+
+
+@pytest.mark.slow
+def test_smollm2_answers_in_llama_cpp_as_in_transformers_and_q8_0_keeps_its_loss(smollm2, tmp_path):
+    """F16: the same greedy tokens as transformers on every prompt. Q8_0 (llama.cpp also quantizes activations
+    to 8 bits in its Q8_0 products) changes some of SmolLM2-135M's greedy answers (measured: the capital of France
+    becomes "L'Étoile, ..."), so for Q8_0 the measured loss is held instead: within 1% of transformers'."""
+    from transformers import AutoTokenizer
+
+    from cbd_engine.nn.validation import validation_loss
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    model = hf_model(smollm2)
+    path = write_gguf(smollm2, tmp_path / "model-F16.gguf", "F16")
+    questions = ["What is the capital of France?", "Write a haiku about the sea.", "Give three uses of a paperclip."]
+    with llama_cpp(path) as runtime:
+        for question in questions:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                                return_dict=True)["input_ids"]
+            assert runtime.greedy(ids, 24) == hf_greedy(model, ids, 24), question
+    q8 = write_gguf(smollm2, tmp_path / "model-Q8_0.gguf", "Q8_0")
+    theirs = validation_loss(smollm2, DOLLY, max_rows=12)
+    assert gguf_validation_loss(path, smollm2, DOLLY, max_rows=12) == pytest.approx(theirs, abs=0.005)
+    assert gguf_validation_loss(q8, smollm2, DOLLY, max_rows=12) == pytest.approx(theirs, rel=0.01)
+
+
+def test_cbd_export_writes_the_file_and_measures_it(bpe_tiny, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    folder = bpe_tiny("qwen3")
+    out = tmp_path / "out" / "model-Q8_0.gguf"
+    done = subprocess.run([sys.executable, "-m", "cbd_cli", "export", str(folder), "--quant", "Q8_0", "--out",
+                           str(out), "--data", str(DOLLY)], capture_output=True, text=True, check=True)
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["out"] == str(out) and summary["size_bytes"] == out.stat().st_size
+    assert 0 < summary["validation_loss"] < 20
