@@ -562,3 +562,18 @@ def test_heal_settings_are_the_chains_with_checkpoints_every_fifth_and_minillm_b
     assert minillm.checkpoint_every == 12 and minillm.loss == "reverse_kl"
     with pytest.raises(ValueError, match="at least 1"):
         heal_config(DistillConfig(), 0)
+
+
+def test_magnitude_importance_sums_each_unit_s_squared_weights_and_biases(tiny_model):
+    """GPT-2: an FFN neuron is a column of c_fc (Conv1D: [in, out]), its bias, and a row of c_proj."""
+    from cbd_engine.materialization.importance import magnitude_importance
+
+    folder = tiny_model("gpt2")
+    state = load_file(folder / "model.safetensors")
+    spec = spec_of(folder)
+    importance = magnitude_importance(folder, spec)
+    for layer in range(spec.shape.num_layers):
+        prefix = f"transformer.h.{layer}.mlp." if f"transformer.h.{layer}.mlp.c_fc.bias" in state else f"h.{layer}.mlp."
+        expected = (state[prefix + "c_fc.weight"].pow(2).sum(0) + state[prefix + "c_fc.bias"].pow(2)
+                    + state[prefix + "c_proj.weight"].pow(2).sum(1))
+        torch.testing.assert_close(torch.tensor(importance.ffn[layer]), expected, rtol=1e-5, atol=1e-6)

@@ -134,7 +134,8 @@ def squared_sums(reader: SafetensorsReader, name: str, dims: list[int]) -> dict[
         rows = (start, min(start + step, shape[0])) if shape else None
         block = reader.read(name, rows).float().pow_(2)
         for dim in dims:
-            sums[dim].append(block.sum(dim=[d for d in range(block.ndim) if d != dim]))
+            others = [d for d in range(block.ndim) if d != dim]
+            sums[dim].append(block.sum(dim=others) if others else block)  # sum(dim=[]) would reduce everything
     return {dim: torch.cat(parts) if dim == 0 else torch.stack(parts).sum(0) for dim, parts in sums.items()}
 
 
