@@ -37,6 +37,7 @@ from cbd_engine.spec.chain import distillation_settings
 from cbd_engine.spec.estimate import FLOPS_PER_SECOND
 from cbd_engine.spec.progress import Cancelled, ProgressCallback, ProgressEvent, no_progress
 from worker.celery_app import celery
+from worker.model_card import model_card
 from worker.runner import SHUTDOWN, Handler, JobContext, run_job, worker_identity
 
 if TYPE_CHECKING:
@@ -417,6 +418,9 @@ def materialize_model(ctx: JobContext) -> None:
             folder, known = healed, {}
         if ctx.should_stop():
             raise Cancelled("materialization cancelled before it was published")
+        card = model_card(model, chain, small, large, large_dir, folder, result.provenance, metrics)
+        (folder / "README.md").write_text(card, encoding="utf-8")  # replaces a card copied from the source
+        known.pop("README.md", None)
         stored = publish_model(ctx, store, model.id, folder, known, result, metrics, started)
         measure_model(ctx, model, chain, link_folder(store, stored, evaluated), metrics)
     except BaseException as error:

@@ -412,3 +412,17 @@ def test_api_process_never_imports_torch(tmp_path) -> None:  # noqa: ANN001
             "print(heavy, round(time.monotonic() - t, 2))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.startswith("[] "), result.stdout
+
+
+def test_every_model_is_published_with_a_hub_model_card(client: TestClient, settings: Settings,
+                                                       tiny_chain: dict) -> None:
+    from huggingface_hub import ModelCard
+
+    model = make_model(client, settings, tiny_chain)
+    readme = next(f for f in model["files"] if f["name"] == "README.md")
+    card = ModelCard(client.get(readme["url"]).text)
+    assert card.data.model_name == f"cbd/{model['id']}" and card.data.library_name == "transformers"
+    assert "cbd" in card.data.tags and card.data.license
+    losses = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert losses["dev loss (this model)"] == round(model["metrics"]["dev_loss"], 4)
+    assert f"{model['params']:,}" in card.text and f'snapshot_download("cbd/{model["id"]}"' in card.text

@@ -1,0 +1,106 @@
+"""The README.md every model is published with: a Hugging Face model card (YAML metadata the Hub and its tools read,
+then text). Built with huggingface_hub's ModelCard, so the metadata is the Hub's own schema (`base_model`,
+`model-index` from EvalResult), not a hand-written YAML dialect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from app.models import Anchor, Chain, Model
+from app.services.sources import HF_ID, is_local
+from cbd_engine.spec.shapes import format_size
+
+TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+A {{ params_text }}-parameter model of the {{ family }} family, made by the CBD model factory from chain
+`{{ chain }}` (source `{{ source }}`) by {{ how }}. No training after materialization unless healed.
+
+| | |
+|---|---|
+| parameters | {{ params }} |
+| shape | {{ shape }} |
+| alpha (weight of the smaller anchor) | {{ alphas }} |
+| mix / init / dtype | {{ mix }} / {{ init }} / {{ dtype }} |
+| anchors | {{ anchors }} |
+
+Parameters by tensor group: {{ groups }}.
+
+Quality on the chain's dev rows when it was made (lower is better): {{ quality }}. The factory measures the
+validation loss after publishing; `GET /models/{{ model_id }}` has it, with greedy answers to fixed prompts.
+
+## Use
+
+```python
+from huggingface_hub import snapshot_download
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+folder = snapshot_download("cbd/{{ model_id }}", endpoint="http://FACTORY:8000")  # token=... when auth is on
+model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+```
+
+llama.cpp, ollama, LM Studio: `POST /models/{{ model_id }}/exports {"quant": "Q8_0"}`, then
+`MODEL_ENDPOINT=http://FACTORY:8000/ llama-cli -hf cbd/{{ model_id }}-GGUF:Q8_0`.
+"""
+
+
+def _groups(folder: Path) -> str:
+    """Parameter counts by tensor group (embeddings, attention, MLP, norms), read from the safetensors headers."""
+    from cbd_engine.io.checkpoint import SafetensorsReader
+
+    counts: dict[str, int] = {}
+    with SafetensorsReader(folder) as reader:
+        for name, info in reader.tensors.items():
+            group = ("embeddings" if any(k in name for k in ("embed", "wte", "wpe", "lm_head", "embed_out"))
+                     else "norms" if any(k in name for k in ("norm", "ln_")) else
+                     "attention" if any(k in name for k in ("attn", "attention", "self_attn")) else "mlp")
+            size = 1
+            for dim in info.shape:
+                size *= dim
+            counts[group] = counts.get(group, 0) + size
+    return ", ".join(f"{group} {count:,}" for group, count in sorted(counts.items()))
+
+
+def _license(anchor_dir: Path) -> str:
+    """The source's license, as the larger anchor's own card (copied from the source) states it; else "other"."""
+    readme = anchor_dir / "README.md"
+    if readme.is_file():
+        license_ = ModelCard.load(readme, ignore_metadata_errors=True).data.license
+        if license_:
+            return license_
+    return "other"
+
+
+def model_card(model: Model, chain: Chain, small: Anchor, large: Anchor, large_dir: Path, folder: Path,
+               provenance: dict, metrics: dict) -> str:
+    """The card's text for the model materialized into `folder`."""
+    hub_source = not is_local(chain.source) and HF_ID.match(chain.source)
+    alphas = provenance.get("alphas") or provenance.get("alpha")
+    mixed = provenance.get("alpha") not in (None, 0.0, 1.0)
+    results = [EvalResult(task_type="text-generation", dataset_type="cbd-dev-rows", dataset_name="chain dev rows",
+                          metric_type="loss", metric_name=f"dev loss ({name})", metric_value=round(value, 4))
+               for name, value in (("this model", metrics.get("dev_loss")),
+                                   ("alpha 0: the larger anchor pruned to this size", metrics.get("alpha_0_dev_loss")))
+               if value is not None]
+    data = ModelCardData(
+        model_name=f"cbd/{model.id}", license=_license(large_dir), library_name="transformers",
+        pipeline_tag="text-generation", tags=["cbd", "chain-based-distillation", f"init-{model.init}", model.dtype],
+        base_model=chain.source if hub_source else None, base_model_relation="merge" if hub_source and mixed else None,
+        eval_results=results or None)
+    quality = ", ".join(f"{r.metric_name}: {r.metric_value}" for r in results) or "not measured"
+    how = (f"mixing its anchors {small.id} and {large.id}" if mixed else
+           f"{'expanding' if provenance.get('alpha') == 1.0 else 'pruning'} one anchor")
+    card = ModelCard.from_template(
+        data, template_str=TEMPLATE, model_id=model.id, chain=chain.id, source=chain.source,
+        model_name=f"cbd/{model.id}", family=provenance.get("family", ""), how=how, params=f"{model.params:,}",
+        params_text=format_size(model.params),
+        shape=json.dumps(model.shape), alphas=json.dumps(alphas), mix=model.mix, init=model.init, dtype=model.dtype,
+        anchors=f"{small.id} ({small.params:,}), {large.id} ({large.params:,})", groups=_groups(folder),
+        quality=quality)
+    return str(card)
