@@ -94,8 +94,9 @@ def model_card(model: Model, chain: Chain, small: Anchor, large: Anchor, large_d
         base_model=chain.source if hub_source else None, base_model_relation="merge" if hub_source and mixed else None,
         eval_results=results or None)
     quality = ", ".join(f"{r.metric_name}: {r.metric_value}" for r in results) or "not measured"
-    how = (f"mixing its anchors {small.id} and {large.id}" if mixed else
-           f"{'expanding' if provenance.get('alpha') == 1.0 else 'pruning'} one anchor")
+    how = (f"the `{model.init}` baseline" if model.init != "cbd" else
+           f"mixing its anchors {small.id} and {large.id}" if mixed else
+           f"{'expanding the smaller' if provenance.get('alpha') == 1.0 else 'pruning the larger'} anchor")
     card = ModelCard.from_template(
         data, template_str=TEMPLATE, model_id=model.id, chain=chain.id, source=chain.source,
         model_name=f"cbd/{model.id}", family=provenance.get("family", ""), how=how, params=f"{model.params:,}",

@@ -382,9 +382,12 @@ def test_a_hub_source_is_fetched_without_the_workers_own_token_and_within_the_si
         live_server: tuple[str, Settings, str], tiny_anchors: tuple[Path, Path], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Another factory (auth on) stands in for the Hub: the worker's HF_TOKEN reads it, and must not be sent."""
+    from fnmatch import fnmatch
+
     from huggingface_hub import constants
 
     from cbd_client import Client
+    from cbd_engine.io.sources import HUB_FILES
     from worker.tasks import source_folder
 
     url, settings, token = live_server
@@ -404,12 +407,13 @@ def test_a_hub_source_is_fetched_without_the_workers_own_token_and_within_the_si
     worker = make_settings(tmp_path, hub_endpoint=url)
     with pytest.raises(Exception, match="401"):
         source_folder(model["hub_repo_id"], worker)
-    size = sum(f["size"] for f in model["files"])
+    fetched = [f for f in model["files"] if any(fnmatch(f["name"], p) for p in HUB_FILES)]  # weights, side files
+    size = sum(f["size"] for f in fetched)
     with pytest.raises(ValueError, match="CBD_MAX_SOURCE_BYTES"):
         source_folder(model["hub_repo_id"], make_settings(tmp_path, hub_endpoint=url, hub_token=token,
                                                           max_source_bytes=size - 1))
     folder = source_folder(model["hub_repo_id"], make_settings(tmp_path, hub_endpoint=url, hub_token=token))
-    assert {f["name"]: f["sha256"] for f in model["files"]} == {p.name: sha256_file(p) for p in folder.iterdir()}
+    assert {f["name"]: f["sha256"] for f in fetched} == {p.name: sha256_file(p) for p in folder.iterdir()}
 
 
 def test_a_data_set_over_the_budget_or_with_a_link_outside_the_roots_is_422(
