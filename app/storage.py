@@ -292,9 +292,11 @@ class S3Store:
 
     def _leases(self, sha256: str) -> list[tuple[str, float]]:
         """(key, age in seconds) of the blob's leases."""
-        listed = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._key("leases", sha256) + "/")
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                      Prefix=self._key("leases", sha256) + "/")
         now = time.time()
-        return [(item["Key"], now - item["LastModified"].timestamp()) for item in listed.get("Contents", [])]
+        return [(item["Key"], now - item["LastModified"].timestamp()) for page in pages
+                for item in page.get("Contents", [])]
 
     def exists(self, sha256: str) -> bool:
         from botocore.exceptions import ClientError
