@@ -51,19 +51,18 @@ llama.cpp, ollama, LM Studio: `POST /models/{{ model_id }}/exports {"quant": "Q8
 
 
 def _groups(folder: Path) -> str:
-    """Parameter counts by tensor group (embeddings, attention, MLP, norms), read from the safetensors headers."""
-    from cbd_engine.io.checkpoint import SafetensorsReader
+    """Parameter counts by the engine's tensor groups (the ones alpha is chosen for: attention, mlp,
+    embeddings_norms), from the model's config."""
+    import math
 
-    counts: dict[str, int] = {}
-    with SafetensorsReader(folder) as reader:
-        for name, info in reader.tensors.items():
-            group = ("embeddings" if any(k in name for k in ("embed", "wte", "wpe", "lm_head", "embed_out"))
-                     else "norms" if any(k in name for k in ("norm", "ln_")) else
-                     "attention" if any(k in name for k in ("attn", "attention", "self_attn")) else "mlp")
-            size = 1
-            for dim in info.shape:
-                size *= dim
-            counts[group] = counts.get(group, 0) + size
+    from cbd_engine.materialization.mixing import tensor_group
+    from cbd_engine.spec.families import ModelSpec, read_config
+
+    spec = ModelSpec.from_config(read_config(folder))
+    arch, counts = spec.architecture, {}
+    for _, tensor_spec, _ in arch.tensor_names(spec.shape):
+        group = tensor_group(arch, tensor_spec)
+        counts[group] = counts.get(group, 0) + math.prod(arch.tensor_shape(tensor_spec, spec.shape))
     return ", ".join(f"{group} {count:,}" for group, count in sorted(counts.items()))
 
 
