@@ -20,7 +20,7 @@ import cbd_engine
 from app.auth import RateLimiter, TokenCache, configured_tokens
 from app.db import make_engine, make_session_factory
 from app.errors import install_error_handlers, problem, problem_openapi
-from app.routers import chains, console, exports, files, hub, jobs, models, operations
+from app.routers import aliases, chains, console, exports, files, hub, jobs, models, operations
 from app.services.files import collect_blobs
 from app.services.jobs import requeue_expired
 from app.services.links import link_key
@@ -176,7 +176,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = CollectorRegistry()
     app.state.registry.register(JobsCollector(app.state.session_factory, settings))
     install_error_handlers(app)
-    for module in (chains, models, exports, jobs, files, hub, operations, console):
+    for module in (chains, models, aliases, exports, jobs, files, hub, operations, console):
         app.include_router(module.router)
     app.mount("/ui/static", console.static, name="console-static")
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

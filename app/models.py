@@ -1,4 +1,5 @@
-"""SQLAlchemy 2 ORM models: chains, anchors, models, exports, jobs, artifacts, tokens, idempotency keys."""
+"""SQLAlchemy 2 ORM models: chains, anchors, models, aliases and tags, exports, jobs, artifacts, tokens, idempotency
+keys."""
 
 from __future__ import annotations
 
@@ -81,6 +82,26 @@ class Model(Base):
     provenance: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     owner: Mapped[str] = mapped_column(String(64), default="anonymous")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Alias(Base):
+    """A name for one ready model, served as the Hub repository `cbd/<name>` too; moved by one guarded UPDATE
+    (app/services/aliases.py). Removed with its model."""
+
+    __tablename__ = "aliases"
+
+    name: Mapped[str] = mapped_column(String(96), primary_key=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    previous_model_id: Mapped[str | None] = mapped_column(String(40))  # before the last move (it may be deleted)
+    updated_by: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelTag(Base):
+    __tablename__ = "model_tags"
+
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
 
 
 class Export(Base):

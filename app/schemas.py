@@ -298,6 +298,8 @@ class ModelOut(BaseModel):
     provenance: dict[str, Any]
     job: JobRef | None
     hub_repo_id: str
+    aliases: list[str] = Field(description="names that point at this model; each is the Hub repository cbd/<alias>")
+    tags: list[str]
     created_at: Timestamp
 
 
@@ -323,6 +325,16 @@ class ModelPlan(BaseModel):
 class SignedLinks(BaseModel):
     expires_at: Timestamp
     files: list[FileOut] = Field(description="each url works without a bearer header until expires_at")
+
+
+class AliasOut(BaseModel):
+    name: str
+    model: str = Field(description="the model it points at")
+    hub_repo_id: str = Field(description="cbd/<name>: the Hub repository that serves the files (and commit id) of "
+                                         "the model it points at now; cbd/<name>-GGUF its exports")
+    previous: str | None = Field(description="the model it pointed at before its last move (null: never moved)")
+    updated_by: str
+    updated_at: Timestamp
 
 
 class ExportCreate(Strict):

@@ -55,6 +55,13 @@ class Client:
     def model(self, model_id: str) -> dict[str, Any]:
         return self._call("GET", f"/models/{model_id}")
 
+    def set_alias(self, model_id: str, name: str) -> dict[str, Any]:
+        """Point the alias at a ready model (moving it from where it pointed); then `cbd/<name>` is that model."""
+        return self._call("PUT", f"/models/{model_id}/aliases/{name}")
+
+    def alias(self, name: str) -> dict[str, Any]:
+        return self._call("GET", f"/aliases/{name}")
+
     def job(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/jobs/{job_id}")
 

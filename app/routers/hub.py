@@ -1,7 +1,7 @@
 """The routes current huggingface_hub uses, so snapshot_download(repo_id="cbd/<id>", endpoint=...) works unchanged,
 and those llama.cpp's `-hf` download uses (refs, then the tree at the commit, then HEAD and GET on resolve), so
 `MODEL_ENDPOINT=http://host:port/ llama-cli -hf cbd/<id>-GGUF:Q8_0` pulls an export. `{model_id}` is a repository
-name: a model id, or a model id with a sibling's suffix (`-GGUF`)."""
+name: a model id or an alias, or either with a sibling's suffix (`-GGUF`)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
 
 from app.deps import Admin, Builder, IdempotencyKeyHeader, Limit, PageToken, Reader, SessionDep, SettingsDep, StoreDep
 from app.errors import problem_responses
@@ -41,9 +43,10 @@ def sign_links(model_id: str, request: Request, session: SessionDep, settings: S
 
 @router.get("/models", response_model=Page[ModelOut], responses=problem_responses(422))
 def list_models(session: SessionDep, principal: Reader, limit: Limit = 50, page_token: PageToken = None,
-                chain: str | None = None, source: str | None = None,
-                status: ResourceStatus | None = None) -> Page[ModelOut]:
-    return models.list_models(session, limit, page_token, chain, source, status)
+                chain: str | None = None, source: str | None = None, status: ResourceStatus | None = None,
+                tag: Annotated[str | None, Query(max_length=64, description="models with this tag")] = None,
+                ) -> Page[ModelOut]:
+    return models.list_models(session, limit, page_token, chain, source, status, tag)
 
 
 @router.get("/models/{model_id}", response_model=ModelOut, responses=problem_responses(404))

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 import cbd_engine
 from app.errors import ApiError, not_found
-from app.models import Anchor, Chain, Export, Job, Model
+from app.models import Alias, Anchor, Chain, Export, Job, Model, ModelTag
 from app.schemas import EvaluationCreate, FileOut, HealIn, ModelCreate, ModelOut, ModelPlan, ModelRef, Page, SignedLinks
 from app.services import jobs, links
 from app.services.files import artifacts, collect_blobs, files_out, remove_artifacts, remove_exports
@@ -289,7 +289,12 @@ def model_out(session: Session, model: Model) -> ModelOut:
                     status=model.status, metrics=model.metrics or {},
                     files=files_out(rows, f"/models/{model.id}/files"),
                     provenance=model.provenance or {}, job=jobs.job_ref(jobs.latest_job(session, model.id)),
-                    hub_repo_id=f"cbd/{model.id}", created_at=model.created_at)
+                    hub_repo_id=f"cbd/{model.id}",
+                    aliases=list(session.scalars(select(Alias.name).where(Alias.model_id == model.id)
+                                                 .order_by(Alias.name))),
+                    tags=list(session.scalars(select(ModelTag.tag).where(ModelTag.model_id == model.id)
+                                              .order_by(ModelTag.tag))),
+                    created_at=model.created_at)
 
 
 def signed_links(session: Session, key: bytes, seconds: float, model_id: str) -> SignedLinks:
@@ -304,8 +309,10 @@ def signed_links(session: Session, key: bytes, seconds: float, model_id: str) ->
 
 
 def list_models(session: Session, limit: int, page_token: str | None, chain: str | None, source: str | None,
-                status: str | None) -> Page:
+                status: str | None, tag: str | None) -> Page:
     query = where_given(select(Model), (Model.chain_id, chain), (Model.source, source), (Model.status, status))
+    if tag:
+        query = query.where(Model.id.in_(select(ModelTag.model_id).where(ModelTag.tag == tag)))
     rows, token = paginate(session, query, Model.id, limit, page_token)
     return Page[ModelOut](items=[model_out(session, m) for m in rows], next_page_token=token)
 

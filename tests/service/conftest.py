@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from sqlalchemy import create_engine, text
 from app.auth import create_token
 from app.db import upgrade_database
 from app.main import create_app
+from app.services.webhooks import sign
 from app.settings import Settings
 from tests.conftest import SHARED_DATA, make_tiny_model
 
@@ -142,3 +145,36 @@ def live_server(tmp_path: Path, tiny_anchors: tuple[Path, Path]) -> tuple[str, S
     yield f"http://127.0.0.1:{port}", settings, token
     server.should_exit = True
     thread.join(5)
+
+
+@pytest.fixture
+def webhook_receiver() -> Iterator[tuple[str, list[tuple[dict, bytes]]]]:
+    """(its URL, what it received): an HTTP server that keeps the headers and body of every POST and answers 204."""
+    received: list[tuple[dict, bytes]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            received.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/hook", received
+    server.shutdown()
+
+
+def signed_events(received: list[tuple[dict, bytes]], secret: str, count: int, timeout: float = 10.0) -> list[dict]:
+    """The events received once there are `count` (webhooks are sent from threads of their own), each body checked
+    against its signature."""
+    deadline = time.monotonic() + timeout
+    while len(received) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    events = []
+    for headers, body in received:
+        assert headers["X-CBD-Signature"] == sign(secret, headers["X-CBD-Timestamp"], body)
+        events.append(json.loads(body))
+    return events

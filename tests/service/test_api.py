@@ -376,12 +376,15 @@ def test_openapi_matches_the_contract(client: TestClient) -> None:
                   ("/api/models/cbd/{model_id}", "get"), ("/api/models/cbd/{model_id}/revision/{revision}", "get"),
                   ("/api/models/cbd/{model_id}/tree/{revision}", "get"),
                   ("/cbd/{model_id}/resolve/{revision}/{filename}", "head"), ("/healthz", "get"), ("/readyz", "get"),
-                  ("/metrics", "get")]:
+                  ("/metrics", "get"), ("/models/{model_id}/aliases/{name}", "put"),
+                  ("/models/{model_id}/aliases/{name}", "delete"), ("/aliases", "get"), ("/aliases/{name}", "get"),
+                  ("/aliases/{name}", "delete"), ("/models/{model_id}/tags/{tag}", "put"),
+                  ("/models/{model_id}/tags/{tag}", "delete")]:
         assert route in routes, route
     schemas = document["components"]["schemas"]
     assert set(schemas["ModelOut"]["properties"]) >= {"id", "chain", "size", "params", "shape", "alpha", "init",
                                                       "dtype", "anchors", "status", "metrics", "files", "provenance",
-                                                      "created_at"}
+                                                      "aliases", "tags", "created_at"}
     assert set(schemas["JobOut"]["properties"]) >= {"id", "kind", "status", "progress", "error", "result",
                                                     "created_at", "started_at", "finished_at"}
     assert set(schemas["Progress"]["properties"]) >= {"stage", "step", "total", "fraction", "eta_seconds", "loss"}

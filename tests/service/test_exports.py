@@ -108,22 +108,24 @@ def open_server(tmp_path: Path) -> tuple[str, Settings]:
 def test_llama_cpp_pulls_an_export_with_its_own_request_sequence(open_server: tuple[str, Settings],
                                                                  tiny_anchors: tuple[Path, Path],
                                                                  tmp_path: Path) -> None:
-    """`MODEL_ENDPOINT=<endpoint> llama-cli -hf cbd/<id>-GGUF:Q8_0`, as llama.cpp sends it: GET refs (the branch
+    """`MODEL_ENDPOINT=<endpoint> llama-cli -hf cbd/<alias>-GGUF:Q8_0`, as llama.cpp sends it: GET refs (the branch
     `main` and its 40-hex commit), GET the tree at that commit (recursive), the file whose name matches the tag
     (`Q8_0[.-]`), HEAD on its resolve URL (2xx, ETag, Content-Length, Accept-Ranges), then GET, resumed with a
-    Range after an interrupted first try."""
+    Range after an interrupted first try. Through an alias of the model: the repository `cbd/<id>-GGUF` itself."""
     endpoint, settings = open_server
     headers = {"User-Agent": "llama-cpp/b8929", "Accept": "application/json"}
     with TestClient(create_app(settings)) as client:
         model = ready_model(client, settings, tiny_anchors)
         made = export(client, settings, model["id"], "Q8_0")
         export(client, settings, model["id"], "F16")
-    repo = f"cbd/{model['id']}-GGUF"
+        assert client.put(f"/models/{model['id']}/aliases/edge").status_code == 201
+    repo = "cbd/edge-GGUF"
     with httpx.Client(headers=headers, follow_redirects=False) as http:
         refs = http.get(f"{endpoint}api/models/{repo}/refs").json()
         main = next(b for b in refs["branches"] if b["name"] == "main")
         commit = main["targetCommit"]
         assert re.fullmatch(r"[0-9a-f]{40}", commit)
+        assert http.get(f"{endpoint}api/models/cbd/{model['id']}-GGUF/refs").json() == refs
         tree = http.get(f"{endpoint}api/models/{repo}/tree/{commit}?recursive=true").json()
         files = [f for f in tree if f["type"] == "file"]
         chosen = next(f for f in files if re.search("Q8_0[.-]", f["path"], re.IGNORECASE))

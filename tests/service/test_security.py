@@ -23,12 +23,12 @@ from app.auth import create_token
 from app.logging import JsonFormatter
 from app.main import create_app
 from app.services.files import record_files
+from app.services.webhooks import deliver
 from app.settings import Settings
 from app.storage import StoredFile, sha256_file
 from cbd_cli.service import server_config
 from tests.service.conftest import make_settings, run_pending
 from tests.service.test_api import assert_problem, make_model, midpoint
-from worker.webhooks import deliver
 
 
 @pytest.fixture
@@ -346,7 +346,7 @@ def test_a_trickling_webhook_receiver_does_not_delay_the_next_job(tmp_path: Path
     finished = datetime.fromisoformat(first["finished_at"])
     assert (datetime.fromisoformat(second["started_at"]) - finished).total_seconds() < 1.0
     started = time.monotonic()
-    thread = threading.Thread(target=deliver, args=(settings.webhook_url, "", b"{}", 2.0, "job_x"))
+    thread = threading.Thread(target=deliver, args=(settings.webhook_url, "", [b"{}"], 2.0, {"job_id": "job_x"}))
     thread.start()
     thread.join(10)
     assert not thread.is_alive() and time.monotonic() - started < 3.0  # given up at its deadline

@@ -333,29 +333,13 @@ def wait_job(client: TestClient, job_id: str, timeout: float = 120) -> str:
     raise AssertionError(f"job {job_id} did not finish in {timeout} s")
 
 
-def test_signed_webhooks_on_success_and_failure(tmp_path, tiny_anchors) -> None:  # noqa: ANN001
-    import json
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-
+def test_signed_webhooks_on_success_and_failure(tmp_path, tiny_anchors, webhook_receiver) -> None:  # noqa: ANN001
     from app.main import create_app
-    from tests.service.conftest import make_settings, run_pending
-    from worker.webhooks import sign
+    from app.services.webhooks import sign
+    from tests.service.conftest import make_settings, run_pending, signed_events
 
-    received: list[tuple[dict, bytes]] = []
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's name
-            received.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    settings = make_settings(tmp_path, webhook_url=f"http://127.0.0.1:{server.server_port}/hook",
-                             webhook_secret="s3cret")
+    url, received = webhook_receiver
+    settings = make_settings(tmp_path, webhook_url=url, webhook_secret="s3cret")
     large, small = tiny_anchors
     with TestClient(create_app(settings)) as client:
         client.post("/chains", json={"name": "ok", "source": str(large),
@@ -363,14 +347,7 @@ def test_signed_webhooks_on_success_and_failure(tmp_path, tiny_anchors) -> None:
         client.post("/chains", json={"name": "bad", "source": str(small),  # ascending sizes: the job fails
                                      "anchors": [{"checkpoint": str(large), "distill": False}]})
         assert sorted(run_pending(settings)) == ["failed", "succeeded"]
-    waited = time.monotonic() + 10
-    while len(received) < 2 and time.monotonic() < waited:  # sent off the job lane, from threads of their own
-        time.sleep(0.05)
-    server.shutdown()
-    events = []
-    for headers, body in received:
-        assert headers["X-CBD-Signature"] == sign("s3cret", headers["X-CBD-Timestamp"], body)
-        events.append(json.loads(body)["event"])
+    events = [event["event"] for event in signed_events(received, "s3cret", 2)]
     assert sorted(events) == ["job.failed", "job.succeeded"]
     assert sign("other", "1", b"x") != sign("s3cret", "1", b"x")
 
