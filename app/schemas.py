@@ -340,8 +340,10 @@ class AliasOut(BaseModel):
 class ExportCreate(Strict):
     format: Literal["gguf"] = Field(default="gguf", description="gguf: one file for llama.cpp, ollama, LM Studio")
     quant: Literal[GGUF_QUANTS] = Field(
-        default=DEFAULT_QUANT["gguf"], description="F16; Q8_0 and Q4_0 (blocks of 32 weights; a tensor whose rows "
-                                                    "are not whole blocks stays F16, Q4_0's embedding Q8_0)")
+        default=DEFAULT_QUANT["gguf"],
+        description="F16; Q8_0 and Q4_0 (blocks of 32 weights); Q6_K and Q4_K (super-blocks of 256, made by "
+                    "llama.cpp's own quantizer). Rows that are not whole blocks fall back as llama.cpp does (Q4_K "
+                    "to Q5_0, Q6_K to Q8_0, then F16); 4-bit files keep the vocabulary at Q6_K")
     device: Device = "auto"
 
 

@@ -12,8 +12,8 @@ import torch
 from conftest import DOLLY, make_tiny_model
 
 from cbd_engine.export.gguf import GGUFExportError, write_gguf
-from cbd_engine.export.llamacpp import gguf_validation_loss, llama_cpp
-from cbd_engine.spec.export import gguf_weight_bytes
+from cbd_engine.export.llamacpp import gguf_validation_loss, llama_cpp, quantize
+from cbd_engine.spec.export import QUANT_SIZES, gguf_weight_bytes
 from cbd_engine.spec.families import ModelSpec, read_config
 
 FAMILIES = ("llama", "llama_untied_bias", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox")
@@ -115,6 +115,48 @@ def test_an_ffn_width_off_the_quantization_block_falls_back_to_f16_and_sizes_add
     spec = ModelSpec.from_config(read_config(folder))
     expected, _ = gguf_weight_bytes(spec.architecture, spec.shape, "Q8_0")
     assert sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors) == expected
+
+
+def test_the_size_table_and_the_quantizer_are_the_gguf_package_and_llama_cpp_own():
+    """spec/export.py's block sizes are gguf's, and llama.cpp's quantizer writes, for the types the gguf package
+    can write too, the very same bytes."""
+    import gguf
+
+    for kind, size in QUANT_SIZES.items():
+        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]] == size, kind
+    w = np.random.default_rng(0).standard_normal((8, 512), dtype=np.float32)
+    for kind in ("Q8_0", "Q5_0", "Q4_0"):
+        assert np.array_equal(quantize(w, kind), gguf.quants.quantize(w, gguf.GGMLQuantizationType[kind])), kind
+    for kind in ("Q6_K", "Q4_K"):  # the gguf package reads them back, close to the source
+        back = gguf.quants.dequantize(quantize(w, kind), gguf.GGMLQuantizationType[kind])
+        assert np.abs(back - w).mean() < 0.1, kind
+
+
+@pytest.mark.parametrize("quant,fallback,cosine", [("Q6_K", "Q8_0", 0.99), ("Q4_K", "Q5_0", 0.95)])
+def test_k_quant_files_hold_k_blocks_where_rows_allow_and_llama_cpp_runs_them(quant, fallback, cosine, bpe_tiny,
+                                                                              tmp_path):
+    """Hidden 256 (one super-block) and FFN 288 (not one): the tensors read along the hidden axis are `quant`, the
+    down projection (rows of 288) takes llama.cpp's fallback, the vocabulary Q6_K; the bytes are what `fits`
+    counts, and llama.cpp's hidden states point where transformers' do (weights drawn at transformers' scale
+    here: the wider draw of the other tests makes a chaotic network, where 6-bit noise already turns a state)."""
+    import gguf
+
+    folder = bpe_tiny("llama", hidden_size=256, intermediate_size=288, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=64, initializer_range=0.05)
+    path = write_gguf(folder, tmp_path / f"model-{quant}.gguf", quant)
+    tensors = gguf.GGUFReader(path).tensors
+    types = {t.name: t.tensor_type.name for t in tensors}
+    assert types["blk.0.attn_q.weight"] == types["blk.0.ffn_up.weight"] == quant
+    assert types["blk.0.ffn_down.weight"] == fallback
+    assert types["token_embd.weight"] == "Q6_K"
+    spec = ModelSpec.from_config(read_config(folder))
+    assert sum(int(t.n_bytes) for t in tensors) == gguf_weight_bytes(spec.architecture, spec.shape, quant)[0]
+    model = hf_model(folder)
+    with llama_cpp(path, embedding=True) as runtime:
+        for ids in PROMPTS:
+            ours, theirs = runtime.hidden_states(ids), hf_final_hidden(model, ids)
+            cos = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
+            assert cos.min() > cosine, (quant, cos)
 
 
 def test_an_ffn_width_off_the_quantization_block_generates_as_transformers(bpe_tiny, tmp_path):

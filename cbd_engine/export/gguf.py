@@ -3,8 +3,9 @@
 Why our own and not llama.cpp's `convert_hf_to_gguf.py`: CBD makes shapes that converter gets wrong (its GPT-2 path
 assumes an FFN of 4 x hidden, so llama.cpp refuses the file), and it is a script of the llama.cpp repository, not a
 package. The writing itself is the `gguf` package's (GGUFWriter, its HF -> GGUF tensor-name maps, SpecialVocab for
-merges, special ids and the chat template, `gguf.quants` for Q8_0/Q4_0); this module only says, per family, which
-llama.cpp architecture a model is, which hyperparameters it needs, and how a tensor's layout differs:
+merges, special ids and the chat template; the quantization is llama.cpp's own, `export.llamacpp.quantize`); this
+module only says, per family, which llama.cpp architecture a model is, which hyperparameters it needs, and how a
+tensor's layout differs:
 
 - Llama (and Mistral): llama.cpp applies rotary embeddings to interleaved pairs, transformers to the two halves of
   each head, so q_proj and k_proj rows are permuted per head (`_rotary_pairs`), as llama.cpp's converter does.
@@ -24,12 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
+from cbd_engine.export.llamacpp import quantize
 from cbd_engine.io.atomic import atomic_output_file
 from cbd_engine.io.checkpoint import SafetensorsReader
 from cbd_engine.spec.export import CONV1D_SUFFIXES, GGUF_QUANTS, gguf_tensor_type, is_vocabulary
 from cbd_engine.spec.families import ModelSpec, read_config
 
-FILE_TYPES = {"F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0"}
+# Q4_K: llama.cpp calls a file of Q4_K tensors with a Q6_K vocabulary Q4_K_S (its Q4_K_S also widens a few
+# attention tensors; the file type is a label, the tensors carry their own types)
+FILE_TYPES = {"F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0", "Q6_K": "MOSTLY_Q6_K", "Q4_K": "MOSTLY_Q4_K_S",
+              "Q4_0": "MOSTLY_Q4_0"}
 # llama.cpp's pre-tokenizer names for the byte-level BPE pre-tokenizers of tokenizer.json (llama.cpp tells them apart
 # by hashing the tokenization of a test text; the structure says the same for the tokenizers CBD's families use)
 PRE_TOKENIZERS = {
@@ -188,8 +193,7 @@ def _encode(name: str, w: np.ndarray, quant: str, vocabulary: bool) -> tuple[np.
         return w.astype(np.float32), gguf.GGMLQuantizationType.F32
     if kind == "F16":
         return w.astype(np.float16), gguf.GGMLQuantizationType.F16
-    qtype = gguf.GGMLQuantizationType[kind]
-    return gguf.quants.quantize(w.astype(np.float32), qtype), qtype
+    return quantize(w, kind), gguf.GGMLQuantizationType[kind]
 
 
 def write_gguf(folder: str | Path, out: str | Path, quant: str = "Q8_0", name: str | None = None,

@@ -11,6 +11,8 @@ cbd_engine.nn.validation (one mean over all scored tokens), on the same token id
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,40 @@ from cbd_engine.data.rows import read_instruction_rows, split_rows
 from cbd_engine.spec.progress import ProgressCallback, StageTimer, no_progress
 
 CONTEXT = 1024  # tokens a session holds: the validation rows' 512 and generous room for samples
+
+
+def quantize(w: np.ndarray, kind: str) -> np.ndarray:
+    """The rows of a 2-D float array as GGUF blocks of type `kind` (uint8, one row of blocks per row), by llama.cpp's
+    own quantizer, `ggml_quantize_chunk`, which the xllamacpp wheel exports. Why not `gguf.quants`: it cannot write
+    the K-quants (NotImplementedError), and for the types it can write (Q8_0, Q5_0, Q4_0) llama.cpp's bytes are the
+    same (tests/test_export.py checks it) and are made in C, not numpy. Called through ctypes because the wheel's
+    Python API has no quantizer."""
+    import gguf
+
+    rows, width = w.shape
+    weights_per_block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+    if width % weights_per_block:
+        raise ValueError(f"rows of {width} are not whole {kind} blocks of {weights_per_block}")
+    src = np.ascontiguousarray(w, dtype=np.float32)
+    out = np.empty((rows, width // weights_per_block * block_bytes), dtype=np.uint8)
+    written = _ggml_quantize_chunk()(int(gguf.GGMLQuantizationType[kind]), src.ctypes.data, out.ctypes.data, 0,
+                                     rows, width, None)
+    if written != out.nbytes:
+        raise RuntimeError(f"llama.cpp wrote {written} bytes of {kind}, expected {out.nbytes}")
+    return out
+
+
+@functools.cache
+def _ggml_quantize_chunk() -> ctypes._CFuncPtr:
+    """size_t ggml_quantize_chunk(enum ggml_type, const float *src, void *dst, int64_t start, int64_t nrows,
+    int64_t n_per_row, const float *imatrix) from the wheel's own library (ggml.h)."""
+    import xllamacpp.xllamacpp as native
+
+    function = ctypes.CDLL(native.__file__).ggml_quantize_chunk
+    function.restype = ctypes.c_size_t
+    function.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                         ctypes.c_int64, ctypes.c_void_p]
+    return function
 
 
 class LlamaCpp:

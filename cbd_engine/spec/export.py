@@ -4,13 +4,16 @@ model takes on the device (its weights in a format plus its KV cache at a contex
 One table of GGUF tensor types serves the writer (cbd_engine/export/gguf.py, which asks `gguf_tensor_type` for each
 tensor it writes) and the `fits` arithmetic (`device_bytes`), so the size the API promises is the file's size.
 
-GGUF type of each tensor (as llama.cpp's own converter and quantizer choose them):
+GGUF type of each tensor (the rules of llama.cpp's own converter and quantizer, `llama_tensor_get_type`):
 - 1-D tensors (norm gains and shifts, biases): F32, whatever the quant (llama.cpp reads them as F32).
 - 2-D tensors at F16: F16.
 - Q8_0 and Q4_0 quantize each row in blocks of 32 weights (34 and 18 bytes a block: a float16 scale and 32 int8 or
-  32 int4 values); a tensor whose rows are not a whole number of blocks falls back to F16 (the converter does the
-  same). For Q4_0 the token embedding and the output head stay Q8_0: llama.cpp's quantizer keeps those wider too
-  (Q6_K, which the pure-Python `gguf.quants` cannot write), since 4-bit vocabulary rows cost most quality per byte.
+  32 int4 values); Q6_K and Q4_K in super-blocks of 256 (210 and 144 bytes: 6.56 and 4.5 bits a weight).
+- The vocabulary (token embedding and output head) is kept wider at 4 bits, Q6_K, as llama.cpp's quantizer does:
+  4-bit vocabulary rows cost most quality per byte.
+- A tensor whose rows are not whole blocks falls back as llama.cpp's quantizer does: Q4_K to Q5_0, Q6_K to Q8_0,
+  and anything not whole 32-weight blocks to F16. SmolLM2's hidden size 576 is 2.25 super-blocks, so its K-quant
+  files hold Q5_0/Q8_0 for every tensor read along the hidden axis; `device_bytes` counts exactly that.
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ from cbd_engine.spec.families import VOCAB, Architecture, TensorSpec
 from cbd_engine.spec.shapes import Shape
 
 EXPORT_FORMATS = ("gguf", "onnx")
-GGUF_QUANTS = ("F16", "Q8_0", "Q4_0")
+GGUF_QUANTS = ("F16", "Q8_0", "Q6_K", "Q4_K", "Q4_0")
 ONNX_PRECISIONS = ("fp32", "int4")
 QUANTS = {"gguf": GGUF_QUANTS, "onnx": ONNX_PRECISIONS}
 DEFAULT_QUANT = {"gguf": "Q8_0", "onnx": "fp32"}
-BLOCK = 32  # weights per block of Q8_0 and Q4_0
-# bytes per weight of each GGUF tensor type
-TYPE_BYTES = {"F32": 4.0, "F16": 2.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32}
+# weights and bytes per block of each GGUF tensor type (gguf.GGML_QUANT_SIZES; spec stays free of the gguf package,
+# tests/test_export.py checks the two agree)
+QUANT_SIZES = {"F32": (1, 4), "F16": (1, 2), "Q8_0": (32, 34), "Q6_K": (256, 210), "Q5_0": (32, 22),
+               "Q4_K": (256, 144), "Q4_0": (32, 18)}
+VOCABULARY_TYPE = {"Q4_0": "Q6_K", "Q4_K": "Q6_K"}
+FALLBACK_TYPE = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}  # llama.cpp's, for rows that are not whole super-blocks
 KV_BYTES = 2  # llama.cpp keeps its KV cache in F16 by default
 # GPT-2 stores its linear layers as Conv1D, [in, out]: the GGUF file holds them transposed ([out, in], rows of `in`)
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -59,9 +65,15 @@ def gguf_tensor_type(quant: str, shape: tuple[int, ...], vocabulary: bool) -> st
     embedding or the output head."""
     if len(shape) < 2:
         return "F32"
-    if quant == "F16" or shape[-1] % BLOCK:
-        return "F16"
-    return "Q8_0" if quant == "Q4_0" and vocabulary else quant
+    kind = VOCABULARY_TYPE.get(quant, quant) if vocabulary else quant
+    if shape[-1] % block_size(kind):
+        kind = FALLBACK_TYPE.get(kind, "F16")
+    return kind if shape[-1] % block_size(kind) == 0 else "F16"
+
+
+def block_size(kind: str) -> int:
+    """Weights per block of a GGUF tensor type: a row of a quantized tensor is a whole number of them."""
+    return QUANT_SIZES[kind][0]
 
 
 def gguf_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -98,7 +110,8 @@ def gguf_weight_bytes(arch: Architecture, shape: Shape, quant: str) -> tuple[int
         dims = gguf_shape(name, arch.tensor_shape(spec, shape))
         kind = gguf_tensor_type(quant, dims, is_vocabulary(spec))
         count = math.prod(dims)
-        total += count * TYPE_BYTES[kind]
+        weights_per_block, block_bytes = QUANT_SIZES[kind]
+        total += count * block_bytes / weights_per_block
         by_type[kind] = by_type.get(kind, 0) + count
     return math.ceil(total), by_type
 
