@@ -1,6 +1,7 @@
 """Every ready model as a read-only Hugging Face-style repository `cbd/<model id>` with one revision, `main`; its
-exports as the sibling repository `cbd/<model id>-GGUF` (one file per quantization, `model-Q8_0.gguf`), whose
-commit id moves as quantizations are added while the model's own never does."""
+exports as a sibling repository per format: `cbd/<model id>-GGUF` (one file per quantization, `model-Q8_0.gguf`),
+`cbd/<model id>-ONNX` (a folder per precision, `int4/model.onnx` and the rest), whose commit id moves as exports are
+added while the model's own never does."""
 
 from __future__ import annotations
 
@@ -17,17 +18,25 @@ NAMESPACE = "cbd"
 SIBLINGS = {f"-{repo_suffix(fmt)}": fmt for fmt in EXPORT_FORMATS}
 
 
-def repo_files(session: Session, name: str) -> tuple[Model | None, str | None, list[Artifact]]:
-    """(model, export format or None, files) of a repository name: a model id, or a model id and a sibling's
-    suffix (`-GGUF`); a sibling holds the files of the model's ready exports of that format."""
+def sibling_format(name: str) -> tuple[str, str | None]:
+    """(model id, export format or None) of a repository name: a model id, or a model id and a sibling's suffix
+    (`-GGUF`, `-ONNX`)."""
     for suffix, fmt in SIBLINGS.items():
         if name.endswith(suffix):
-            model = session.get(Model, name[: -len(suffix)])
-            exports = ready_exports(session, model.id, fmt) if model is not None else []
-            rows = sorted((row for e in exports for row in artifacts(session, e.id)), key=lambda r: r.name)
-            return (model if rows else None), fmt, rows
-    model = session.get(Model, name)
-    return model, None, artifacts(session, name) if model is not None else []
+            return name[: -len(suffix)], fmt
+    return name, None
+
+
+def repo_files(session: Session, name: str) -> tuple[Model | None, str | None, list[Artifact]]:
+    """(model, export format or None, files) of a repository name; a sibling holds the files of the model's ready
+    exports of its format."""
+    model_id, fmt = sibling_format(name)
+    model = session.get(Model, model_id)
+    if fmt is None:
+        return model, None, artifacts(session, name) if model is not None else []
+    exports = ready_exports(session, model.id, fmt) if model is not None else []
+    rows = sorted((row for e in exports for row in artifacts(session, e.id)), key=lambda r: r.name)
+    return (model if rows else None), fmt, rows
 
 
 def repo(session: Session, name: str, revision: str = "main") -> tuple[Model, list[Artifact], str]:
@@ -45,7 +54,8 @@ def repo(session: Session, name: str, revision: str = "main") -> tuple[Model, li
 
 def model_info(name: str, model: Model, rows: list[Artifact], sha: str) -> HubModelInfo:
     repo_id = f"{NAMESPACE}/{name}"
-    tags = ["cbd", "gguf"] if name != model.id else ["cbd", "safetensors", model.dtype]
+    fmt = sibling_format(name)[1]
+    tags = ["cbd", fmt] if fmt is not None else ["cbd", "safetensors", model.dtype]
     return HubModelInfo(id=repo_id, modelId=repo_id, sha=sha, tags=tags,
                         siblings=[HubSibling(rfilename=r.name, size=r.size) for r in rows],
                         createdAt=model.created_at, lastModified=model.created_at)
