@@ -201,3 +201,28 @@ def test_llama_cpp_pulls_an_export_with_its_own_request_sequence(open_server: tu
 
     with llama_cpp(path) as runtime:
         assert len(runtime.greedy([1, 9690, 198], 4)) == 4
+
+
+def test_the_model_cards_onnx_runtime_snippet_runs_an_int4_export_pulled_from_the_factory(
+        open_server: tuple[str, Settings], tiny_anchors: tuple[Path, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """The README.md's ONNX Runtime code, as a user copies it (FACTORY replaced by this server): snapshot_download
+    of the `int4/` folder of `cbd/<id>-ONNX`, then onnxruntime-genai generates through its chat template."""
+    endpoint, settings = open_server
+    with TestClient(create_app(settings)) as client:
+        model = ready_model(client, settings, tiny_anchors)
+        made = export(client, settings, model["id"], "int4", fmt="onnx")
+        readme = next(f for f in model["files"] if f["name"] == "README.md")
+        card = client.get(readme["url"]).text
+    assert made["status"] == "ready" and all(f["name"].startswith("int4/") for f in made["files"])
+    snippet = card.split("ONNX Runtime")[1].split("```python\n")[1].split("```")[0]
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    names = {}
+    exec(snippet.replace("http://FACTORY:8000", endpoint.rstrip("/")), names)  # the card's own code
+    printed = capsys.readouterr().out  # the decoded sequence: the templated prompt, then the model's tokens
+    assert "Hello!" in printed and "assistant" in printed
+    folder = Path(names["folder"])  # the snapshot: exactly the export's files
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == \
+        sorted(f["name"] for f in made["files"])
