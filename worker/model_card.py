@@ -12,7 +12,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from app.models import Anchor, Chain, Model
 from app.services.sources import HF_ID, is_local
 from cbd_engine.spec.export import ONNX_ARCHITECTURES
-from cbd_engine.spec.families import read_config
+from cbd_engine.spec.families import ModelSpec, read_config
 from cbd_engine.spec.shapes import format_size
 
 TEMPLATE = """---
@@ -80,7 +80,6 @@ def _groups(folder: Path) -> str:
     import math
 
     from cbd_engine.materialization.mixing import tensor_group
-    from cbd_engine.spec.families import ModelSpec, read_config
 
     spec = ModelSpec.from_config(read_config(folder))
     arch, counts = spec.architecture, {}
