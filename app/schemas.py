@@ -9,7 +9,14 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator, model_validator
 
 from cbd_engine.spec.distill_config import LOSS_BY_MODE, LOSSES, MODES, SELECT_BY, TEACHER_CACHE_TAILS, DistillConfig
-from cbd_engine.spec.export import DEFAULT_QUANT, GGUF_QUANTS
+from cbd_engine.spec.export import (
+    DEFAULT_QUANT,
+    EXPORT_FORMATS,
+    GGUF_QUANTS,
+    ONNX_ARCHITECTURES,
+    ONNX_PRECISIONS,
+    check_quant,
+)
 from cbd_engine.spec.options import ALPHA_MODES, DEVICES, DTYPES, INITS, MIXES
 from cbd_engine.spec.shapes import PRUNE_ORDER, PRUNE_ORDERS, ShapeError, parse_size
 
@@ -338,23 +345,42 @@ class AliasOut(BaseModel):
 
 
 class ExportCreate(Strict):
-    format: Literal["gguf"] = Field(default="gguf", description="gguf: one file for llama.cpp, ollama, LM Studio")
-    quant: Literal[GGUF_QUANTS] = Field(
-        default=DEFAULT_QUANT["gguf"],
-        description="F16; Q8_0 and Q4_0 (blocks of 32 weights); Q6_K and Q4_K (super-blocks of 256, made by "
-                    "llama.cpp's own quantizer). Rows that are not whole blocks fall back as llama.cpp does (Q4_K "
-                    "to Q5_0, Q6_K to Q8_0, then F16); 4-bit files keep the vocabulary at Q6_K")
+    format: Literal[EXPORT_FORMATS] = Field(
+        default="gguf", description="gguf: one file for llama.cpp, ollama, LM Studio (every family); onnx: a folder "
+                                    f"for ONNX Runtime GenAI (the Llama family: {', '.join(ONNX_ARCHITECTURES)})")
+    quant: Literal[GGUF_QUANTS + ONNX_PRECISIONS] | None = Field(
+        default=None, description="gguf: F16; Q8_0 (default) and Q4_0 (blocks of 32 weights); Q6_K and Q4_K "
+                                  "(super-blocks of 256, made by llama.cpp's own quantizer). Rows that are not "
+                                  "whole blocks fall back as llama.cpp does (Q4_K to Q5_0, Q6_K to Q8_0, then "
+                                  "F16); 4-bit files keep the vocabulary at Q6_K. onnx: its precision")
+    precision: Literal[ONNX_PRECISIONS] | None = Field(
+        default=None, description="onnx: fp32 (default) or int4 (4-bit weights in blocks of 32, CPU); the same as "
+                                  "quant for onnx, give one of them")
     device: Device = "auto"
+
+    @model_validator(mode="after")
+    def _quant_of_format(self) -> ExportCreate:
+        """One name for the quantization from here on: `quant` (ONNX's precision is its quant)."""
+        if self.precision is not None:
+            if self.format != "onnx":
+                raise ValueError(f"precision is for onnx exports; a {self.format} export takes quant")
+            if self.quant not in (None, self.precision):
+                raise ValueError(f"precision {self.precision!r} and quant {self.quant!r} differ: give one")
+            self.quant, self.precision = self.precision, None
+        self.quant = self.quant or DEFAULT_QUANT[self.format]
+        check_quant(self.format, self.quant)
+        return self
 
 
 class ExportOut(BaseModel):
     id: str
     model: str
     format: str
-    quant: str
+    quant: str = Field(description="the GGUF quantization, or the ONNX precision")
     status: ResourceStatus
-    metrics: dict[str, Any] = Field(description="validation_loss measured by loading the file in its runtime "
-                                                "(llama.cpp), beside the model's own; size_bytes; samples")
+    metrics: dict[str, Any] = Field(description="validation_loss measured by loading the export in its runtime "
+                                                "(llama.cpp, onnxruntime-genai), beside the model's own; size_bytes "
+                                                "(all its files); samples")
     files: list[FileOut]
     hub_repo_id: str = Field(description="the sibling repository that serves every export of the model")
     job: JobRef | None

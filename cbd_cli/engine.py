@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
-    from cbd_engine.spec.export import DEFAULT_QUANT, GGUF_QUANTS
+    from cbd_engine.spec.export import EXPORT_FORMATS, GGUF_QUANTS, ONNX_PRECISIONS
     from cbd_engine.spec.options import ALIGNMENTS, DTYPES, GROWS, IMPORTANCES, INITS, MIXES, REFINE_STEPS
     from cbd_engine.spec.shapes import PRUNE_ORDER, PRUNE_ORDERS
 
@@ -63,12 +63,16 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_import_gguf)
 
-    p = subcommands.add_parser("export", help="write a model folder as a GGUF file (llama.cpp, ollama, LM Studio)")
+    p = subcommands.add_parser("export", help="write a model folder as a GGUF file (llama.cpp, ollama, LM Studio) "
+                                              "or an ONNX folder (ONNX Runtime GenAI; the Llama family)")
     p.add_argument("folder")
-    p.add_argument("--format", choices=["gguf"], default="gguf")
-    p.add_argument("--quant", choices=GGUF_QUANTS, default=DEFAULT_QUANT["gguf"])
-    p.add_argument("--out", required=True, help="the .gguf file to write")
-    p.add_argument("--data", help="an instruction JSONL: also measure the file's validation loss in llama.cpp")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="gguf")
+    quant = p.add_mutually_exclusive_group()
+    quant.add_argument("--quant", choices=GGUF_QUANTS + ONNX_PRECISIONS,
+                       help="gguf: F16, Q8_0 (default), Q4_0; onnx: fp32 (default), int4 (its precision)")
+    quant.add_argument("--precision", dest="quant", choices=ONNX_PRECISIONS, help="onnx: the same as --quant")
+    p.add_argument("--out", required=True, help="the .gguf file, or the ONNX folder (absent or empty), to write")
+    p.add_argument("--data", help="an instruction JSONL: also measure the export's validation loss in its runtime")
     p.set_defaults(func=_export)
 
 
@@ -141,13 +145,16 @@ def _import_gguf(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from cbd_engine.export.gguf import write_gguf
+    from cbd_engine.export.formats import FORMATS, export_files
+    from cbd_engine.spec.export import DEFAULT_QUANT, check_quant
 
-    path = write_gguf(args.folder, args.out, args.quant)
-    summary = {"out": str(path), "quant": args.quant, "size_bytes": path.stat().st_size}
+    quant = args.quant or DEFAULT_QUANT[args.format]
+    check_quant(args.format, quant)
+    export_format = FORMATS[args.format]
+    path = export_format.write(Path(args.folder), Path(args.out), quant, None)
+    summary = {"out": str(path), "format": args.format, "quant": quant,
+               "size_bytes": sum(item.stat().st_size for _, item in export_files(path))}
     if args.data:
-        from cbd_engine.export.llamacpp import gguf_validation_loss
-
-        summary["validation_loss"] = gguf_validation_loss(path, args.folder, args.data)
+        summary["validation_loss"] = export_format.validation_loss(path, args.folder, args.data)
     print(json.dumps(summary))
     return 0

@@ -11,6 +11,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from app.models import Anchor, Chain, Model
 from app.services.sources import HF_ID, is_local
+from cbd_engine.spec.export import ONNX_ARCHITECTURES
+from cbd_engine.spec.families import ModelSpec, read_config
 from cbd_engine.spec.shapes import format_size
 
 TEMPLATE = """---
@@ -47,7 +49,29 @@ model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.f
 
 llama.cpp, ollama, LM Studio: `POST /models/{{ model_id }}/exports {"quant": "Q8_0"}`, then
 `MODEL_ENDPOINT=http://FACTORY:8000/ llama-cli -hf cbd/{{ model_id }}-GGUF:Q8_0`.
-"""
+{% if onnx %}
+ONNX Runtime (onnxruntime-genai, CPU): `POST /models/{{ model_id }}/exports {"format": "onnx", "precision": "int4"}`
+(or `fp32`), then
+
+```python
+import json
+
+import onnxruntime_genai as og
+from huggingface_hub import snapshot_download
+
+folder = snapshot_download("cbd/{{ model_id }}-ONNX", allow_patterns="int4/*", endpoint="http://FACTORY:8000")
+model = og.Model(f"{folder}/int4")
+tokenizer = og.Tokenizer(model)
+prompt = tokenizer.apply_chat_template(json.dumps([{"role": "user", "content": "Hello!"}]), add_generation_prompt=True)
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=256)
+generator = og.Generator(model, params)
+generator.append_tokens(tokenizer.encode(prompt))
+while not generator.is_done():
+    generator.generate_next_token()
+print(tokenizer.decode(generator.get_sequence(0)))
+```
+{% endif %}"""
 
 
 def _groups(folder: Path) -> str:
@@ -56,7 +80,6 @@ def _groups(folder: Path) -> str:
     import math
 
     from cbd_engine.materialization.mixing import tensor_group
-    from cbd_engine.spec.families import ModelSpec, read_config
 
     spec = ModelSpec.from_config(read_config(folder))
     arch, counts = spec.architecture, {}
@@ -102,5 +125,5 @@ def model_card(model: Model, chain: Chain, small: Anchor, large: Anchor, large_d
         params_text=format_size(model.params),
         shape=json.dumps(model.shape), alphas=json.dumps(alphas), mix=model.mix, init=model.init, dtype=model.dtype,
         anchors=f"{small.id} ({small.params:,}), {large.id} ({large.params:,})", groups=_groups(folder),
-        quality=quality)
+        quality=quality, onnx=read_config(folder).get("model_type") in ONNX_ARCHITECTURES)  # ONNX: Llama family
     return str(card)

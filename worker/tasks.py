@@ -469,31 +469,33 @@ def evaluate_model(ctx: JobContext) -> None:
 # --- export_model --------------------------------------------------------------------------------------------
 
 
-def measure_export(ctx: JobContext, path: Path, model_dir: Path, chain_spec: dict) -> dict:
-    """The export's quality as the device runs it: its validation loss in llama.cpp (on the chain's validation
-    rows, as the model's own is measured; None without an instruction file), and greedy answers to the fixed
-    instructions through the file's own tokenizer and chat template."""
-    from cbd_engine.export.llamacpp import gguf_validation_loss, llama_cpp
+def measure_export(ctx: JobContext, fmt: str, path: Path, model_dir: Path, chain_spec: dict) -> dict:
+    """The export's quality as the device runs it: its validation loss in its runtime (llama.cpp, onnxruntime-genai)
+    on the chain's validation rows, as the model's own is measured (None without an instruction file), and greedy
+    answers to the fixed instructions through the export's own tokenizer and chat template."""
+    from cbd_engine.export.formats import FORMATS
     from cbd_engine.spec.options import SAMPLE_PROMPTS, SAMPLE_TOKENS
 
+    export_format = FORMATS[fmt]
     dataset = chain_spec.get("dataset") or {}
     data = dataset.get("path")
     loss = None
     if data and data.endswith((".jsonl", ".json")):
-        loss = gguf_validation_loss(path, model_dir, data, max_rows=ctx.settings.validation_rows,
-                                    prompt_format=dataset.get("prompt_format", "alpaca"), progress=ctx.progress)
-    with stage(ctx, "samples"), contextlib.suppress(RuntimeError):  # a template llama.cpp cannot run: no samples
-        with llama_cpp(path) as runtime:
+        loss = export_format.validation_loss(path, model_dir, data, max_rows=ctx.settings.validation_rows,
+                                             prompt_format=dataset.get("prompt_format", "alpaca"),
+                                             progress=ctx.progress)
+    with stage(ctx, "samples"), contextlib.suppress(RuntimeError):  # a template the runtime cannot run: no samples
+        with export_format.runtime(path) as runtime:
             return {"validation_loss": loss,
                     "samples": [{"prompt": p, "answer": runtime.chat(p, SAMPLE_TOKENS)} for p in SAMPLE_PROMPTS]}
     return {"validation_loss": loss, "samples": None}
 
 
 def export_model(ctx: JobContext) -> None:
-    """Write the export from the model's stored files, measure it in its runtime, then publish it: the file is
-    downloadable only with its metrics."""
-    from cbd_engine.export.gguf import write_gguf
-    from cbd_engine.spec.export import export_filename
+    """Write the export from the model's stored files, measure it in its runtime, then publish it: its files (one
+    GGUF file, or an ONNX folder's files under `<precision>/`) are downloadable only with its metrics."""
+    from cbd_engine.export.formats import FORMATS, export_files
+    from cbd_engine.spec.export import export_path
 
     store = store_of(ctx)
     with ctx.session_factory() as session:
@@ -508,20 +510,20 @@ def export_model(ctx: JobContext) -> None:
     work = fresh_dir(ctx.settings.work_dir / "exports" / export.id)
     try:
         folder = link_folder(store, files, work / "model")
-        name = export_filename(export.format, export.quant)
         with stage(ctx, "write"):
-            path = write_gguf(folder, work / name, export.quant, name=f"cbd/{model.id}",
-                              metadata={"general.source.url": f"cbd/{model.id}"})
-        metrics = {"size_bytes": path.stat().st_size,
+            path = FORMATS[export.format].write(folder, work / export_path(export.format, export.quant),
+                                                export.quant, f"cbd/{model.id}")
+        written = export_files(path)
+        metrics = {"size_bytes": sum(item.stat().st_size for _, item in written),
                    "model_validation_loss": (model.metrics or {}).get("validation_loss"),
-                   **measure_export(ctx, path, folder, chain.spec)}
+                   **measure_export(ctx, export.format, path, folder, chain.spec)}
         if ctx.should_stop():
             raise Cancelled("export cancelled before it was published")
         with stage(ctx, "publish"):
-            stored = store.put_file(path)
+            stored = [(name, store.put_file(item)) for name, item in written]
         with ctx.session_factory() as session:
             session.execute(delete(Artifact).where(Artifact.owner_id == export.id))
-            record_files(session, export.id, [StoredFile(name, stored.size, stored.sha256)])
+            record_files(session, export.id, [StoredFile(name, s.size, s.sha256) for name, s in stored])
             row = session.get(Export, export.id)
             row.status, row.metrics = "ready", metrics
             ctx.commit(session)

@@ -1,6 +1,6 @@
-"""Exports of a ready model to device formats (GGUF), each a row with its own job and file, served in the model's
-sibling repository `cbd/<model id>-GGUF` (the Hub community's convention), so the model's own revision never
-changes when a quantization is added."""
+"""Exports of a ready model to device formats (GGUF, ONNX), each a row with its own job and files, served in the
+model's sibling repository per format, `cbd/<model id>-GGUF` and `cbd/<model id>-ONNX` (the Hub community's
+convention), so the model's own revision never changes when a quantization is added."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.errors import ApiError, not_found
-from app.models import Export, Model
+from app.models import Anchor, Export, Model
 from app.schemas import ExportCreate, ExportOut
 from app.services import jobs
 from app.services.files import artifacts, files_out
 from app.services.models import RETRYABLE, get_model
 from app.settings import Settings
-from cbd_engine.spec.export import repo_suffix
+from cbd_engine.spec.export import check_family, repo_suffix
 
 EXPORT_BYTES_PER_SECOND = 20e6  # quantizing in numpy and writing (SmolLM2-135M: about 3 s for 145 MB here)
 
@@ -34,7 +34,7 @@ def export_out(session: Session, export: Export) -> ExportOut:
 
 
 def estimate_seconds(model: Model) -> float:
-    """Reading the model's float32 weights, writing the file, then the validation rows and samples in llama.cpp
+    """Reading the model's float32 weights, writing the export, then the validation rows and samples in its runtime
     (the model's own measuring time, which the materialization estimated)."""
     measured = (model.provenance or {}).get("service", {})
     return 4 * model.params / EXPORT_BYTES_PER_SECOND + 2 * float(measured.get("publish_seconds", 1.0)) + 30.0
@@ -46,6 +46,10 @@ def request_export(session: Session, settings: Settings, model_id: str, body: Ex
     model = get_model(session, model_id)
     if model.status != "ready":
         raise ApiError(409, f"model {model.id} is {model.status}; exports need a ready model")
+    try:  # the model's config is its larger anchor's with another shape: the same model type
+        check_family(body.format, session.get(Anchor, model.large_anchor_id).config.get("model_type"))
+    except ValueError as error:
+        raise ApiError(422, str(error)) from None
     existing = session.scalar(select(Export).where(Export.model_id == model.id, Export.format == body.format,
                                                    Export.quant == body.quant))
     if existing is not None and existing.status not in RETRYABLE:

@@ -1,8 +1,9 @@
 """Every ready model as a read-only Hugging Face-style repository `cbd/<model id>` with one revision, `main`; its
-exports as the sibling repository `cbd/<model id>-GGUF` (one file per quantization, `model-Q8_0.gguf`), whose
-commit id moves as quantizations are added while the model's own never does. An alias is a repository name too:
-`cbd/<alias>` (and `cbd/<alias>-GGUF`) serves the files and the commit id of the model it points at now, so a
-client's cache (keyed by commit id) holds each target's files apart and a move is a new revision of the repo."""
+exports as a sibling repository per format: `cbd/<model id>-GGUF` (one file per quantization, `model-Q8_0.gguf`),
+`cbd/<model id>-ONNX` (a folder per precision, `int4/model.onnx` and the rest), whose commit id moves as exports are
+added while the model's own never does. An alias is a repository name too: `cbd/<alias>` (and `cbd/<alias>-GGUF`,
+`-ONNX`) serves the files and the commit id of the model it points at now, so a client's cache (keyed by commit id)
+holds each target's files apart and a move is a new revision of the repo."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ SIBLINGS = {f"-{repo_suffix(fmt)}": fmt for fmt in EXPORT_FORMATS}
 
 
 def split_sibling(name: str) -> tuple[str, str | None]:
-    """(the model's repository name, the export format) of a sibling's name (`<name>-GGUF`); (name, None) else."""
+    """(the model's repository name, the export format) of a sibling's name (`<name>-GGUF`, `<name>-ONNX`);
+    (name, None) else."""
     for suffix, fmt in SIBLINGS.items():
         if name.endswith(suffix):
             return name[: -len(suffix)], fmt
@@ -36,7 +38,7 @@ def named_model(session: Session, name: str) -> Model | None:
 
 def repo_files(session: Session, name: str) -> tuple[Model | None, str | None, list[Artifact]]:
     """(model, export format or None, files) of a repository name: a model id or an alias, or either with a
-    sibling's suffix (`-GGUF`); a sibling holds the files of the model's ready exports of that format."""
+    sibling's suffix (`-GGUF`, `-ONNX`); a sibling holds the files of the model's ready exports of that format."""
     base, fmt = split_sibling(name)
     model = named_model(session, base)
     if model is None:

@@ -5,7 +5,7 @@ The loss: llama.cpp's server returns no logits for prompt tokens, but with pooli
 returns, per token, the final normed hidden state (`t_embd`, the input of the output head; unnormalized for pooling
 none). The one step run outside llama.cpp is the output head: those states times the file's own head weights
 (dequantized by `gguf.quants`, so quantization of the head counts), then the same response-token cross-entropy as
-cbd_engine.nn.validation (one mean over all scored tokens), on the same token ids.
+cbd_engine.nn.validation (cbd_engine/export/measure.py), on the same token ids.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cbd_engine.data.batches import IGNORE, Example, encode_rows
-from cbd_engine.data.rows import read_instruction_rows, split_rows
-from cbd_engine.spec.progress import ProgressCallback, StageTimer, no_progress
+from cbd_engine.data.batches import Example
+from cbd_engine.export.measure import cross_entropy_sum, mean_loss, scored_positions, validation_examples
+from cbd_engine.spec.progress import ProgressCallback, no_progress
 
 CONTEXT = 1024  # tokens a session holds: the validation rows' 512 and generous room for samples
 
@@ -139,14 +139,10 @@ def output_head(path: str | Path) -> np.ndarray:
 
 
 def example_loss(hidden: np.ndarray, head: np.ndarray, example: Example) -> tuple[float, int]:
-    """(cross-entropy sum, scored tokens) of one example: the logits at t scored against labels[t + 1]."""
-    labels = np.asarray(example.labels)
-    positions = np.nonzero(labels[1:] != IGNORE)[0]
+    """(cross-entropy sum, scored tokens) of one example: the head applied at the scored positions only."""
+    positions, targets = scored_positions(example)
     logits = hidden[positions].astype(np.float64) @ head.T.astype(np.float64)
-    top = logits.max(axis=1, keepdims=True)
-    log_norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
-    targets = labels[positions + 1]
-    return float((log_norm - logits[np.arange(len(positions)), targets]).sum()), len(positions)
+    return cross_entropy_sum(logits, targets), len(positions)
 
 
 def gguf_validation_loss(path: str | Path, tokenizer_folder: str | Path, data_path: str | Path,
@@ -155,19 +151,8 @@ def gguf_validation_loss(path: str | Path, tokenizer_folder: str | Path, data_pa
     """The response-token loss of a GGUF file run by llama.cpp, on the validation rows of an instruction file,
     tokenized by the model's own tokenizer (as the safetensors model's validation loss is); rows are cut to the
     model's context length where that is shorter than `max_length` (llama.cpp refuses longer inputs)."""
-    from cbd_engine.nn.loading import load_tokenizer
-
-    rows = split_rows(read_instruction_rows(data_path)).validation[:max_rows]
-    if not rows:
-        raise ValueError(f"{data_path} has no validation rows (sha256 of instruction + input is 0 mod 10)")
-    max_length = min(max_length, context_length(path))
-    examples = encode_rows(load_tokenizer(tokenizer_folder), rows, prompt_format, max_length)
+    examples = validation_examples(tokenizer_folder, data_path, max_rows, min(max_length, context_length(path)),
+                                   prompt_format)
     head = output_head(path)
-    timer = StageTimer("validation", len(examples), progress)
-    total, count = 0.0, 0
     with llama_cpp(path, embedding=True) as runtime:
-        for done, example in enumerate(examples, 1):
-            loss, scored = example_loss(runtime.hidden_states(example.input_ids), head, example)
-            total, count = total + loss, count + scored
-            timer.update(done)
-    return total / max(count, 1)
+        return mean_loss(examples, lambda e: example_loss(runtime.hidden_states(e.input_ids), head, e), progress)

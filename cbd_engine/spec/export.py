@@ -1,5 +1,6 @@
-"""What an export is, checked and sized without torch: formats, quantization types, file names, and the bytes a
-model takes on the device (its weights in a format plus its KV cache at a context).
+"""What an export is, checked and sized without torch: formats, quantization types, the families each format
+takes, where an export lies in its sibling repository, and the bytes a model takes on the device (its weights in a
+format plus its KV cache at a context).
 
 One table of GGUF tensor types serves the writer (cbd_engine/export/gguf.py, which asks `gguf_tensor_type` for each
 tensor it writes) and the `fits` arithmetic (`device_bytes`), so the size the API promises is the file's size.
@@ -40,13 +41,21 @@ KV_BYTES = 2  # llama.cpp keeps its KV cache in F16 by default
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
+# onnxruntime-genai's model builder picks its exporter by config.json's `architectures[0]`; of CBD's model types it
+# has these (its 0.18 has no GPT-2 or GPT-NeoX exporter). GGUF takes every CBD family.
+ONNX_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                      "qwen3": "Qwen3ForCausalLM"}
+
+
 def gguf_filename(quant: str) -> str:
     return f"model-{quant}.gguf"
 
 
-def export_filename(fmt: str, quant: str) -> str:
-    """The file an export adds to its sibling repository (`cbd/<model>-GGUF`, `cbd/<model>-ONNX`)."""
-    return gguf_filename(quant) if fmt == "gguf" else f"{quant}/model.onnx"
+def export_path(fmt: str, quant: str) -> str:
+    """Where an export lies in its sibling repository (`cbd/<model>-GGUF`, `cbd/<model>-ONNX`): GGUF is one file
+    (`model-Q8_0.gguf`); ONNX a folder per precision (`int4/`: model.onnx, its external data, genai_config.json and
+    the tokenizer files), as onnxruntime-genai loads it and as the Hub's ONNX repositories lay out precisions."""
+    return gguf_filename(quant) if fmt == "gguf" else quant
 
 
 def repo_suffix(fmt: str) -> str:
@@ -58,6 +67,14 @@ def check_quant(fmt: str, quant: str) -> None:
         raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
     if quant not in QUANTS[fmt]:
         raise ValueError(f"{fmt} quant must be one of {', '.join(QUANTS[fmt])}, got {quant!r}")
+
+
+def check_family(fmt: str, model_type: str | None) -> None:
+    """Whether a model of `model_type` can be exported to `fmt` (ValueError naming the families that can)."""
+    if fmt == "onnx" and model_type not in ONNX_ARCHITECTURES:
+        raise ValueError(f"ONNX export supports the Llama family ({', '.join(ONNX_ARCHITECTURES)}), not "
+                         f"{model_type!r}: onnxruntime-genai's model builder has no exporter for it; export it as "
+                         "GGUF instead")
 
 
 def gguf_tensor_type(quant: str, shape: tuple[int, ...], vocabulary: bool) -> str:

@@ -429,5 +429,6 @@ def test_every_model_is_published_with_a_hub_model_card(client: TestClient, sett
     losses = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert losses["dev loss (this model)"] == round(model["metrics"]["dev_loss"], 4)
     assert f"{model['params']:,}" in card.text and f'snapshot_download("cbd/{model["id"]}"' in card.text
+    assert f'snapshot_download("cbd/{model["id"]}-ONNX"' in card.text  # a Llama model: ONNX Runtime's usage too
     groups = dict(part.rsplit(" ", 1) for part in card.text.split("by tensor group: ")[1].split(".\n")[0].split(", "))
     assert sum(int(n.replace(",", "")) for n in groups.values()) == model["params"]  # every tensor counted once

@@ -1,5 +1,6 @@
-"""Exports through the service: POST /models/{id}/exports as a job that writes a GGUF file, measures it in
-llama.cpp and serves it in the sibling repository `cbd/<id>-GGUF`; and llama.cpp's own `-hf` download sequence
+"""Exports through the service: POST /models/{id}/exports as a job that writes a GGUF file (or an ONNX folder),
+measures it in llama.cpp (onnxruntime-genai) and serves it in the sibling repository `cbd/<id>-GGUF`
+(`cbd/<id>-ONNX`); a family the ONNX builder lacks is a 422; and llama.cpp's own `-hf` download sequence
 (common/hf-cache.cpp and common/download.cpp of the llama.cpp that the xllamacpp wheel pins) replayed against it."""
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def tiny_anchors(tmp_path: Path, smollm2: Path) -> tuple[Path, Path]:
 
 
 def ready_model(client: TestClient, settings: Settings, tiny_anchors: tuple[Path, Path]) -> dict:
+    """A ready model (alpha 0.5) of a chain that registers the two anchors as they are."""
     large, small = tiny_anchors
     body = {"name": "bpe", "source": str(large), "anchors": [{"checkpoint": str(small), "distill": False}],
             "device": "cpu", "dataset": {"path": str(DOLLY)}}
@@ -50,8 +52,10 @@ def ready_model(client: TestClient, settings: Settings, tiny_anchors: tuple[Path
     return make_model(client, settings, client.get(f"/chains/{chain.json()['id']}").json(), alpha=0.5)
 
 
-def export(client: TestClient, settings: Settings, model_id: str, quant: str) -> dict:
-    response = client.post(f"/models/{model_id}/exports", json={"format": "gguf", "quant": quant})
+def export(client: TestClient, settings: Settings, model_id: str, quant: str, fmt: str = "gguf") -> dict:
+    """Export and run the job; ONNX's quantization is named by its own word, `precision`."""
+    body = {"format": fmt, "precision" if fmt == "onnx" else "quant": quant}
+    response = client.post(f"/models/{model_id}/exports", json=body)
     assert response.status_code == 202, response.text
     assert response.headers["location"] == response.json()["job"]["url"]
     assert run_pending(settings) == ["succeeded"]
@@ -89,6 +93,59 @@ def test_an_export_is_a_measured_file_of_a_sibling_repository(client: TestClient
     assert client.post("/models/mdl_none/exports", json={}).status_code == 404
     assert client.delete(f"/models/{model['id']}").status_code == 204
     assert client.get(f"/api/models/cbd/{model['id']}-GGUF").status_code == 404
+
+
+def test_an_onnx_export_is_a_folder_of_its_sibling_repository_that_onnxruntime_genai_runs(
+        client: TestClient, settings: Settings, tiny_anchors: tuple[Path, Path], tmp_path: Path) -> None:
+    from cbd_engine.export.ortgenai import ort_genai
+
+    model = ready_model(client, settings, tiny_anchors)
+    made = export(client, settings, model["id"], "fp32", fmt="onnx")
+    assert (made["status"], made["format"], made["quant"]) == ("ready", "onnx", "fp32")
+    assert made["hub_repo_id"] == f"cbd/{model['id']}-ONNX"
+    names = [f["name"] for f in made["files"]]
+    assert {"fp32/model.onnx", "fp32/model.onnx.data", "fp32/genai_config.json", "fp32/tokenizer.json"} <= set(names)
+    metrics = made["metrics"]
+    # measured in onnxruntime-genai on the chain's validation rows, beside the model's own (transformers) loss
+    assert metrics["validation_loss"] == pytest.approx(model["metrics"]["validation_loss"], abs=0.05)
+    assert len(metrics["samples"]) == 3 and metrics["size_bytes"] == sum(f["size"] for f in made["files"])
+    for item in made["files"]:  # every file downloads, content-addressed, into the folder onnxruntime-genai loads
+        body = client.get(item["url"]).content
+        assert hashlib.sha256(body).hexdigest() == item["sha256"]
+        (tmp_path / "pulled" / item["name"]).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pulled" / item["name"]).write_bytes(body)
+    sibling = client.get(f"/api/models/cbd/{model['id']}-ONNX").json()
+    assert sorted(s["rfilename"] for s in sibling["siblings"]) == sorted(names) and "onnx" in sibling["tags"]
+    with ort_genai(tmp_path / "pulled" / "fp32") as runtime:
+        assert len(runtime.greedy([1, 9690, 198], 4)) == 4 and runtime.chat("Hello", 4)
+
+    again = client.post(f"/models/{model['id']}/exports", json={"format": "onnx", "quant": "fp32"})
+    assert again.status_code == 200 and again.json()["id"] == made["id"]  # precision and quant name one export
+    for body, words in [({"format": "onnx", "quant": "Q8_0"}, "onnx quant must be one of fp32, int4"),
+                        ({"format": "gguf", "precision": "int4"}, "precision is for onnx exports"),
+                        ({"format": "onnx", "quant": "fp32", "precision": "int4"}, "give one")]:
+        bad = client.post(f"/models/{model['id']}/exports", json=body)
+        assert bad.status_code == 422 and words in bad.text, bad.text
+
+
+def test_an_onnx_export_of_a_family_the_builder_lacks_is_a_422_that_names_the_supported_ones(
+        client: TestClient, settings: Settings, tmp_path: Path) -> None:
+    # positions for the calibration rows' 512 tokens (GPT-2's learned positions end at n_positions; the alpha
+    # search does not cut rows to them)
+    large = make_tiny_model(tmp_path / "large", "gpt2", seed=1, n_positions=512)
+    small = make_tiny_model(tmp_path / "small", "gpt2", seed=2, n_embd=48, n_inner=64, n_layer=2, n_head=3,
+                            n_positions=512)
+    body = {"name": "gpt2", "source": str(large), "anchors": [{"checkpoint": str(small), "distill": False}],
+            "device": "cpu"}  # no data set: the refusal needs only a ready model
+    chain = client.post("/chains", json=body)
+    assert chain.status_code == 202, chain.text
+    assert run_pending(settings) == ["succeeded"]
+    model = make_model(client, settings, client.get(f"/chains/{chain.json()['id']}").json())
+    refused = client.post(f"/models/{model['id']}/exports", json={"format": "onnx", "precision": "int4"})
+    assert refused.status_code == 422, refused.text
+    assert "Llama family (llama, mistral, qwen2, qwen3), not 'gpt2'" in refused.json()["detail"]
+    assert client.get(f"/models/{model['id']}/exports").json() == []  # no export row, no job
+    assert client.get("/jobs", params={"kind": "export_model"}).json()["items"] == []
 
 
 @pytest.fixture
@@ -146,3 +203,28 @@ def test_llama_cpp_pulls_an_export_with_its_own_request_sequence(open_server: tu
 
     with llama_cpp(path) as runtime:
         assert len(runtime.greedy([1, 9690, 198], 4)) == 4
+
+
+def test_the_model_cards_onnx_runtime_snippet_runs_an_int4_export_pulled_from_the_factory(
+        open_server: tuple[str, Settings], tiny_anchors: tuple[Path, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """The README.md's ONNX Runtime code, as a user copies it (FACTORY replaced by this server): snapshot_download
+    of the `int4/` folder of `cbd/<id>-ONNX`, then onnxruntime-genai generates through its chat template."""
+    endpoint, settings = open_server
+    with TestClient(create_app(settings)) as client:
+        model = ready_model(client, settings, tiny_anchors)
+        made = export(client, settings, model["id"], "int4", fmt="onnx")
+        readme = next(f for f in model["files"] if f["name"] == "README.md")
+        card = client.get(readme["url"]).text
+    assert made["status"] == "ready" and all(f["name"].startswith("int4/") for f in made["files"])
+    snippet = card.split("ONNX Runtime")[1].split("```python\n")[1].split("```")[0]
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    names = {}
+    exec(snippet.replace("http://FACTORY:8000", endpoint.rstrip("/")), names)  # the card's own code
+    printed = capsys.readouterr().out  # the decoded sequence: the templated prompt, then the model's tokens
+    assert "Hello!" in printed and "assistant" in printed
+    folder = Path(names["folder"])  # the snapshot: exactly the export's files
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == \
+        sorted(f["name"] for f in made["files"])
