@@ -6,7 +6,11 @@
    wall time and peak RSS from /usr/bin/time; against `mergekit-yaml` linear merge of the same two models when
    mergekit is given, and against `cat` of both inputs (the floor of any merge);
 2. in-process materialization time against reading both inputs and writing the output once;
-3. a shape-changing materialization: anchors of ~135M and ~60M (derived by pruning), target 100M.
+3. a shape-changing materialization: anchors of ~135M and ~60M (derived by pruning), target 100M, with the default
+   alpha "auto" and with a given alpha, whole processes in turns (`--repeat` each); the anchors' importance and dev
+   losses are cached by a first run, whose cost (on an empty cache) is reported apart.
+
+    .venv/bin/python bench/materialize.py --only auto-alpha [--repeat 3]      # step 3 alone
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ CBD = [sys.executable, "-m", "cbd_cli"]
 DOLLY = ROOT.parent / "shared/data/instruction/minillm_dolly_dev.jsonl"
 
 
-def timed(command: list[str], cwd: Path | None = None) -> tuple[float, float]:
+def timed(command: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB) of a whole process, as /usr/bin/time -v reports them."""
-    result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True, cwd=cwd)
+    result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True, cwd=cwd,
+                            env={**os.environ, **env} if env else None)
     if result.returncode:
         raise RuntimeError(f"{command} failed:\n{result.stderr[-2000:]}")
     wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", result.stderr)
@@ -69,17 +74,34 @@ def best_of(repeat: int, run) -> tuple[float, float]:
     return min(r[0] for r in results), max(r[1] for r in results)
 
 
+def interleaved(repeat: int, run, baseline) -> dict[str, float]:
+    """`run` and `baseline` (each: (wall s, peak RSS MiB)) in turns, so both sides of the ratio see the same load on a
+    shared machine: the best wall of each, their ratio, the median of the turns' own ratios, `run`'s largest RSS."""
+    runs, baselines = [], []
+    for _ in range(repeat):
+        runs.append(run())
+        baselines.append(baseline())
+    ratios = sorted(r[0] / b[0] for r, b in zip(runs, baselines, strict=True))
+    best, best_baseline = min(r[0] for r in runs), min(b[0] for b in baselines)
+    return {"wall_s": best, "baseline_s": best_baseline, "ratio": best / best_baseline,
+            "median_turn_ratio": ratios[len(ratios) // 2], "rss_mib": max(r[1] for r in runs)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mergekit", help="path to mergekit-yaml, to time it on the same merge")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "cbd-bench"))
+    parser.add_argument("--only", choices=["auto-alpha"], help="run step 3 alone")
     args = parser.parse_args()
 
     from cbd_engine.io.zoo import smollm2_135m_instruct
 
     work = Path(args.work)
     source = smollm2_135m_instruct()
+    if args.only:
+        print(json.dumps(shape_changing(source, work, args.repeat), indent=2))
+        return
     other = perturbed_copy(source, work / "smollm2-perturbed")
     shape = json.loads(subprocess.run([*CBD, "inspect", str(source), "--json"], capture_output=True, text=True,
                                       check=True).stdout)["shape"]
@@ -123,7 +145,7 @@ def main() -> None:
         report["mergekit_permuted_wall_s"], _ = best_of(args.repeat, lambda: mergekit(permuted))
 
     report.update(in_process(source, other, shape, work, args.repeat))
-    report.update(shape_changing(source, work))
+    report.update(shape_changing(source, work, args.repeat))
     print(json.dumps(report, indent=2))
 
 
@@ -150,20 +172,32 @@ def in_process(source: Path, other: Path, shape: dict, work: Path, repeat: int) 
     return {"inproc_materialize_s": min(times), "inproc_read_both_write_once_s": min(floor)}
 
 
-def shape_changing(source: Path, work: Path) -> dict:
-    """Anchors ~135M (the source) and ~60M (derived by activation pruning), target 100M."""
+def shape_changing(source: Path, work: Path, repeat: int) -> dict:
+    """Anchors ~135M (the source) and ~60M (derived by activation pruning), target 100M: alpha "auto" (the default)
+    against a given alpha, in turns. A first auto run on an empty cache pays for the larger anchor's activation
+    importance and both anchors' dev losses, cached by the weights' sha256 (a chain's materializations share them)."""
     from cbd_engine.materialization.recipe import materialize
 
     small = work / "anchor-60M"
     if not small.is_dir():
         materialize(small, large=source, size="60M", calibration=DOLLY, dtype="float32")
     out = work / "slm-100M"
-    shutil.rmtree(out, ignore_errors=True)
-    wall, rss = timed([*CBD, "materialize", "--small", str(small), "--large", str(source), "--size", "100M",
-                       "--dtype", "float32", "--out", str(out)])
+
+    def run(alpha: str | None = None, cache: Path | None = None) -> tuple[float, float]:
+        shutil.rmtree(out, ignore_errors=True)
+        given = ["--alpha", alpha] if alpha is not None else []
+        return timed([*CBD, "materialize", "--small", str(small), "--large", str(source), "--size", "100M",
+                      "--dtype", "float32", *given, "--out", str(out)], env={"CBD_CACHE_DIR": str(cache)} if cache
+                     else None)
+
+    with tempfile.TemporaryDirectory() as empty:
+        first_wall, _ = run(cache=Path(empty))
+    run()  # the real cache, as a chain's later materializations find it
     cbd_json = json.loads((out / "cbd.json").read_text())
-    return {"shape_change_100M_wall_s": wall, "shape_change_100M_peak_rss_mib": rss,
-            "shape_change_100M_params": cbd_json["params"], "shape_change_alignment": cbd_json["alignment"]["method"]}
+    auto = interleaved(repeat, run, lambda: run("0.5"))
+    return {"shape_change_100M_auto_against_alpha_0.5": auto, "shape_change_100M_first_auto_empty_cache_s": first_wall,
+            "shape_change_100M_params": cbd_json["params"], "shape_change_alignment": cbd_json["alignment"]["method"],
+            "shape_change_alpha_search": cbd_json["alpha_search"]}
 
 
 if __name__ == "__main__":

@@ -1,18 +1,22 @@
 """Materialization at scale: wall time and peak memory against model size, on random-weight checkpoints of real
 shapes made here (no download); run by hand, results in docs/BENCHMARKS.md ("Scale").
 
-    .venv/bin/python bench/scale.py [--models smollm2-135m,qwen3-1.7b] [--work /tmp/cbd-scale]
+    .venv/bin/python bench/scale.py [--models smollm2-135m,qwen3-1.7b] [--work /tmp/cbd-scale] [--repeat 3]
+                                    [--what prune,merge]
 
 For each model, whole processes as `/usr/bin/time -v` reports them, page cache warm:
 1. the I/O floor: read every input file once and write the output's bytes once (a merge reads two models);
 2. `cbd materialize --large M --size 0.7x --importance magnitude` (a shape change: pruning, no calibration run);
 3. `cbd materialize --small M' --large M --shape <M's> --alpha 0.5` (a merge with a perturbed copy, default alignment).
+Each materialization and its floor run in turns, `--repeat` times (the machine is shared: both sides of a ratio see
+the same load); the best of each, their ratio, and the median of the turns' own ratios are reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from materialize import CBD, timed  # noqa: E402 - the sibling benchmark's process timer
+from materialize import CBD, interleaved, timed  # noqa: E402 - the sibling benchmark's process timers
 
 from cbd_engine.io.checkpoint import StreamingWriter  # noqa: E402
 from cbd_engine.spec.families import ModelSpec  # noqa: E402
@@ -96,28 +100,43 @@ def io_floor(inputs: list[Path], output_bytes: int, out: Path) -> tuple[float, f
     return timed(["sh", "-c", f"cat {files} > /dev/null && head -c {output_bytes} /dev/zero > {out}"])
 
 
-def measure(name: str, work: Path) -> dict:
+def measure(name: str, work: Path, repeat: int, what: set[str]) -> dict:
     model = make_checkpoint(name, work / name)
-    copy = make_checkpoint(name, work / f"{name}-perturbed", seed=1, like=model)
     params = ModelSpec.from_config(SHAPES[name]).num_params
-    row: dict[str, object] = {"model": name, "params": params, "weights_mib": weight_bytes(model) / 2**20}
+    row: dict[str, object] = {"model": name, "params": params, "weights_mib": weight_bytes(model) / 2**20,
+                              "load_before": os.getloadavg()[0]}
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
-    subprocess.run(["sh", "-c", f"cat {model}/*.safetensors {copy}/*.safetensors > /dev/null"], check=True)
-    row["prune_wall_s"], row["prune_rss_mib"] = timed(
-        [*CBD, "materialize", "--large", str(model), "--size", str(int(params * 0.7)), "--importance", "magnitude",
-         "--out", str(out)])
-    pruned = weight_bytes(out)
-    row["prune_floor_s"], _ = io_floor([model], pruned, work / "floor.bin")
-    shutil.rmtree(out)
-    shape = ModelSpec.from_config(SHAPES[name]).shape.to_dict()
-    row["merge_wall_s"], row["merge_rss_mib"] = timed(
-        [*CBD, "materialize", "--small", str(copy), "--large", str(model), "--shape", json.dumps(shape), "--alpha",
-         "0.5", "--out", str(out)])
-    row["merge_alignment"] = json.loads((out / "cbd.json").read_text()).get("alignment")
-    row["merge_floor_s"], _ = io_floor([model, copy], weight_bytes(out), work / "floor.bin")
-    shutil.rmtree(out)
+    if "prune" in what:
+        subprocess.run(["sh", "-c", f"cat {model}/*.safetensors > /dev/null"], check=True)
+
+        def prune() -> tuple[float, float]:
+            shutil.rmtree(out, ignore_errors=True)
+            return timed([*CBD, "materialize", "--large", str(model), "--size", str(int(params * 0.7)),
+                          "--importance", "magnitude", "--out", str(out)])
+
+        prune()  # the anchor's hashes are computed once and cached beside it
+        pruned = weight_bytes(out)
+        result = interleaved(repeat, prune, lambda: io_floor([model], pruned, work / "floor.bin"))
+        row.update({f"prune_{key.replace('baseline', 'floor')}": value for key, value in result.items()})
+    if "merge" in what:
+        copy = make_checkpoint(name, work / f"{name}-perturbed", seed=1, like=model)
+        subprocess.run(["sh", "-c", f"cat {model}/*.safetensors {copy}/*.safetensors > /dev/null"], check=True)
+        shape = ModelSpec.from_config(SHAPES[name]).shape.to_dict()
+
+        def merge() -> tuple[float, float]:
+            shutil.rmtree(out, ignore_errors=True)
+            return timed([*CBD, "materialize", "--small", str(copy), "--large", str(model), "--shape",
+                          json.dumps(shape), "--alpha", "0.5", "--out", str(out)])
+
+        merge()
+        merged = weight_bytes(out)
+        row["merge_alignment"] = json.loads((out / "cbd.json").read_text()).get("alignment")
+        result = interleaved(repeat, merge, lambda: io_floor([model, copy], merged, work / "floor.bin"))
+        row.update({f"merge_{key.replace('baseline', 'floor')}": value for key, value in result.items()})
+    shutil.rmtree(out, ignore_errors=True)
     (work / "floor.bin").unlink(missing_ok=True)
+    row["load_after"] = os.getloadavg()[0]
     return row
 
 
@@ -125,11 +144,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default=",".join(SHAPES))
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "cbd-scale"))
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--what", default="prune,merge", help="prune, merge or both")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):
-        print(json.dumps(measure(name, work)), flush=True)
+        print(json.dumps(measure(name, work, args.repeat, set(args.what.split(",")))), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -464,9 +465,75 @@ def test_sharded_output_and_dtypes(tiny_model, tmp_path):
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
     assert {f.name for f in result.files} >= {"config.json", "cbd.json", "model.safetensors.index.json"}
     torch.testing.assert_close(logits(out), logits(source), atol=0, rtol=0)
+    for info in result.files:  # sizes and sha256 as the hashing thread saw the bytes the writing thread wrote
+        data = (out / info.name).read_bytes()
+        assert (info.size, info.sha256) == (len(data), hashlib.sha256(data).hexdigest())
     materialize(tmp_path / "bf16", large=source, shape=shape, init="single", dtype="bfloat16")
     assert {t.dtype for t in weights(tmp_path / "bf16").values()} == {torch.bfloat16}
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_a_bfloat16_anchor_is_cut_in_its_own_dtype_to_the_bits_of_the_float32_path(tiny_model, tmp_path):
+    """A prune only selects rows, which is exact in any dtype: cutting a bfloat16 anchor (no float32 copy) writes
+    what cutting its exact float32 copy writes, whatever the output dtype; growth still fills in float32."""
+    source = tiny_model("llama")
+    shape = spec_of(source).shape.to_dict()
+    stored = {"bfloat16": tmp_path / "bf16", "float32": tmp_path / "f32"}
+    materialize(stored["bfloat16"], large=source, shape=shape, init="single", dtype="bfloat16")
+    materialize(stored["float32"], large=stored["bfloat16"], shape=shape, init="single", dtype="float32")
+    cut = {**shape, "hidden_size": 48, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
+    grown = {**shape, "intermediate_size": 128}
+    for out_dtype in ("bfloat16", "float32"):
+        for name, target in (("cut", cut), ("grown", grown)):
+            made = {anchor: materialize(tmp_path / f"{name}-{anchor}-{out_dtype}", large=folder, shape=target,
+                                        importance="magnitude", dtype=out_dtype)
+                    for anchor, folder in stored.items()}
+            assert made["bfloat16"].provenance["terms"] == [
+                {**made["float32"].provenance["terms"][0], "anchor": str(stored["bfloat16"])}]
+            first, second = (weights(result.out) for result in made.values())
+            assert first.keys() == second.keys()
+            assert all(torch.equal(first[k], second[k]) and first[k].dtype == second[k].dtype for k in first)
+
+
+def test_magnitude_importance_reads_only_the_tensors_of_the_axes_a_cut_shrinks(tiny_model, monkeypatch):
+    from cbd_engine.io.checkpoint import SafetensorsReader
+    from cbd_engine.materialization.importance import magnitude_importance
+    from cbd_engine.spec.families import FFN
+
+    folder = tiny_model("llama")
+    spec = spec_of(folder)
+    full = magnitude_importance(folder, spec)
+    read, reader_read = [], SafetensorsReader.read
+    monkeypatch.setattr(SafetensorsReader, "read", lambda self, name, rows=None: read.append(name) or
+                        reader_read(self, name, rows))
+    target = replace(spec.shape, intermediate_size=64)  # an FFN-only cut
+    ffn_only = ImportanceSource(default_calibration(), "magnitude")(Anchor.load(folder), target)
+    assert ffn_only.ffn == full.ffn and (ffn_only.residual, ffn_only.heads) == (None, None)
+    assert read and {name.rsplit(".", 2)[-2] for name in read} == {"gate_proj", "up_proj", "down_proj"}
+    assert magnitude_importance(folder, spec, (FFN,)).ffn == full.ffn
+
+
+def test_a_write_that_fails_in_the_writing_thread_fails_the_materialization_and_leaves_nothing(
+        tiny_model, tmp_path, monkeypatch):
+    import threading
+
+    from cbd_engine.io.checkpoint import StreamingWriter
+
+    source = tiny_model("llama")
+
+    def full_disk(self, kind, payload):
+        if kind == "data":
+            raise OSError(28, "No space left on device")
+        return writes(self, kind, payload)
+
+    writes = StreamingWriter._write_message
+    monkeypatch.setattr(StreamingWriter, "_write_message", full_disk)
+    threads = threading.active_count()
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        materialize(out, large=source, shape=spec_of(source).shape.to_dict(), init="single", dtype="float32")
+    _assert_nothing_written(out)
+    assert threading.active_count() == threads  # the hashing and writing threads have ended
 
 
 def _assert_nothing_written(out: Path) -> None:

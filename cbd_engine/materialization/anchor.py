@@ -58,10 +58,11 @@ class Term:
 
     def tensor(self, spec: TensorSpec, name: str, layer_index: int | None, seed: int,
                rows: tuple[int, int] | None = None, rescale_gains: bool = True) -> torch.Tensor:
-        """The target tensor `name` (rows `rows` of it, for vocabulary-sized ones), in float32."""
+        """The target tensor `name` (rows `rows` of it, for vocabulary-sized ones): float32 where the plan adds
+        units, else in the anchor's own dtype (the same values; transform_tensor)."""
         layer = self.plan.layers[layer_index] if layer_index is not None else None
         source = spec.name.format(layer=layer.source) if layer is not None else spec.name
-        tensor = self.anchor.reader.read(source, rows).float()
+        tensor = self.anchor.reader.read(source, rows)
         return transform_tensor(tensor, spec, name, self.plan, layer, self.anchor.shape,
                                 self.anchor.spec.architecture.norm, seed, rescale_gains)
 

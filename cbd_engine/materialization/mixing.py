@@ -69,8 +69,8 @@ class Pair:
     def tensor(self, spec: TensorSpec, name: str, layer_index: int | None, seed: int,
                rows: tuple[int, int] | None = None) -> PairTensor:
         rescale = self.mix == "paper"
-        e = self.small.tensor(spec, name, layer_index, seed, rows, rescale_gains=rescale)
-        s = self.large.tensor(spec, name, layer_index, seed, rows, rescale_gains=rescale)
+        e = self.small.tensor(spec, name, layer_index, seed, rows, rescale_gains=rescale).float()  # lerp in float32
+        s = self.large.tensor(spec, name, layer_index, seed, rows, rescale_gains=rescale).float()
         if self.mix == "paper":
             return PairTensor(s, e, None)
         in_e, in_s = self.small.presence(e.shape, spec, layer_index), self.large.presence(s.shape, spec, layer_index)

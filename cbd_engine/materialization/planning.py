@@ -25,6 +25,7 @@ from cbd_engine.materialization.transforms import (
     select_layers,
     select_units,
 )
+from cbd_engine.spec.families import FFN, HEADS, RESIDUAL
 from cbd_engine.spec.progress import ProgressCallback, no_progress
 from cbd_engine.spec.shapes import (
     Shape,
@@ -41,9 +42,11 @@ class ImportanceSource:
     kind: str = "activation"
     progress: ProgressCallback = no_progress
 
-    def __call__(self, anchor: Anchor) -> Importance:
+    def __call__(self, anchor: Anchor, target: Shape) -> Importance:
+        """The importance a plan from `anchor` to `target` needs: magnitude measures only the axes that shrink (each
+        costs a read of its tensors); one activation pass measures all of them at once."""
         if self.kind == "magnitude":
-            return magnitude_importance(anchor.path, anchor.spec)
+            return magnitude_importance(anchor.path, anchor.spec, shrinking_kinds(anchor.shape, target))
         return cached_activation_importance(anchor.path, list(self.calibration.importance), cache_dir() / "importance",
                                             self.progress)
 
@@ -59,9 +62,19 @@ def _shrinks(source: Shape, target: Shape) -> bool:
                for a in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size"))
 
 
-def plan_single(anchor: Anchor, target: Shape, importance_of: Callable[[Anchor], Importance], grow: str) -> Plan:
+def shrinking_kinds(source: Shape, target: Shape) -> tuple[str, ...]:
+    """The unit kinds whose scores decide what a plan keeps (build_plan reads no scores of an axis that does not
+    shrink); KV groups are ranked by their query heads' scores."""
+    shrinks = {RESIDUAL: target.hidden_size < source.hidden_size,
+               HEADS: target.num_heads < source.num_heads or target.num_kv_heads < source.num_kv_heads,
+               FFN: target.intermediate_size < source.intermediate_size}
+    return tuple(kind for kind, shrinking in shrinks.items() if shrinking)
+
+
+def plan_single(anchor: Anchor, target: Shape, importance_of: Callable[[Anchor, Shape], Importance],
+                grow: str) -> Plan:
     """One anchor to the target shape: importance decides what a shrinking axis keeps, growth appends new units."""
-    importance = importance_of(anchor) if _shrinks(anchor.shape, target) else None
+    importance = importance_of(anchor, target) if _shrinks(anchor.shape, target) else None
     return build_plan(anchor.shape, target, importance, grow=grow)
 
 
@@ -69,18 +82,17 @@ def build_plan(source: Shape, target: Shape, importance: Importance | None, grow
                lineage: Plan | None = None) -> Plan:
     """Index maps for every axis. With `lineage` (how a smaller model was cut from this one), the units it came from
     are kept first and the rest topped up by importance."""
-    imp = importance
+    imp = importance or Importance("none", None, None, None, None)  # no scores: first units, even depth
     keep_layers = [layer.source for layer in lineage.layers if not layer.fresh] if lineage else []
-    layer_sources = select_layers(source.num_layers, target.num_layers, imp.layers if imp else None, keep_layers)
-    residual = select_units(source.hidden_size, target.hidden_size, imp.residual if imp else None,
-                            lineage.residual if lineage else [])
+    layer_sources = select_layers(source.num_layers, target.num_layers, imp.layers, keep_layers)
+    residual = select_units(source.hidden_size, target.hidden_size, imp.residual, lineage.residual if lineage else [])
     layers = []
     for source_layer, fresh in fill_fresh_sources(layer_sources):
         kept = _lineage_layer(lineage, source_layer) if lineage and not fresh else None
-        heads, kv_heads = select_heads(source, target, imp.heads[source_layer] if imp else None,
+        heads, kv_heads = select_heads(source, target, imp.heads[source_layer] if imp.heads else None,
                                        kept.heads if kept else [], kept.kv_heads if kept else [])
         ffn = select_units(source.intermediate_size, target.intermediate_size,
-                           imp.ffn[source_layer] if imp else None, kept.ffn if kept else [])
+                           imp.ffn[source_layer] if imp.ffn else None, kept.ffn if kept else [])
         layers.append(LayerMap(source_layer, fresh and grow == "zero", heads, kv_heads, ffn))
     plan = Plan(residual, layers)
     plan.validate(source, target)
@@ -111,7 +123,7 @@ def _lineage_of(small: Anchor, large: Anchor) -> Plan | None:
     return plan
 
 
-def plan_pair(small: Anchor, large: Anchor, target: Shape, importance_of: Callable[[Anchor], Importance],
+def plan_pair(small: Anchor, large: Anchor, target: Shape, importance_of: Callable[[Anchor, Shape], Importance],
               grow: str = "zero", align: str = "auto") -> tuple[Plan, Plan, dict]:
     """Plans for E(small) and S(large), aligned unit by unit.
 
@@ -123,7 +135,7 @@ def plan_pair(small: Anchor, large: Anchor, target: Shape, importance_of: Callab
     lineage = _lineage_of(small, large) if align in ("auto", "lineage") else None
     if align == "lineage" and lineage is None:
         raise ValueError(f"align 'lineage': {small.path} records no lineage from {large.path} in its cbd.json")
-    large_importance = importance_of(large) if _shrinks(large.shape, target) else None
+    large_importance = importance_of(large, target) if _shrinks(large.shape, target) else None
     plan_s = build_plan(large.shape, target, large_importance, grow, lineage)
     importance = large_importance.kind if large_importance else None
     if align == "none":

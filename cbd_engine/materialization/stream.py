@@ -79,8 +79,8 @@ def write_model(out: str | Path, config: dict, side_files_from: Anchor, tensors:
     timer = StageTimer("materialize", len(layout), progress)
     timer.update(0)
     config = {**config, "dtype": DTYPE_NAMES[dtype]}
-    with atomic_output_dir(out) as tmp, _single_thread():
-        writer = StreamingWriter(tmp, layout, dtype, max_shard_bytes or DEFAULT_SHARD_BYTES)
+    with (atomic_output_dir(out) as tmp, single_thread(),
+          StreamingWriter(tmp, layout, dtype, max_shard_bytes or DEFAULT_SHARD_BYTES) as writer):
         for step, (name, slices) in enumerate(tensors, 1):
             if should_stop is not None and should_stop():
                 raise Cancelled("materialization cancelled")
@@ -97,9 +97,10 @@ def write_model(out: str | Path, config: dict, side_files_from: Anchor, tensors:
 
 
 @contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    """The streaming loop is memory-bound elementwise work on small tensors: one thread is as fast, and on a busy
-    machine several threads spin-waiting on each other were measured 30x slower."""
+def single_thread() -> Iterator[None]:
+    """Torch ops on one thread each: the streaming loop is memory-bound elementwise work on small tensors, one thread
+    is as fast, and on a busy machine several threads spin-waiting on each other were measured 30x slower (the
+    parallelism that pays is the writer's thread, or a pool of Python threads, each with its own tensor)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

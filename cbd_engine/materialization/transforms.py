@@ -112,7 +112,8 @@ def select_units(n_source: int, n_target: int, scores: list[float] | None = None
     keep = [u for u in keep if u != NEW]
     if len(keep) > n_target:
         keep = sorted(keep, key=lambda u: -scores[u])[:n_target]
-    rest = sorted((u for u in range(n_source) if u not in set(keep)), key=lambda u: (-scores[u], u))
+    kept = set(keep)
+    rest = sorted((u for u in range(n_source) if u not in kept), key=lambda u: (-scores[u], u))
     return sorted(keep + rest[: n_target - len(keep)])
 
 
@@ -231,20 +232,24 @@ def _fill(tensor: torch.Tensor, dim: int, new: torch.Tensor, axis: Axis, norm: s
 
 def transform_tensor(tensor: torch.Tensor, spec: TensorSpec, name: str, plan: Plan, layer: LayerMap | None,
                      source: Shape, norm: str, seed: int, rescale_gains: bool = True) -> torch.Tensor:
-    """Apply `plan` to one float32 tensor of the source model. Kept dimensions are untouched (bitwise).
+    """Apply `plan` to one tensor of the source model. Kept dimensions are untouched (bitwise).
 
-    First every dimension is gathered into the target layout, then new rows are filled dimension by dimension."""
-    std = float(tensor.std()) if tensor.numel() > 1 else 0.0
-    new_rows = []
-    for dim, axes in enumerate(spec.dims):
-        index = _row_index(axes, plan, layer, source)
+    First every dimension is gathered into the target layout, then new rows are filled dimension by dimension, in
+    float32. A tensor that only loses or reorders rows stays in its own dtype: a gather is exact in any dtype, so
+    the result is the same bits as in float32, without the float32 copy (a pruned bfloat16 model's largest cost)."""
+    indices = [(dim, axes, _row_index(axes, plan, layer, source)) for dim, axes in enumerate(spec.dims)]
+    new_rows = [(dim, index == NEW, axes[0]) for dim, axes, index in indices
+                if index is not None and bool((index == NEW).any())]
+    if new_rows:
+        tensor = tensor.float()
+        std = float(tensor.std()) if tensor.numel() > 1 else 0.0  # of the source's values: a new unit's noise scale
+    for dim, _, index in indices:
         if index is not None:
             tensor = tensor.index_select(dim, index.clamp(min=0))
-            if bool((index == NEW).any()):
-                new_rows.append((dim, index == NEW, axes[0]))
-    generator = _seeded_generator(seed, name)
-    for dim, new, axis in new_rows:
-        tensor = _fill(tensor, dim, new, axis, norm, std or 0.02, generator, rescale_gains)
+    if new_rows:
+        generator = _seeded_generator(seed, name)
+        for dim, new, axis in new_rows:
+            tensor = _fill(tensor, dim, new, axis, norm, std or 0.02, generator, rescale_gains)
     if layer is not None and layer.fresh and spec.writes_residual:
         tensor = torch.zeros_like(tensor)
     return tensor
