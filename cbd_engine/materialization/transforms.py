@@ -180,7 +180,7 @@ def _unit_map(axis: Axis, plan: Plan, layer: LayerMap | None) -> list[int] | Non
     return {HEADS: layer.heads, KV_HEADS: layer.kv_heads, FFN: layer.ffn}.get(axis.kind)
 
 
-def _row_index(dim: tuple[Axis, ...], plan: Plan, layer: LayerMap | None, source: Shape) -> torch.Tensor | None:
+def row_index(dim: tuple[Axis, ...], plan: Plan, layer: LayerMap | None, source: Shape) -> torch.Tensor | None:
     """Source row for each target row along one dimension (NEW for new rows), or None when the dimension is kept."""
     if dim[0].kind not in RESIZABLE:  # vocabulary, positions and head_dim are fixed within a chain
         return None
@@ -237,7 +237,7 @@ def transform_tensor(tensor: torch.Tensor, spec: TensorSpec, name: str, plan: Pl
     std = float(tensor.std()) if tensor.numel() > 1 else 0.0
     new_rows = []
     for dim, axes in enumerate(spec.dims):
-        index = _row_index(axes, plan, layer, source)
+        index = row_index(axes, plan, layer, source)
         if index is not None:
             tensor = tensor.index_select(dim, index.clamp(min=0))
             if bool((index == NEW).any()):
@@ -257,7 +257,7 @@ def presence(shape: torch.Size, spec: TensorSpec, plan: Plan, layer: LayerMap | 
         return torch.zeros(shape, dtype=torch.bool)
     mask = torch.ones(shape, dtype=torch.bool)
     for dim, axes in enumerate(spec.dims):
-        index = _row_index(axes, plan, layer, source)
+        index = row_index(axes, plan, layer, source)
         if index is not None:
             view = [1] * len(shape)
             view[dim] = -1
