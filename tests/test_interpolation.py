@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 from conftest import DOLLY
-from distill_helpers import tiny_with_tokenizer
+from distill_helpers import dolly_examples, tiny_with_tokenizer
 
+from cbd_engine.data.batches import collate
 from cbd_engine.data.calibration import Calibration
 from cbd_engine.data.rows import read_instruction_rows
 from cbd_engine.distillation.interpolation import LineTraining, line_target
@@ -90,9 +91,6 @@ def test_the_mix_is_what_the_materializer_writes(pair, calibration, tmp_path):
 
 
 def test_gradients_reach_the_student_and_not_the_teacher(pair, calibration):
-    from cbd_engine.data.batches import collate
-    from distill_helpers import dolly_examples
-
     teacher_dir, student_dir = pair
     line = LineTraining.build(InterpolationSpec(points=2), teacher_dir, student_dir, calibration, CPU)
     teacher = load_model(teacher_dir).eval().requires_grad_(False)

@@ -47,10 +47,10 @@ from cbd_engine.distillation.checkpoints import (
     shard_fsdp,
 )
 from cbd_engine.distillation.curves import write_curves
+from cbd_engine.distillation.interpolation import LineTraining
 from cbd_engine.distillation.minillm import PolicyDistillation
 from cbd_engine.distillation.on_policy import sample_responses
 from cbd_engine.distillation.selection import evaluate_and_keep_best, rouge_l_of, rouge_prompts_and_references
-from cbd_engine.distillation.interpolation import LineTraining
 from cbd_engine.distillation.step import LineStep, StudentLoss, accumulate_gradients, lr_lambda
 from cbd_engine.distillation.teacher_cache import CacheSettings, TeacherCache, build_teacher_cache, teacher_cache_folder
 from cbd_engine.io.atomic import atomic_output_dir
