@@ -21,6 +21,7 @@ from cbd_engine.nn.loading import load_model, load_tokenizer, output_head
 from cbd_engine.pipelines.chain import build_chain
 from cbd_engine.spec.chain import InterpolationSpec, parse_spec
 from cbd_engine.spec.distill_config import DistillConfig
+from cbd_engine.spec.estimate import estimate_chain_seconds
 
 SMALL_SHAPE = {"num_layers": 3, "hidden_size": 48, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16,
                "intermediate_size": 64}
@@ -116,6 +117,8 @@ def test_gradients_reach_the_student_and_not_the_teacher(pair, calibration):
 def test_spec_checks_the_option():
     base = {"source": "x", "anchors": [{"size": "1M"}], "dataset": {"path": "d.jsonl"}}
     assert parse_spec(base).interpolation is None  # off by default
+    line = {**base, "distillation": {"interpolation": {"kind": "line"}}}
+    assert estimate_chain_seconds(line) > estimate_chain_seconds(base)  # the mix's passes are counted
     spec = parse_spec({**base, "distillation": {"interpolation": {"kind": "line", "weight": 0.5}}})
     assert spec.interpolation == InterpolationSpec("line", 0.5, 4)
     for bad, match in (({"kind": "nested"}, "kind"), ({"kind": "line", "weight": 0}, "weight"),
