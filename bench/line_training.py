@@ -13,11 +13,12 @@ importance cached). Then, per size between the two anchors:
                  what a new anchor at that size costs;
   healed         plain's model distilled from the teacher for K steps, K line training's extra passes counted in
                  heal steps (`equal_compute_steps`): the best initialization at equal total compute.
-`chain --chains line` builds one chain beside a `run --chains plain --wait` that does the rest (two processes on
-two cores). Every model is scored per row on the first --rows validation rows of each --held-out set; `report`
-writes the means and the paired differences with 95% bootstrap intervals (cbd_engine.evaluation.stats). Units whose output exists are
+`run --chains plain` and `run --chains line --baseline-sizes` share the work between two processes (two cores).
+Every model is scored per row on the first --rows validation rows of each --held-out set; `report` writes the means
+and the paired differences with 95% bootstrap intervals (cbd_engine.evaluation.stats). Units whose output exists are
 skipped: rerun to resume. RESULTS.md's full budget is the defaults with --pair anchors --steps 60 --max-length 256
---importance-rows 256 --rows 0 --alpha auto --held-out dolly uinst --baseline-sizes 78M 85M 93M --sizes 78M 85M 93M.
+--importance-rows 256 --eval-rows 200 --eval-every 20 --rows 0 --alpha auto --held-out dolly uinst --sizes 78M 85M 93M
+--baseline-sizes 78M 85M 93M.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def log(message: str) -> None:
 def chain_spec(args, line: bool) -> dict:
     anchors = [{"size": "100M"}] if args.pair == "source" else [{"size": "100M"}, {"size": "70M"}]
     distillation = {"steps": args.steps, "batch_size": 4, "max_length": args.max_length, "seed": 0,
-                    "eval_every": 0, "eval_rows": args.eval_rows, **({"interpolation": LINE} if line else {})}
+                    "eval_every": args.eval_every, "eval_rows": args.eval_rows,
+                    **({"interpolation": LINE} if line else {})}
     return {"source": "zoo:smollm2-135m-instruct", "bridge": None, "anchors": anchors, "dataset": DATASET,
             "distillation": distillation, "device": "cpu"}
 
@@ -66,13 +68,11 @@ def teacher_and_student(work: Path, chain: str, args) -> tuple[Path, Path]:
 
 
 def build_chain_once(work: Path, name: str, args) -> None:
-    """`name`'s chain (plain or line), unless built; with --wait, another process builds it: wait for it."""
+    """`name`'s chain (plain or line), unless built."""
     from cbd_engine.pipelines.chain import build_chain
 
     folder = work / name
     student = teacher_and_student(work, name, args)[1]
-    while args.wait and name not in args.chains and not (student / "metrics.json").is_file():
-        time.sleep(30)
     if (student / "metrics.json").is_file():
         return
     log(f"chain {name}")
@@ -132,7 +132,7 @@ def trained_models(work: Path, size: str, args) -> None:
 
     teacher = teacher_and_student(work, "plain", args)[0]
     models = work / "models"
-    plain = models / f"plain-{size}"
+    plain = materialized(work, "plain", size, args)
     config = DistillConfig.from_dict(distillation_settings(chain_spec(args, False)))
     distilled = models / f"distilled-{size}"
     if not distilled.exists():
@@ -173,19 +173,20 @@ def score(work: Path, folder: Path, name: str, args) -> None:
 
 
 def run(work: Path, args) -> None:
-    """Plain's arms, the baselines, then line's (the line chain may be built by a second process: `chain`)."""
+    """Each of --chains with its materialized sizes, then the baselines (of plain's chain). Two processes can share
+    the work: `run --chains plain` and `run --chains line --baseline-sizes`."""
     limit_importance_rows(args.importance_rows)
-    for name in ("plain", "line"):
+    for name in args.chains:
         build_chain_once(work, name, args)
         teacher, student = teacher_and_student(work, name, args)
         score(work, student, f"{name}-student", args)
         score(work, teacher, "teacher", args)
         for size in args.sizes:
             score(work, materialized(work, name, size, args), f"{name}-{size}", args)
-        for size in args.baseline_sizes if name == "plain" else ():
-            trained_models(work, size, args)
-            for arm in ("distilled", "healed"):
-                score(work, work / "models" / f"{arm}-{size}", f"{arm}-{size}", args)
+    for size in args.baseline_sizes:
+        trained_models(work, size, args)
+        for arm in ("distilled", "healed"):
+            score(work, work / "models" / f"{arm}-{size}", f"{arm}-{size}", args)
     log("done")
 
 
@@ -268,7 +269,6 @@ def main() -> None:
     parser.add_argument("command", choices=("run", "chain", "report"))
     parser.add_argument("--chains", nargs="+", default=["plain", "line"], choices=("plain", "line"),
                         help="the chains this process builds")
-    parser.add_argument("--wait", action="store_true", help="wait for the chains another process builds")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cbd-line"))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "results")
     parser.add_argument("--pair", choices=("source", "anchors"), default="source",
@@ -276,6 +276,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--eval-rows", type=int, default=16, help="dev rows that choose each run's checkpoint")
+    parser.add_argument("--eval-every", type=int, default=0, help="steps between dev evaluations (0: before, after)")
     parser.add_argument("--importance-rows", type=int, default=32)
     parser.add_argument("--alpha", default="proportional")
     parser.add_argument("--sizes", nargs="+", default=["110M", "118M", "126M"])
@@ -285,7 +286,7 @@ def main() -> None:
     parser.add_argument("--score-length", type=int, default=128)
     args = parser.parse_args()
     log(" ".join(f"{k}={v}" for k, v in vars(args).items()))
-    if args.command == "chain":  # build --chains alone, beside a `run --wait` that does the rest
+    if args.command == "chain":  # build --chains alone
         limit_importance_rows(args.importance_rows)
         for name in args.chains:
             build_chain_once(args.work, name, args)

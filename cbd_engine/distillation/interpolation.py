@@ -26,10 +26,11 @@ the (size, alpha) plane the line passes through at each size, from the teacher (
 per step would spread the same steps over a plane of which the service uses one alpha per size; `auto` still chooses
 alpha at serve time, from a path now trained near alpha_T.
 
-Cost, per step: one forward and backward of a model of size P_T (about the mean of the anchors: here 85M between 68M
-and 101M), the gather (one read of the student's parameters) and the mix, and nothing for the teacher (its hidden
-states are the step's). Against a plain step (teacher forward, student forward and backward) that is about
-3 P_T / (P_teacher + 3 P_student) more: 1.05x the plain step's passes here (docs/RESULTS.md measures the seconds).
+Cost, per step: one forward and backward of a model of size P_T (about the mean of the anchors), the gather (one read
+of the student's parameters) and the mix, and nothing for the teacher (its hidden states are the step's). Against a
+plain step (teacher forward, student forward and backward) that is 3 P_T / (P_teacher + 3 P_student) more: 0.81x
+for SmolLM2-135M -> 100M (P_T 118M), 0.83x for 100M -> 70M, so a line step costs about 1.8 plain steps, once for
+every size between the anchors (docs/RESULTS.md, "Line training", measures the seconds).
 Memory: each target's S_T held once (the target model instance's own parameters): about `points` x P_T floats.
 """
 
