@@ -207,9 +207,11 @@ def report(work: Path, out: Path, args) -> None:
     rows = []
     for name in sorted(scores):
         arm, _, size = name.rpartition("-")
-        folder = work / "models" / name
-        record = json.loads((folder / "cbd.json").read_text()) if folder.is_dir() else {}
-        row = {"model": name, "params": params(folder) if folder.is_dir() else None, "alpha": record.get("alpha"),
+        anchor = {"teacher": teacher, "plain-student": student,
+                  "line-student": teacher_and_student(work, "line", args)[1]}.get(name)
+        folder = anchor or work / "models" / name
+        record = json.loads((folder / "cbd.json").read_text()) if anchor is None else {}
+        row = {"model": name, "params": params(folder), "alpha": record.get("alpha"),
                "interpolation_training": (record.get("interpolation_training") or {}).get("kind")}
         for held_out, per_row in scores[name].items():
             row[f"{held_out}_loss"] = round(mean(per_row), 4)
@@ -219,7 +221,7 @@ def report(work: Path, out: Path, args) -> None:
                 row[f"{held_out}_vs"] = reference
                 row[f"{held_out}_diff"], row[f"{held_out}_low"], row[f"{held_out}_high"] = \
                     round(diff, 4), round(low, 4), round(high, 4)
-            if arm in ("plain", "line") and f"{arm}-student" in scores:
+            if arm in ("plain", "line") and anchor is None and f"{arm}-student" in scores:
                 row[f"{held_out}_straight_line"] = round(_straight_line(
                     row["params"], ends, mean(scores["teacher"][held_out]),
                     mean(scores[f"{arm}-student"][held_out])), 4)
