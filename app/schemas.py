@@ -8,6 +8,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator, model_validator
 
+from cbd_engine.spec.chain import INTERPOLATION_KINDS
 from cbd_engine.spec.distill_config import LOSS_BY_MODE, LOSSES, MODES, SELECT_BY, TEACHER_CACHE_TAILS, DistillConfig
 from cbd_engine.spec.export import (
     DEFAULT_QUANT,
@@ -142,6 +143,15 @@ class DatasetIn(Strict):
         return self
 
 
+class InterpolationIn(Strict):
+    """Train the path between each anchor and its predecessor while the anchor is distilled (engine:
+    cbd_engine.distillation.interpolation; measured in docs/RESULTS.md, "Line training")."""
+
+    kind: Literal[INTERPOLATION_KINDS] = "line"
+    weight: float = Field(default=1.0, gt=0, le=100, description="of the mixed model's loss, beside the anchor's own")
+    points: int = Field(default=4, ge=1, le=64, description="target sizes between the two anchors, one per step")
+
+
 class DistillationIn(Strict):
     """The chain recipe's settings: values and defaults are the engine's (cbd_engine.spec.distill_config.DistillConfig),
     so the API accepts what the engine accepts."""
@@ -165,6 +175,9 @@ class DistillationIn(Strict):
         default=PRUNE_ORDER, description="how an anchor given by size is cut from its predecessor: the FFN first, "
                                              "or every width axis by one fraction")
     seed: int = Field(default=RECIPE["seed"], ge=0, le=2**31 - 1)
+    interpolation: InterpolationIn | None = Field(
+        default=None, description="null: anchors distilled alone; {kind: line}: the sizes between each anchor and its "
+                                  "predecessor trained too (POST /models then materializes a trained path)")
     teacher_cache: int | None = Field(default=RECIPE["teacher_cache"], ge=1, le=4096,
                                       description="off_policy: keep the teacher's top-k per token, computed once")
     teacher_cache_tail: Literal[TEACHER_CACHE_TAILS] = Field(

@@ -53,7 +53,7 @@ def test_changing_padding_changes_nothing(pair, data, kind):
     results = []
     for b in (batch, repadded):
         student.zero_grad()
-        div, ce = batch_loss_sums(loss, teacher, b, ce_only=False)
+        div, ce, _ = batch_loss_sums(loss, teacher, b, ce_only=False)
         (div + ce).backward()
         results.append((div.detach(), ce.detach(), _grads(student)))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
@@ -65,7 +65,7 @@ def test_all_masked_batch_gives_zero_with_finite_gradients(pair, data):
     batch = collate(data.train[:2], pad_id=0)
     batch.labels.fill_(IGNORE)
     config = DistillConfig(ce_weight=1.0)
-    div, ce, tokens, _ = accumulate_gradients(StudentLoss(student, config.loss_config), teacher, [batch],
+    div, ce, tokens, _, _ = accumulate_gradients(StudentLoss(student, config.loss_config), teacher, [batch],
                                               config, torch.device("cpu"), bf16=False, ce_only=False)
     assert div == 0 and ce == 0 and tokens == 0
     assert all(torch.isfinite(g).all() and not g.any() for g in _grads(student))
@@ -74,7 +74,7 @@ def test_all_masked_batch_gives_zero_with_finite_gradients(pair, data):
 def test_cross_entropy_matches_transformers_shifted_loss(pair, data):
     _, student = _models(pair)
     batch = collate(data.train[:3], pad_id=0)
-    _, ce = batch_loss_sums(StudentLoss(student, DistillConfig().loss_config), None, batch, ce_only=True)
+    _, ce, _ = batch_loss_sums(StudentLoss(student, DistillConfig().loss_config), None, batch, ce_only=True)
     with torch.no_grad():
         reference = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
     assert torch.allclose(ce / batch.num_response_tokens, reference, atol=1e-5)
@@ -91,7 +91,7 @@ def test_compiled_decoders_keep_state_dict_keys_losses_and_gradients(pair, data)
         if compiled:
             compile_decoders(student, teacher, backend="eager")
             assert all(m.base_model._compiled_call_impl is not None for m in (student, teacher))
-        div, ce = batch_loss_sums(StudentLoss(student, DistillConfig().loss_config), teacher, batch, ce_only=False)
+        div, ce, _ = batch_loss_sums(StudentLoss(student, DistillConfig().loss_config), teacher, batch, ce_only=False)
         (div + ce).backward()
         assert list(student.state_dict()) == keys
         results.append((div.detach(), ce.detach(), _grads(student)))
@@ -209,7 +209,7 @@ def test_hidden_states_and_head_reproduce_each_familys_own_loss(tiny_model, fami
     labels = input_ids.clone()
     labels[:, :5] = IGNORE
     batch = Batch(input_ids, torch.ones_like(input_ids), labels, torch.ones(2, dtype=torch.bool))
-    _, ce = batch_loss_sums(StudentLoss(model, DistillConfig().loss_config), None, batch, ce_only=True)
+    _, ce, _ = batch_loss_sums(StudentLoss(model, DistillConfig().loss_config), None, batch, ce_only=True)
     with torch.no_grad():
         reference = model(input_ids=input_ids, labels=labels).loss
     assert torch.allclose(ce / batch.num_response_tokens, reference, atol=1e-5)

@@ -235,7 +235,7 @@ def test_cached_loss_with_k_covering_the_vocabulary_equals_the_teacher_forward(p
     results = []
     for source in (teacher, cache):
         student.zero_grad()
-        div, _ = batch_loss_sums(loss, source, batch, ce_only=False, need_ce=False)
+        div, _, _ = batch_loss_sums(loss, source, batch, ce_only=False, need_ce=False)
         div.backward()
         results.append((div.detach(), [p.grad.clone() for p in student.parameters()]))
     assert torch.allclose(results[0][0], results[1][0], rtol=1e-4)

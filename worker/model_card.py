@@ -31,6 +31,7 @@ A {{ params_text }}-parameter model of the {{ family }} family, made by the CBD 
 | alpha (weight of the smaller anchor) | {{ alphas }} |
 | mix / init / dtype | {{ mix }} / {{ init }} / {{ dtype }} |
 | anchors | {{ anchors }} |
+| path between the anchors | {{ path }} |
 
 Parameters by tensor group: {{ groups }}.
 
@@ -119,11 +120,17 @@ def model_card(model: Model, chain: Chain, small: Anchor, large: Anchor, large_d
     how = (f"the `{model.init}` baseline" if model.init != "cbd" else
            f"mixing its anchors {small.id} and {large.id}" if mixed else
            f"{'expanding the smaller' if provenance.get('alpha') == 1.0 else 'pruning the larger'} anchor")
+    trained = provenance.get("interpolation_training")
+    path = ("not trained: the anchors were distilled alone" if not trained else
+            f"trained while the smaller anchor was distilled ({trained['kind']} training, weight {trained['weight']}, "
+            f"{trained['points']} sizes); this model's {model.mix} mix "
+            + ("is the one trained" if trained["matches_mix"] else "is not the one trained (unit)"))
     card = ModelCard.from_template(
         data, template_str=TEMPLATE, model_id=model.id, chain=chain.id, source=chain.source,
         model_name=f"cbd/{model.id}", family=provenance.get("family", ""), how=how, params=f"{model.params:,}",
         params_text=format_size(model.params),
         shape=json.dumps(model.shape), alphas=json.dumps(alphas), mix=model.mix, init=model.init, dtype=model.dtype,
         anchors=f"{small.id} ({small.params:,}), {large.id} ({large.params:,})", groups=_groups(folder),
-        quality=quality, onnx=read_config(folder).get("model_type") in ONNX_ARCHITECTURES)  # ONNX: Llama family
+        quality=quality, path=path,
+        onnx=read_config(folder).get("model_type") in ONNX_ARCHITECTURES)  # ONNX: Llama family
     return str(card)

@@ -6,7 +6,8 @@ import csv
 from pathlib import Path
 
 CURVE_FIELDS = ("step", "tokens", "loss", "divergence", "cross_entropy", "learning_rate", "grad_norm",
-                "tokens_per_second", "dev_loss", "rouge_l", "validation_loss")
+                "tokens_per_second", "dev_loss", "rouge_l", "validation_loss", "seconds", "line_divergence",
+                "line_params")  # line_*: line training's mixed model of the step (distillation/interpolation.py)
 
 
 def write_curves(history: list[dict], folder: Path, title: str = "distillation") -> None:

@@ -47,10 +47,11 @@ from cbd_engine.distillation.checkpoints import (
     shard_fsdp,
 )
 from cbd_engine.distillation.curves import write_curves
+from cbd_engine.distillation.interpolation import LineTraining
 from cbd_engine.distillation.minillm import PolicyDistillation
 from cbd_engine.distillation.on_policy import sample_responses
 from cbd_engine.distillation.selection import evaluate_and_keep_best, rouge_l_of, rouge_prompts_and_references
-from cbd_engine.distillation.step import StudentLoss, accumulate_gradients, lr_lambda
+from cbd_engine.distillation.step import LineStep, StudentLoss, accumulate_gradients, lr_lambda
 from cbd_engine.distillation.teacher_cache import CacheSettings, TeacherCache, build_teacher_cache, teacher_cache_folder
 from cbd_engine.io.atomic import atomic_output_dir
 from cbd_engine.io.checkpoint import copy_side_files
@@ -72,16 +73,17 @@ class DistillResult:
 def distill(teacher_dir: str | Path | None, student_dir: str | Path, data: Splits, out: str | Path,
             config: DistillConfig, *, work_dir: str | Path | None = None, resume: bool = False,
             stage: str = "distill", provenance: dict | None = None, progress: ProgressCallback = no_progress,
-            should_stop: Callable[[], bool] | None = None) -> DistillResult:
+            should_stop: Callable[[], bool] | None = None, line: LineTraining | None = None) -> DistillResult:
     """Distill `student_dir` from `teacher_dir` (None, or loss "ce": plain fine-tuning) on `data` (encoded examples
     by split) and write the best student (by dev loss; the last one when there are no dev rows) to `out` as a Hugging
     Face folder. `work_dir` holds checkpoints; with `resume` a run continues from its last one. Raises Cancelled
-    when `should_stop()` says so (checked every step)."""
+    when `should_stop()` says so (checked every step). `line`: line training between teacher and student
+    (interpolation.py), off-policy only."""
     out, student_dir = Path(out), Path(student_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output folder {out} exists and is not empty")
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
-    run = Run.setup(teacher_dir, student_dir, data, config, stage, progress)  # 1. models, optimizer, data
+    run = Run.setup(teacher_dir, student_dir, data, config, stage, progress, line)  # 1. models, optimizer, data
     state = run.start(work, resume)  # 2. validation before training, or the last checkpoint
     timer = StageTimer(stage, config.steps, progress)
     timer.update(state["step"], state["history"][-1].get("loss") if state["history"] else None)
@@ -126,6 +128,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     rouge_set: tuple[list[str], list[str]]
+    line: LineTraining | None = None
     plans: dict[int, list[list[int]]] = field(default_factory=dict)
 
     @property
@@ -138,7 +141,7 @@ class Run:
 
     @classmethod
     def setup(cls, teacher_dir: str | Path | None, student_dir: Path, data: Splits, config: DistillConfig, stage: str,
-              progress: ProgressCallback) -> Run:
+              progress: ProgressCallback, line: LineTraining | None = None) -> Run:
         device = resolve_device(config.device)
         init_distributed(device)
         world_size = world()[1]
@@ -154,6 +157,9 @@ class Run:
         ce_only = config.loss == "ce" or teacher_dir is None
         if config.mode == "minillm" and ce_only:
             raise ValueError("mode minillm needs a teacher")
+        if line is not None and (ce_only or config.mode != "off_policy" or config.fsdp):
+            raise ValueError("line training needs a teacher, mode off_policy and no FSDP (the mix gathers whole "
+                             "parameters)")
 
         tokenizer = load_tokenizer(student_dir)
         _seed_everything(config.seed, 0)
@@ -176,7 +182,7 @@ class Run:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
         rouge_set = rouge_prompts_and_references(tokenizer, dev[: config.rouge_rows])
         return cls(config, device, bf16, ce_only, train, dev, valid, tokenizer, student, teacher, student_loss, fsdp,
-                   policy, optimizer, scheduler, rouge_set)
+                   policy, optimizer, scheduler, rouge_set, line)
 
     def start(self, work: Path, resume: bool) -> dict:
         """The run's state: from its last checkpoint when resuming, else fresh, with the numbers before training."""
@@ -198,7 +204,7 @@ class Run:
             stats = self.policy.update(step, self.examples(step // config.ppo_epochs), rng)
             step_tokens = stats["sequence_tokens"]
         else:
-            stats, step_tokens = self.gradients(self.examples(step), rng)
+            stats, step_tokens = self.gradients(self.examples(step), rng, step)
         norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), config.grad_clip or float("inf"))
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
         self.optimizer.step()
@@ -211,7 +217,7 @@ class Run:
         return {"step": step + 1, "tokens": state["tokens"], **stats, "learning_rate": learning_rate,
                 "grad_norm": grad_norm, "tokens_per_second": step_tokens / max(seconds, 1e-9), "seconds": seconds}
 
-    def gradients(self, examples: list[Example], rng: random.Random) -> tuple[dict, int]:
+    def gradients(self, examples: list[Example], rng: random.Random, step: int) -> tuple[dict, int]:
         """Off- or on-policy: the step's loss statistics and tokens, its gradients accumulated."""
         config = self.config
         if config.mode == "on_policy":
@@ -220,13 +226,20 @@ class Run:
         micro = config.micro_batch_size or config.batch_size // self.world_size
         pad_id = pad_id_of(self.tokenizer)
         batches = [collate(examples[i : i + micro], pad_id) for i in range(0, len(examples), micro)]
-        div_total, ce_total, global_tokens, global_reference = accumulate_gradients(
-            self.student_loss, self.teacher, batches, config, self.device, self.bf16, self.ce_only)
+        # the line's target: one per step for every rank (drawn from (seed, step) alone, not the rank's generator)
+        line = LineStep(self.line, self.line.pick(random.Random(config.seed * 1_000_003 + step))) \
+            if self.line is not None else None
+        div_total, ce_total, global_tokens, global_reference, line_total = accumulate_gradients(
+            self.student_loss, self.teacher, batches, config, self.device, self.bf16, self.ce_only, line)
         divergence = div_total / max(global_tokens, 1)
         cross_entropy = ce_total / max(global_reference, 1)
         stats = {"loss": cross_entropy if self.ce_only else divergence + config.ce_weight * cross_entropy,
                  "divergence": None if self.ce_only else divergence,
                  "cross_entropy": cross_entropy if (self.ce_only or config.ce_weight) else None}
+        if line is not None:
+            stats["line_divergence"] = line_total / max(global_tokens, 1)
+            stats["line_params"] = line.target.params
+            stats["loss"] += self.line.spec.weight * stats["line_divergence"]
         return stats, sum(b.num_tokens for b in batches) * self.world_size
 
     def examples(self, step: int) -> list[Example]:

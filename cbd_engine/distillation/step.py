@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from cbd_engine.data.batches import IGNORE, Batch, next_token_targets
+from cbd_engine.distillation.interpolation import LineTarget, LineTraining
 from cbd_engine.distillation.teacher_cache import TeacherCache
 from cbd_engine.nn.device import autocast_for
 from cbd_engine.nn.distributed import all_reduce_sum, world
@@ -41,8 +43,10 @@ def teacher_hidden_states(teacher: nn.Module, batch: Batch, scored: torch.Tensor
 
 
 def batch_loss_sums(student_loss: nn.Module, teacher: nn.Module | TeacherCache | None, batch: Batch, ce_only: bool,
-                    need_ce: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(divergence sum over all scored tokens, cross-entropy sum over reference-response tokens) of one batch."""
+                    need_ce: bool = True, line: LineStep | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(divergence sum over all scored tokens, cross-entropy sum over reference-response tokens, and with `line` the
+    divergence sum of the step's mixed model, interpolation.py) of one batch."""
     targets = next_token_targets(batch.labels)
     scored = targets != IGNORE
     ce_targets = torch.where(batch.reference[:, None], targets, torch.full_like(targets, IGNORE))
@@ -52,39 +56,57 @@ def batch_loss_sums(student_loss: nn.Module, teacher: nn.Module | TeacherCache |
     elif not ce_only and teacher is not None:
         teacher_hidden, teacher_head = teacher_hidden_states(teacher, batch, scored), output_head(teacher)
 
-    def sums(student: nn.Module, config: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    def sums(student: nn.Module, config: LossConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         hidden = hidden_states(student, batch.input_ids, batch.attention_mask)[scored]
-        return chunked_token_losses(hidden, output_head(student), ce_targets[scored], teacher_hidden, teacher_head,
-                                    config, need_ce or ce_only)
+        div_sum, ce_sum = chunked_token_losses(hidden, output_head(student), ce_targets[scored], teacher_hidden,
+                                               teacher_head, config, need_ce or ce_only)
+        if line is None or ce_only:
+            return div_sum, ce_sum, None
+        line_sum = line.training.divergence_sum(line.target, student, batch.input_ids, batch.attention_mask, scored,
+                                                ce_targets[scored], teacher_hidden, teacher_head, config)
+        return div_sum, ce_sum, line_sum
 
     return student_loss(sums)
 
 
+@dataclass
+class LineStep:
+    """Line training's part of one step: the line and the target drawn for this step (interpolation.py)."""
+
+    training: LineTraining
+    target: LineTarget
+
+
 def accumulate_gradients(student_loss: nn.Module, teacher: nn.Module | TeacherCache | None, batches: list[Batch],
                          config: DistillConfig, device: torch.device, bf16: bool, ce_only: bool,
-                         ) -> tuple[float, float, float, float]:
+                         line: LineStep | None = None) -> tuple[float, float, float, float, float]:
     """Backward over this rank's micro-batches of one step. Each micro-batch contributes its loss *sums* divided by
     the token counts of the whole global batch (all micro-batches, all ranks), so the accumulated gradient is the
-    same for any split into ranks and micro-batches. Returns global (divergence sum, cross-entropy sum, scored
-    tokens, reference tokens)."""
+    same for any split into ranks and micro-batches. With `line`, the mixed model's divergence joins the loss at its
+    weight. Returns global (divergence sum, cross-entropy sum, scored tokens, reference tokens, the mixed model's
+    divergence sum)."""
     world_size = world()[1]
     local = [sum(b.num_response_tokens for b in batches), sum(b.num_reference_tokens for b in batches)]
     global_tokens, global_reference = all_reduce_sum(local, device)
-    div_total, ce_total = 0.0, 0.0
+    div_total, ce_total, line_total = 0.0, 0.0, 0.0
     for index, batch in enumerate(batches):
         batch = batch.to(device)
         defer_sync = world_size > 1 and index < len(batches) - 1 and hasattr(student_loss, "no_sync")
         with student_loss.no_sync() if defer_sync else contextlib.nullcontext(), autocast_for(device, bf16):
-            div_sum, ce_sum = batch_loss_sums(student_loss, teacher, batch, ce_only, need_ce=config.ce_weight > 0)
+            div_sum, ce_sum, line_sum = batch_loss_sums(student_loss, teacher, batch, ce_only,
+                                                        need_ce=config.ce_weight > 0, line=line)
             if ce_only:
                 loss = ce_sum / max(global_reference, 1)
             else:
                 loss = div_sum / max(global_tokens, 1) + config.ce_weight * ce_sum / max(global_reference, 1)
+            if line_sum is not None:
+                loss = loss + line.training.spec.weight * line_sum / max(global_tokens, 1)
+                line_total += float(line_sum.detach())
             (loss * world_size).backward()  # DDP averages gradients over ranks; the sums want them added
         div_total += float(div_sum.detach())
         ce_total += float(ce_sum.detach())
-    div_total, ce_total = all_reduce_sum([div_total, ce_total], device)
-    return div_total, ce_total, global_tokens, global_reference
+    div_total, ce_total, line_total = all_reduce_sum([div_total, ce_total, line_total], device)
+    return div_total, ce_total, global_tokens, global_reference, line_total
 
 
 def lr_lambda(config: DistillConfig) -> Callable[[int], float]:

@@ -107,6 +107,7 @@ def materialize(
     record.update(alpha=choice.alpha, alphas=choice.alphas, mix=mix, alignment=alignment,
                   alpha_search=choice.to_dict() if choice.grid else {"requested": alpha},
                   terms=[term_record(pair.small, "small"), term_record(pair.large, "large")],
+                  interpolation_training=trained_path(small_anchor, alignment, mix),
                   quality=_quality(choice, pair, target, calib, seed) if choice.grid or quality else None)
     arch = large_anchor.spec.architecture
 
@@ -116,6 +117,17 @@ def materialize(
     config = large_anchor.spec.config_for(target, eps=pair.eps(choice.alphas, target))
     return write_model(out, config, large_anchor, iter_tensors(mixed, target, large_anchor), target, out_dtype, record,
                   progress, should_stop, max_shard_bytes)
+
+
+def trained_path(small: Anchor, alignment: dict, mix: str) -> dict | None:
+    """How the path between the anchors was trained while the smaller was distilled from the larger (the smaller
+    anchor's cbd.json, distillation.interpolation), when the units align by that lineage; None when it was not.
+    `matches_mix`: whether this model's mix is the one trained (the per-unit mix)."""
+    trained = (small.provenance.get("distillation") or {}).get("interpolation")
+    if not trained or alignment.get("method") != "lineage":
+        return None
+    return {"kind": trained["kind"], "weight": trained["weight"], "points": trained["points"],
+            "matches_mix": mix == "unit"}
 
 
 def _check_options(init: str, align: str, grow: str, mix: str, importance: str, alpha: float | str | None) -> None:

@@ -181,7 +181,7 @@ def _unit_map(axis: Axis, plan: Plan, layer: LayerMap | None) -> list[int] | Non
     return {HEADS: layer.heads, KV_HEADS: layer.kv_heads, FFN: layer.ffn}.get(axis.kind)
 
 
-def _row_index(dim: tuple[Axis, ...], plan: Plan, layer: LayerMap | None, source: Shape) -> torch.Tensor | None:
+def row_index(dim: tuple[Axis, ...], plan: Plan, layer: LayerMap | None, source: Shape) -> torch.Tensor | None:
     """Source row for each target row along one dimension (NEW for new rows), or None when the dimension is kept."""
     if dim[0].kind not in RESIZABLE:  # vocabulary, positions and head_dim are fixed within a chain
         return None
@@ -237,7 +237,7 @@ def transform_tensor(tensor: torch.Tensor, spec: TensorSpec, name: str, plan: Pl
     First every dimension is gathered into the target layout, then new rows are filled dimension by dimension, in
     float32. A tensor that only loses or reorders rows stays in its own dtype: a gather is exact in any dtype, so
     the result is the same bits as in float32, without the float32 copy (a pruned bfloat16 model's largest cost)."""
-    indices = [(dim, axes, _row_index(axes, plan, layer, source)) for dim, axes in enumerate(spec.dims)]
+    indices = [(dim, axes, row_index(axes, plan, layer, source)) for dim, axes in enumerate(spec.dims)]
     new_rows = [(dim, index == NEW, axes[0]) for dim, axes, index in indices
                 if index is not None and bool((index == NEW).any())]
     if new_rows:
@@ -262,7 +262,7 @@ def presence(shape: torch.Size, spec: TensorSpec, plan: Plan, layer: LayerMap | 
         return torch.zeros(shape, dtype=torch.bool)
     mask = torch.ones(shape, dtype=torch.bool)
     for dim, axes in enumerate(spec.dims):
-        index = _row_index(axes, plan, layer, source)
+        index = row_index(axes, plan, layer, source)
         if index is not None:
             view = [1] * len(shape)
             view[dim] = -1

@@ -7,7 +7,8 @@ The recipe, top to bottom (`build_chain`):
          predecessor pruned by the materializer's subset transform with activation importance on the data set's
          training rows (prune, then distill, as Minitron does)
        - distilled from its immediate predecessor (reverse KL by default), keeping the best checkpoint by
-         validation loss; `distill: false` registers a checkpoint as it is
+         validation loss; `distill: false` registers a checkpoint as it is; with `distillation.interpolation`
+         (kind "line") the path between the two is trained in the same steps (distillation/interpolation.py)
   2. each anchor is a Hugging Face folder with metrics.json, loss curves and cbd.json (pruning index maps and
      distillation provenance); chain.json lists them all
 
@@ -28,6 +29,7 @@ from pathlib import Path
 from cbd_engine.data.batches import encode_rows, encode_splits, encode_text, pad_id_of
 from cbd_engine.data.calibration import Calibration
 from cbd_engine.data.rows import Splits, read_dataset_spec, split_rows
+from cbd_engine.distillation.interpolation import LineTraining
 from cbd_engine.distillation.recipe import distill
 from cbd_engine.io.atomic import atomic_output_dir, write_text_atomically
 from cbd_engine.io.checkpoint import copy_side_files
@@ -207,13 +209,25 @@ def _build_anchor(index: int, total: int, anchor: AnchorSpec, previous: AnchorRe
             _prune(previous.path, start, anchor, data, config, plan.prune_order, label, progress, should_stop)
         origin = {"init": "pruned", "size": anchor.size, "shape": anchor.shape,
                   "prune_order": plan.prune_order if anchor.size is not None else None}
-    provenance = {"anchor_index": index, "teacher_anchor_index": previous.index, **origin}
+    line = _line_training(plan, anchor, previous, start, data, config)
+    provenance = {"anchor_index": index, "teacher_anchor_index": previous.index, **origin,
+                  "interpolation": line.describe() if line is not None else None}
     distill(previous.path, start, data.examples, folder, config, work_dir=out / f"anchor-{index:02d}.work",
             resume=resume, stage=f"{label}: distill", provenance=provenance, progress=progress,
-            should_stop=should_stop)
+            should_stop=should_stop, line=line)
     for leftover in (f"anchor-{index:02d}.work", f"anchor-{index:02d}.pruned", f"anchor-{index:02d}.sft"):
         shutil.rmtree(out / leftover, ignore_errors=True)  # the anchor's cbd.json keeps the pruning index maps
     return _result(index, folder)
+
+
+def _line_training(plan: ChainSpec, anchor: AnchorSpec, previous: AnchorResult, start: Path, data: ChainData,
+                   config) -> LineTraining | None:
+    """`distillation.interpolation`: the line between the teacher and an anchor pruned from it (a checkpoint anchor
+    has no lineage from its teacher to align units by, so its path is not trained)."""
+    if plan.interpolation is None or anchor.checkpoint is not None:
+        return None
+    return LineTraining.build(plan.interpolation, previous.path, start, data.calibration,
+                              resolve_device(config.device), config.seed)
 
 
 def _prune(large: Path, out: Path, anchor: AnchorSpec, data: ChainData, config, prune_order: str, label: str,

@@ -10,7 +10,43 @@ from cbd_engine.spec.distill_config import DistillConfig
 from cbd_engine.spec.shapes import PRUNE_ORDER, PRUNE_ORDERS, parse_size
 
 SFT_LEARNING_RATE = 1e-5  # the paper's fine-tuning rate (appendix B)
-CHAIN_ONLY_KEYS = ("sft_epochs", "sft_learning_rate", "prune_order")  # chain settings beside DistillConfig's
+CHAIN_ONLY_KEYS = ("sft_epochs", "sft_learning_rate", "prune_order", "interpolation")  # beside DistillConfig's
+INTERPOLATION_KINDS = ("line",)  # "nested" (issue 20, part 2) is not built
+
+
+@dataclass(frozen=True)
+class InterpolationSpec:
+    """`distillation.interpolation`: train the path between each anchor and its predecessor while the anchor is
+    distilled (cbd_engine.distillation.interpolation). Off unless given: measured in docs/RESULTS.md."""
+
+    kind: str = "line"
+    weight: float = 1.0  # of the mixed model's distillation loss, beside the anchor's own (weight 1)
+    points: int = 4  # target shapes at the parameter fractions (2k + 1) / (2 points) between the anchors
+
+    @classmethod
+    def parse(cls, data: dict) -> InterpolationSpec:
+        if not isinstance(data, dict):
+            raise ValueError('distillation.interpolation must be an object, e.g. {"kind": "line", "weight": 1}')
+        unknown = sorted(set(data) - {"kind", "weight", "points"})
+        if unknown:
+            raise ValueError(f"distillation.interpolation has unknown fields {unknown}; allowed: kind, weight, points")
+        spec = cls(**data)
+        if spec.kind not in INTERPOLATION_KINDS:
+            raise ValueError(f"distillation.interpolation.kind must be one of {', '.join(INTERPOLATION_KINDS)}, "
+                             f"got {spec.kind!r}")
+        if isinstance(spec.weight, bool) or not isinstance(spec.weight, int | float) or not 0 < spec.weight <= 100:
+            raise ValueError(f"distillation.interpolation.weight must be a number in (0, 100], got {spec.weight!r}")
+        if isinstance(spec.points, bool) or not isinstance(spec.points, int) or not 1 <= spec.points <= 64:
+            raise ValueError(f"distillation.interpolation.points must be a whole number in [1, 64], "
+                             f"got {spec.points!r}")
+        return spec
+
+    def fractions(self) -> list[float]:
+        """Where the targets sit between the smaller (0) and the larger (1) anchor, in parameters."""
+        return [(2 * k + 1) / (2 * self.points) for k in range(self.points)]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -48,6 +84,7 @@ class ChainSpec:
     sft_learning_rate: float
     bridge: BridgeSpec | None = None  # a SeqKD bridge replaces the source as anchor 0
     prune_order: str = PRUNE_ORDER  # how an anchor given by size is cut from its predecessor (shapes.PRUNE_ORDERS)
+    interpolation: InterpolationSpec | None = None  # line training between each pruned anchor and its predecessor
 
 
 def distillation_settings(spec: dict) -> dict:
@@ -91,8 +128,9 @@ def parse_spec(spec: dict) -> ChainSpec:
     prune_order = chain_only.get("prune_order", PRUNE_ORDER)
     if prune_order not in PRUNE_ORDERS:
         raise ValueError(f"distillation.prune_order must be one of {', '.join(PRUNE_ORDERS)}, got {prune_order!r}")
+    interpolation = chain_only.get("interpolation")
     return ChainSpec(str(spec["source"]), [AnchorSpec.parse(i, a) for i, a in enumerate(anchors)], dataset,
                      distillation, sft_epochs, float(chain_only.get("sft_learning_rate", SFT_LEARNING_RATE)), bridge,
-                     prune_order)
+                     prune_order, InterpolationSpec.parse(interpolation) if interpolation is not None else None)
 
 

@@ -73,6 +73,8 @@ def estimate_chain_seconds(spec: dict) -> float:
         flops = distillation_flops(config, config["steps"], student, teacher, rows)
         if anchor.checkpoint is None:
             flops += IMPORTANCE_ROWS * 256 * 2 * teacher  # activation importance on the calibration rows
+            if plan.interpolation is not None:  # line training: a forward and backward of the mix (mean size)
+                flops += config["steps"] * tokens_per_step * 6 * (teacher + student) / 2
         seconds += flops / speed
     return float(seconds * 1.2 + 30 * len(plan.anchors))  # evaluation, checkpoints, loading
 
