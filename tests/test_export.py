@@ -3,6 +3,7 @@ transformers' GGUF loader, for every family; the size arithmetic of `fits` again
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from conftest import DOLLY, make_tiny_model
 
 from cbd_engine.export.gguf import GGUFExportError, write_gguf
 from cbd_engine.export.llamacpp import gguf_validation_loss, llama_cpp
-from cbd_engine.spec.export import gguf_weight_bytes
+from cbd_engine.spec.export import GGUF_NAME_MAX, OTHER_METADATA, device_bytes, gguf_tokenizer_bytes, gguf_weight_bytes
 from cbd_engine.spec.families import ModelSpec, read_config
 
 FAMILIES = ("llama", "llama_untied_bias", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox")
@@ -115,6 +116,24 @@ def test_an_ffn_width_off_the_quantization_block_falls_back_to_f16_and_sizes_add
     spec = ModelSpec.from_config(read_config(folder))
     expected, _ = gguf_weight_bytes(spec.architecture, spec.shape, "Q8_0")
     assert sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors) == expected
+
+
+def test_the_fits_count_bounds_the_file_and_counts_its_tokenizer_exactly(bpe_tiny, tmp_path):
+    """The `fits` arithmetic's file: the tokenizer's arrays (SmolLM2's real tokenizer) counted to the byte, the
+    whole file at most the count and short of it only by the allowance for the small metadata and the names."""
+    import gguf
+
+    folder = bpe_tiny("llama", intermediate_size=80)
+    path = write_gguf(folder, tmp_path / "model-Q8_0.gguf", "Q8_0", name="cbd/mdl_0123456789abcdef01234567")
+    reader = gguf.GGUFReader(path)
+    spec = ModelSpec.from_config(read_config(folder))
+    tokenizer = gguf_tokenizer_bytes(json.loads((folder / "tokenizer.json").read_text()), spec.shape.vocab_size)
+    arrays = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
+    assert tokenizer == sum(int(part.nbytes) for key in arrays for part in reader.fields[key].parts)
+    counted = device_bytes(spec.architecture, spec.shape, "gguf", "Q8_0", 1024, tokenizer)
+    size = path.stat().st_size
+    assert counted.file >= size > counted.file - OTHER_METADATA - GGUF_NAME_MAX * len(reader.tensors)
+    assert counted.weights == sum(int(t.n_bytes) for t in reader.tensors)
 
 
 def test_an_ffn_width_off_the_quantization_block_generates_as_transformers(bpe_tiny, tmp_path):

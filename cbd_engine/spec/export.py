@@ -1,8 +1,16 @@
 """What an export is, checked and sized without torch: formats, quantization types, file names, and the bytes a
-model takes on the device (its weights in a format plus its KV cache at a context).
+model takes on the device (its GGUF file plus its KV cache at a context).
 
 One table of GGUF tensor types serves the writer (cbd_engine/export/gguf.py, which asks `gguf_tensor_type` for each
 tensor it writes) and the `fits` arithmetic (`device_bytes`), so the size the API promises is the file's size.
+
+A GGUF file (the `gguf` package's GGUFWriter, version 3): a 24-byte header, the metadata (key, type, value), the
+tensor index (name, dims, type, offset per tensor), then each tensor's data; the index and every tensor's data start
+at a multiple of 32 bytes. The tensor data is counted exactly, and so is the metadata's bulk: the tokenizer's token
+list, token types and merges (SmolLM2: 1.77 of its 1.79 MB of header), from the same tokenizer.json the writer
+reads. The rest of the metadata (hyperparameters, names, special ids, the chat template) is counted as an allowance
+(OTHER_METADATA), and each tensor's name at the longest llama.cpp accepts: so the count is an upper bound of the file,
+by at most a few tens of KB.
 
 GGUF type of each tensor (as llama.cpp's own converter and quantizer choose them):
 - 1-D tensors (norm gains and shifts, biases): F32, whatever the quant (llama.cpp reads them as F32).
@@ -30,6 +38,10 @@ BLOCK = 32  # weights per block of Q8_0 and Q4_0
 # bytes per weight of each GGUF tensor type
 TYPE_BYTES = {"F32": 4.0, "F16": 2.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32}
 KV_BYTES = 2  # llama.cpp keeps its KV cache in F16 by default
+GGUF_ALIGNMENT = 32  # GGUFWriter's default (general.alignment unset)
+GGUF_HEADER = 24  # magic, version, tensor count, metadata count
+GGUF_NAME_MAX = 63  # GGML_MAX_NAME (64) less its NUL: llama.cpp refuses longer tensor names
+OTHER_METADATA = 64 * 1024  # the metadata besides the tokenizer's arrays: SmolLM2's takes 1.6 KB, a long template 10
 # GPT-2 stores its linear layers as Conv1D, [in, out]: the GGUF file holds them transposed ([out, in], rows of `in`)
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -73,17 +85,79 @@ def is_vocabulary(spec: TensorSpec) -> bool:
     return any(ax.kind == VOCAB for dim in spec.dims for ax in dim)
 
 
+def _pad(size: int) -> int:
+    return -(-size // GGUF_ALIGNMENT) * GGUF_ALIGNMENT
+
+
+def _string(text: str) -> int:
+    """A GGUF string: its length (uint64) and its UTF-8 bytes."""
+    return 8 + len(text.encode("utf-8"))
+
+
+def _array(key: str, items: int) -> int:
+    """A metadata entry holding an array: the key, the value type, the item type, the count, then `items` bytes."""
+    return _string(key) + 4 + 4 + 8 + items
+
+
+def check_gguf_tokenizer(tokenizer: dict) -> None:
+    """The tokenizers a GGUF file of this writer carries: byte-level BPE (as GPT-2, SmolLM, Llama 3, Qwen use)."""
+    model, decoder = tokenizer.get("model") or {}, (tokenizer.get("decoder") or {}).get("type")
+    if model.get("type") != "BPE" or decoder != "ByteLevel":
+        raise ValueError("GGUF export needs a byte-level BPE tokenizer (as GPT-2, SmolLM, Llama 3, Qwen use); this one "
+                         f"is {model.get('type')!r} with a {decoder!r} decoder")
+
+
+def tokenizer_vocab(tokenizer: dict) -> dict[str, int]:
+    """tokenizer.json's token -> id, its added tokens included."""
+    return {**(tokenizer.get("model") or {}).get("vocab", {}),
+            **{t["content"]: t["id"] for t in tokenizer.get("added_tokens", [])}}
+
+
+def gguf_tokens(vocab: dict[str, int], vocab_size: int) -> list[str]:
+    """The GGUF token list: one entry per row of the model's vocabulary, rows no token uses named [PAD<i>]."""
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    for text, index in vocab.items():
+        tokens[index] = text
+    return tokens
+
+
+def _merge(merge: str | list[str]) -> int:
+    """A merge as gguf's SpecialVocab writes it: "a b", a space inside a part as U+0120 (two UTF-8 bytes)."""
+    if isinstance(merge, str):
+        return _string(merge)
+    return _string(" ".join(merge)) + sum(part.count(" ") for part in merge)
+
+
+def gguf_tokenizer_bytes(tokenizer: dict, vocab_size: int) -> int:
+    """The metadata the writer takes from tokenizer.json (export/gguf.py `add_tokenizer`), exactly: the token list,
+    a 4-byte type per token, and the merges."""
+    check_gguf_tokenizer(tokenizer)
+    tokens = sum(_string(token) for token in gguf_tokens(tokenizer_vocab(tokenizer), vocab_size))
+    merges = sum(_merge(merge) for merge in (tokenizer.get("model") or {}).get("merges", []))
+    return (_array("tokenizer.ggml.tokens", tokens) + _array("tokenizer.ggml.token_type", 4 * vocab_size)
+            + _array("tokenizer.ggml.merges", merges))
+
+
 @dataclass(frozen=True)
 class DeviceBytes:
     """What a model of a shape takes on the device in a format, and how that is counted."""
 
-    weights: int
+    weights: int  # the tensors' data
+    overhead: int  # the rest of the file: header, metadata, tensor index, alignment (an upper bound)
     kv_cache: int
-    by_type: dict[str, int]  # parameters per tensor type: the fallbacks to a wider type show here
+    by_type: dict[str, dict[str, int]]  # {"params", "bytes"} per tensor type: the fallbacks to F16 show here
+
+    @property
+    def file(self) -> int:
+        return self.weights + self.overhead
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache
+        return self.file + self.kv_cache
+
+    def fallback(self, quant: str) -> int:
+        """Parameters in tensors that stay F16 in a quantized file (rows not a whole number of blocks)."""
+        return 0 if quant == "F16" else self.by_type.get("F16", {}).get("params", 0)
 
 
 def kv_cache_bytes(shape: Shape, context: int) -> int:
@@ -91,21 +165,44 @@ def kv_cache_bytes(shape: Shape, context: int) -> int:
     return 2 * shape.num_layers * context * shape.num_kv_heads * shape.head_dim * KV_BYTES
 
 
-def gguf_weight_bytes(arch: Architecture, shape: Shape, quant: str) -> tuple[int, dict[str, int]]:
-    """The tensor data of a GGUF file of this shape (a tied head is not written: llama.cpp reuses the embedding)."""
-    total, by_type = 0.0, {}
+def _gguf_tensors(arch: Architecture, shape: Shape, quant: str) -> list[tuple[tuple[int, ...], str, int]]:
+    """(GGUF shape, type, data bytes) of each tensor a GGUF file of this shape holds (a tied head is not written:
+    llama.cpp reuses the embedding)."""
+    tensors = []
     for name, spec, _ in arch.tensor_names(shape):
         dims = gguf_shape(name, arch.tensor_shape(spec, shape))
         kind = gguf_tensor_type(quant, dims, is_vocabulary(spec))
-        count = math.prod(dims)
-        total += count * TYPE_BYTES[kind]
-        by_type[kind] = by_type.get(kind, 0) + count
-    return math.ceil(total), by_type
+        tensors.append((dims, kind, math.ceil(math.prod(dims) * TYPE_BYTES[kind])))
+    return tensors
 
 
-def device_bytes(arch: Architecture, shape: Shape, fmt: str, quant: str, context: int) -> DeviceBytes:
+def gguf_weight_bytes(arch: Architecture, shape: Shape, quant: str) -> tuple[int, dict[str, dict[str, int]]]:
+    """The tensor data of a GGUF file of this shape, and its parameters and bytes per tensor type."""
+    by_type: dict[str, dict[str, int]] = {}
+    for dims, kind, size in _gguf_tensors(arch, shape, quant):
+        counts = by_type.setdefault(kind, {"params": 0, "bytes": 0})
+        counts["params"] += math.prod(dims)
+        counts["bytes"] += size
+    return sum(counts["bytes"] for counts in by_type.values()), by_type
+
+
+def gguf_overhead_bytes(arch: Architecture, shape: Shape, quant: str, tokenizer_bytes: int) -> int:
+    """The file's bytes besides the tensor data, at most: header, metadata (the tokenizer's arrays as counted by
+    `gguf_tokenizer_bytes`, the rest as OTHER_METADATA), the tensor index (names at their longest), and the
+    alignment of the index and of each tensor's data."""
+    tensors = _gguf_tensors(arch, shape, quant)
+    index = sum(8 + GGUF_NAME_MAX + 4 + 8 * len(dims) + 4 + 8 for dims, _, _ in tensors)
+    alignment = sum(_pad(size) - size for _, _, size in tensors)
+    return _pad(GGUF_HEADER + tokenizer_bytes + OTHER_METADATA + index) + alignment
+
+
+def device_bytes(arch: Architecture, shape: Shape, fmt: str, quant: str, context: int,
+                 tokenizer_bytes: int) -> DeviceBytes:
+    """The GGUF file of this shape in `quant` (its tokenizer's arrays taking `tokenizer_bytes`) and its KV cache
+    at `context` tokens."""
     check_quant(fmt, quant)
     if fmt != "gguf":
         raise ValueError(f"sizes are counted for gguf files only, not {fmt}")
     weights, by_type = gguf_weight_bytes(arch, shape, quant)
-    return DeviceBytes(weights, kv_cache_bytes(shape, context), by_type)
+    return DeviceBytes(weights, gguf_overhead_bytes(arch, shape, quant, tokenizer_bytes),
+                       kv_cache_bytes(shape, context), by_type)
