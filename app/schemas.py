@@ -15,6 +15,7 @@ from cbd_engine.spec.options import ALPHA_MODES, DEVICES, DTYPES, INITS, MIXES
 from cbd_engine.spec.shapes import PRUNE_ORDER, PRUNE_ORDERS, ShapeError, parse_size
 
 MAX_SIZE = 10**13
+MAX_MEMORY = 2**64
 RECIPE = {f.name: f.default for f in fields(DistillConfig)}  # the chain recipe's defaults, shown in the API
 Device = Literal[DEVICES]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -206,9 +207,11 @@ class FitsIn(Strict):
     @classmethod
     def _memory(cls, value: object) -> object:
         try:
-            parse_memory(value)
+            parsed = parse_memory(value)
         except ShapeError as error:
             raise ValueError(str(error)) from None
+        if parsed > MAX_MEMORY:
+            raise ValueError(f"memory must be at most {MAX_MEMORY} bytes (16 EiB), got {value!r}")
         return value
 
     @model_validator(mode="after")

@@ -196,3 +196,27 @@ def test_cbd_export_writes_the_file_and_measures_it(bpe_tiny, tmp_path):
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["out"] == str(out) and summary["size_bytes"] == out.stat().st_size
     assert 0 < summary["validation_loss"] < 20
+
+
+def test_cbd_materialize_fits_a_budget_and_its_export_fits_it(bpe_tiny, tmp_path, capsys):
+    """`cbd materialize --fits`: the shape the service's rule chooses between two anchors, then `cbd export`
+    writes a file that with its KV cache is within the budget."""
+    from cbd_cli import main as cbd
+
+    large = bpe_tiny("llama").rename(tmp_path / "large")
+    small = bpe_tiny("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1)
+    tokenizer = gguf_tokenizer_bytes(json.loads((large / "tokenizer.json").read_text()), 49152)
+    ends = [device_bytes(spec.architecture, spec.shape, "gguf", "Q8_0", 256, tokenizer).total
+            for spec in (ModelSpec.from_config(read_config(folder)) for folder in (small, large))]
+    budget = sum(ends) // 2
+    assert cbd(["materialize", "--small", str(small), "--large", str(large), "--fits", str(budget), "--quant", "Q8_0",
+                "--context", "256", "--alpha", "0.5", "--dtype", "float32", "--out", str(tmp_path / "m")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    fits = summary["fits"]
+    assert fits["total_bytes"] <= budget == fits["memory"] < fits["next_larger"]["total_bytes"]
+    assert fits["params"] == summary["params"]
+    assert cbd(["export", str(tmp_path / "m"), "--quant", "Q8_0", "--out", str(tmp_path / "m.gguf")]) == 0
+    size = (tmp_path / "m.gguf").stat().st_size
+    assert size <= fits["file_bytes"] and size + fits["kv_cache_bytes"] <= budget
+    assert cbd(["materialize", "--large", str(large), "--fits", "1GB", "--out", str(tmp_path / "x")]) == 2

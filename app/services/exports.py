@@ -47,10 +47,10 @@ def request_export(session: Session, settings: Settings, model_id: str, body: Ex
     A plain request needs a ready model (409). A fits request's export (`fits`: its arithmetic, kept in the
     export's metrics) may wait for its model: a row with no job, whose job the worker makes in the transaction that
     makes the model ready (`release_waiting`), or that fails with the model (subjects.mark_subject). The export row
-    is written first, then the model's status read under the model's row lock, which the worker's publish takes
-    when it marks the model ready, before it looks for waiting exports (SQLite: the database's write lock, held by
-    either from its first write): a model made ready meanwhile is seen ready here and the job made here, otherwise
-    the publish sees the row and makes the job; never both, never neither."""
+    is written first, then the model's status read under a lock on the model's row, which conflicts with the write
+    by which the worker's publish marks the model ready before it looks for waiting exports (SQLite: the database's
+    write lock, held by either from its first write): a model made ready meanwhile is seen ready here and the job
+    made here, otherwise the publish sees the row and makes the job; never both, never neither."""
     model = get_model(session, model_id)
     if fits is None and model.status != "ready":
         raise ApiError(409, f"model {model.id} is {model.status}; exports need a ready model")
@@ -77,7 +77,9 @@ def request_export(session: Session, settings: Settings, model_id: str, body: Ex
             session.rollback()
             return session.scalar(select(Export).where(Export.model_id == model.id, Export.format == body.format,
                                                        Export.quant == body.quant)), False
-    status = session.scalar(select(Model.status).where(Model.id == model.id).with_for_update())
+    # FOR SHARE: it waits for a publish's (or a failure's) uncommitted write of the model row, and they for it;
+    # two of these requests do not wait for each other
+    status = session.scalar(select(Model.status).where(Model.id == model.id).with_for_update(read=True))
     if status != "ready":  # waiting for its model (a fits request's): its job comes with the model
         if status in RETRYABLE:  # the model failed or was cancelled meanwhile: the export with it
             session.execute(update(Export).where(Export.id == export.id).values(status=status))

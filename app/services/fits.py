@@ -12,15 +12,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.errors import ApiError
-from app.models import Anchor, Artifact, Chain, Model
-from app.schemas import ExportCreate, FitsLarger, FitsOut, ModelCreate, ModelPlan, ShapeIn
+from app.models import Artifact, Chain, Model
+from app.schemas import ExportCreate, FitsOut, ModelCreate, ModelPlan, ShapeIn
 from app.services import exports, models
 from app.services.sources import invalid
 from app.settings import Settings
 from app.storage import ArtifactStore
 from cbd_engine.spec.export import gguf_tokenizer_bytes
 from cbd_engine.spec.families import ModelSpec
-from cbd_engine.spec.fits import Budget, Fit, fit_budget
+from cbd_engine.spec.fits import Budget, Fit, arithmetic, fit_budget
 from cbd_engine.spec.shapes import Shape
 
 
@@ -42,7 +42,7 @@ def fit_in_chain(session: Session, store: ArtifactStore, chain: Chain, budget: B
     anchors = sorted((a for a in chain.anchors if a.status == "ready"), key=lambda a: -a.params)
     if len(anchors) < 2:
         raise invalid("chain", f"chain {chain.id} has fewer than two ready anchors")
-    largest: Anchor = anchors[0]
+    largest = anchors[0]
     tokenizer = session.scalar(select(Artifact).where(Artifact.owner_id == largest.id,
                                                       Artifact.name == "tokenizer.json"))
     if tokenizer is None:
@@ -72,22 +72,10 @@ def shape_request(session: Session, store: ArtifactStore, body: ModelCreate) -> 
     raise ApiError(422, "; ".join(errors), errors=[{"field": "fits", "message": "; ".join(errors)}])
 
 
-def fits_out(fit: Fit, budget: Budget) -> FitsOut:
-    chosen, larger = fit.chosen, fit.next_larger
-    counted = chosen.bytes
-    return FitsOut(memory=budget.memory, format=budget.fmt, quant=budget.quant, context=budget.context,
-                   round_to_blocks=budget.round_to_blocks, params=chosen.params, weights_bytes=counted.weights,
-                   weights_by_type=counted.by_type, fallback_params=counted.fallback(budget.quant),
-                   overhead_bytes=counted.overhead, file_bytes=counted.file, kv_cache_bytes=counted.kv_cache,
-                   total_bytes=counted.total, note=fit.note(budget),
-                   next_larger=FitsLarger(params=larger.params, shape=larger.shape.to_dict(),
-                                          total_bytes=larger.bytes.total) if larger else None)
-
-
 def preview(session: Session, settings: Settings, store: ArtifactStore, body: ModelCreate) -> ModelPlan:
     shaped, fit = shape_request(session, store, body)
     planned = models.preview(session, settings, shaped)
-    planned.fits = fits_out(fit, body.fits.budget())
+    planned.fits = FitsOut(**arithmetic(fit, body.fits.budget()))
     return planned
 
 
@@ -97,7 +85,7 @@ def request_model(session: Session, settings: Settings, store: ArtifactStore, bo
     which keeps the arithmetic in its metrics."""
     shaped, fit = shape_request(session, store, body)
     model, started = models.request_model(session, settings, shaped, owner)
-    out = fits_out(fit, body.fits.budget())
+    out = FitsOut(**arithmetic(fit, body.fits.budget()))
     request = ExportCreate(format=body.fits.format, quant=body.fits.quant, device=body.device)
     export, _ = exports.request_export(session, settings, model.id, request, owner,
                                        fits=out.model_dump(mode="json", exclude={"export"}))

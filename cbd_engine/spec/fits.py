@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 
 from cbd_engine.spec.export import BLOCK, DeviceBytes, check_quant, device_bytes
 from cbd_engine.spec.families import Architecture
-from cbd_engine.spec.shapes import FFN_MULTIPLE, HIDDEN_MULTIPLE, Shape, ShapeError, check_same_chain, interpolate_shape
+from cbd_engine.spec.shapes import Shape, ShapeError, check_same_chain, interpolate_shape
 
 # decimal units are powers of 1000 (SI, as disk and download sizes are given), binary ones powers of 1024
 MEMORY_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -101,14 +101,26 @@ class Fit:
 
     chosen: Candidate
     next_larger: Candidate | None
-    ceiling: bool  # the budget holds the chain's largest model, with room to spare
+    ceiling: bool  # the chosen is the chain's largest candidate: the budget may hold more than any of its models
 
     def note(self, budget: Budget) -> str | None:
         if not self.ceiling:
             return None
         largest = "the largest anchor" if budget.block == 1 else "its largest shape of whole blocks"
-        return (f"the budget ({budget.memory} bytes) holds more than the chain's largest model, which takes "
-                f"{self.chosen.bytes.total} bytes: this is {largest}")
+        return (f"the budget ({budget.memory} bytes) holds the chain's largest model ({self.chosen.bytes.total} "
+                f"bytes): this is {largest}; the chain makes nothing larger")
+
+
+def arithmetic(fit: Fit, budget: Budget) -> dict:
+    """The fit as the API and the CLI state it: the budget, the chosen shape's terms, the next larger's total."""
+    chosen, larger, counted = fit.chosen, fit.next_larger, fit.chosen.bytes
+    return {"memory": budget.memory, "format": budget.fmt, "quant": budget.quant, "context": budget.context,
+            "round_to_blocks": budget.round_to_blocks, "params": chosen.params, "weights_bytes": counted.weights,
+            "weights_by_type": counted.by_type, "fallback_params": counted.fallback(budget.quant),
+            "overhead_bytes": counted.overhead, "file_bytes": counted.file, "kv_cache_bytes": counted.kv_cache,
+            "total_bytes": counted.total, "note": fit.note(budget),
+            "next_larger": {"params": larger.params, "shape": larger.shape.to_dict(),
+                            "total_bytes": larger.bytes.total} if larger else None}
 
 
 def _rounded(arch: Architecture, shape: Shape, small: Shape, large: Shape, block: int) -> Shape | None:
@@ -116,10 +128,9 @@ def _rounded(arch: Architecture, shape: Shape, small: Shape, large: Shape, block
     None when no such width lies in the range."""
     if block == 1:
         return shape
-    hidden_step = math.lcm(block, shape.num_heads) if arch.hidden_divisible_by_heads else math.lcm(block,
-                                                                                                    HIDDEN_MULTIPLE)
+    hidden_step = math.lcm(block, shape.num_heads) if arch.hidden_divisible_by_heads else block
     widths = {}
-    for axis, step in (("hidden_size", hidden_step), ("intermediate_size", math.lcm(block, FFN_MULTIPLE))):
+    for axis, step in (("hidden_size", hidden_step), ("intermediate_size", block)):
         if axis == "hidden_size" and arch.hidden_follows_heads:
             continue  # heads x head_dim: whole blocks or not, it cannot move alone
         lo, hi = sorted((getattr(small, axis), getattr(large, axis)))
