@@ -418,7 +418,8 @@ class FitsOut(BaseModel):
     overhead_bytes: int = Field(description="header, metadata (the tokenizer counted exactly), tensor index and "
                                             "alignment: an upper bound, tens of KB over (SmolLM2: 75 KB)")
     file_bytes: int = Field(description="weights_bytes + overhead_bytes: at least the export's size")
-    kv_cache_bytes: int = Field(description="2 x layers x context x kv_heads x head_dim x 2 bytes (F16)")
+    kv_cache_bytes: int = Field(description="2 x layers x cells x kv_heads x head_dim x 2 bytes (F16; cells: the "
+                                            "context rounded up to a multiple of 256, as llama.cpp allocates)")
     total_bytes: int = Field(description="file_bytes + kv_cache_bytes, at most memory")
     next_larger: FitsLarger | None = Field(description="the next larger shape of the chain, over the budget; "
                                                        "null at the chain's largest model")

@@ -67,6 +67,8 @@ def test_the_demo_budget_lands_between_the_anchors():
     counted = fit.chosen.bytes
     assert ARCH.num_params(DEMO_ANCHOR) < fit.chosen.params < SPEC.num_params
     assert counted.kv_cache == 2 * 30 * 8192 * 3 * 64 * 2
+    # llama.cpp's KV cache holds a multiple of 256 cells (1000 tokens: 1024 cells)
+    assert device_bytes(ARCH, fit.chosen.shape, "gguf", "Q8_0", 1000, TOKENIZER).kv_cache == 2 * 30 * 1024 * 3 * 64 * 2
     assert counted.total == counted.weights + counted.overhead + counted.kv_cache
     assert sum(t["bytes"] for t in counted.by_type.values()) == counted.weights
     assert counted.fallback("Q8_0") == 0 and set(counted.by_type) == {"Q8_0", "F32"}

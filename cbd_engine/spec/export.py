@@ -38,6 +38,9 @@ BLOCK = 32  # weights per block of Q8_0 and Q4_0
 # bytes per weight of each GGUF tensor type
 TYPE_BYTES = {"F32": 4.0, "F16": 2.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32}
 KV_BYTES = 2  # llama.cpp keeps its KV cache in F16 by default
+# llama.cpp gives its KV cache a multiple of 256 cells: measured with the xllamacpp wheel's build (bench/fits.py's
+# llama_cpp_buffers), 300 tokens of context hold 512 cells, 1000 hold 1024, 2048 and 8192 hold themselves
+KV_CELLS = 256
 GGUF_ALIGNMENT = 32  # GGUFWriter's default (general.alignment unset)
 GGUF_HEADER = 24  # magic, version, tensor count, metadata count
 GGUF_NAME_MAX = 63  # GGML_MAX_NAME (64) less its NUL: llama.cpp refuses longer tensor names
@@ -161,8 +164,10 @@ class DeviceBytes:
 
 
 def kv_cache_bytes(shape: Shape, context: int) -> int:
-    """K and V for every layer and position: 2 x layers x context x kv_heads x head_dim, F16."""
-    return 2 * shape.num_layers * context * shape.num_kv_heads * shape.head_dim * KV_BYTES
+    """K and V for every layer and cell: 2 x layers x cells x kv_heads x head_dim, F16; the cells are the context
+    rounded up to a multiple of KV_CELLS."""
+    cells = -(-context // KV_CELLS) * KV_CELLS
+    return 2 * shape.num_layers * cells * shape.num_kv_heads * shape.head_dim * KV_BYTES
 
 
 def _gguf_tensors(arch: Architecture, shape: Shape, quant: str) -> list[tuple[tuple[int, ...], str, int]]:

@@ -393,6 +393,11 @@ def test_openapi_matches_the_contract(client: TestClient) -> None:
                                                     "created_at", "started_at", "finished_at"}
     assert set(schemas["Progress"]["properties"]) >= {"stage", "step", "total", "fraction", "eta_seconds", "loss"}
     assert set(schemas["Problem"]["properties"]) == {"type", "title", "status", "detail", "errors"}
+    assert {"size", "shape", "fits"} <= set(schemas["ModelCreate"]["properties"])
+    assert set(schemas["FitsIn"]["properties"]) == {"memory", "format", "quant", "context", "round_to_blocks"}
+    assert {"fits"} <= set(schemas["ModelOut"]["properties"]) & set(schemas["ModelPlan"]["properties"])
+    assert {"weights_by_type", "kv_cache_bytes", "total_bytes", "memory", "next_larger", "export"} <= set(
+        schemas["FitsOut"]["properties"])
     assert "HTTPBearer" in document["components"]["securitySchemes"]
     post_models = document["paths"]["/models"]["post"]["responses"]
     assert {"200", "202", "401", "403", "409", "422", "429"} <= set(post_models)
