@@ -18,10 +18,12 @@ from cbd_engine.spec.export import (
     ONNX_PRECISIONS,
     check_quant,
 )
+from cbd_engine.spec.fits import Budget, parse_memory
 from cbd_engine.spec.options import ALPHA_MODES, DEVICES, DTYPES, INITS, MIXES
 from cbd_engine.spec.shapes import PRUNE_ORDER, PRUNE_ORDERS, ShapeError, parse_size
 
 MAX_SIZE = 10**13
+MAX_MEMORY = 2**64
 RECIPE = {f.name: f.default for f in fields(DistillConfig)}  # the chain recipe's defaults, shown in the API
 Device = Literal[DEVICES]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -207,11 +209,52 @@ class HealIn(Strict):
         default=None, description="null: the chain's distillation learning rate")
 
 
+class FitsIn(Strict):
+    """A memory budget: the largest model of the chain whose export plus KV cache fits (cbd_engine/spec/fits.py)."""
+
+    memory: int | str = Field(description="bytes: an integer, or a number with a unit: '300MB' (MB = 10^6 bytes; "
+                                          "also B, KB, GB, TB), '1.5GiB' (GiB = 2^30 bytes; also KiB, MiB, TiB)")
+    format: Literal[EXPORT_FORMATS] = Field(default="gguf", description="the export counted (and made): gguf only "
+                                                                        "for now")
+    quant: str = Field(default=DEFAULT_QUANT["gguf"], max_length=10,
+                       description="as for exports: F16, Q8_0, Q6_K, Q4_K or Q4_0")
+    context: int = Field(default=2048, ge=1, le=1 << 20, description="tokens the KV cache (F16, as llama.cpp's "
+                                                                     "default) holds")
+    round_to_blocks: bool = Field(default=False,
+                                  description="hidden and FFN widths in whole quantization blocks (32 weights; 256 "
+                                              "for K-quants), so that no tensor falls back to a wider type")
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory(cls, value: object) -> object:
+        try:
+            parsed = parse_memory(value)
+        except ShapeError as error:
+            raise ValueError(str(error)) from None
+        if parsed > MAX_MEMORY:
+            raise ValueError(f"memory must be at most {MAX_MEMORY} bytes (16 EiB), got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _counted(self) -> FitsIn:
+        self.budget()
+        return self
+
+    def budget(self) -> Budget:
+        try:
+            return Budget(parse_memory(self.memory), self.format, self.quant, self.context, self.round_to_blocks)
+        except ValueError as error:  # ShapeError, and check_quant's
+            raise ValueError(str(error)) from None
+
+
 class ModelCreate(Strict):
     source: str | None = Field(default=None, min_length=1, max_length=1000)
     chain: str | None = Field(default=None, min_length=1, max_length=40)
     size: int | str | None = Field(default=None, description="total parameters, e.g. 100000000 or '100M'")
     shape: ShapeIn | None = None
+    fits: FitsIn | None = Field(default=None, description="instead of size or shape: the largest model whose "
+                                                          "export plus KV cache fits a memory budget; the export is "
+                                                          "made when the model is")
     alpha: Annotated[float, Field(strict=True, ge=0, le=1)] | Literal[ALPHA_MODES] | None = Field(
         default="auto", description="the smaller anchor's weight: 'auto' (null too: chosen on the chain's dev rows), "
                                     "'proportional' (by parameter count) or a number in [0, 1]")
@@ -241,8 +284,9 @@ class ModelCreate(Strict):
     def _one_of(self) -> ModelCreate:
         if (self.source is None) == (self.chain is None):
             raise ValueError("give exactly one of source or chain")
-        if (self.size is None) == (self.shape is None):
-            raise ValueError("give exactly one of size or shape")
+        given = [name for name in ("size", "shape", "fits") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of size, shape or fits, got {given or 'none'}")
         return self
 
 
@@ -321,6 +365,8 @@ class ModelOut(BaseModel):
     aliases: list[str] = Field(description="names that point at this model; each is the Hub repository cbd/<alias>")
     tags: list[str]
     created_at: Timestamp
+    fits: FitsOut | None = Field(default=None, description="in the answer to a POST /models with fits: its "
+                                                           "arithmetic and the export it queued (null elsewhere)")
 
 
 class ModelRef(BaseModel):
@@ -340,6 +386,7 @@ class ModelPlan(BaseModel):
     queue: str
     estimated_seconds: float
     existing: ModelRef | None = Field(description="an identical model: POST /models answers 200 with it")
+    fits: FitsOut | None = Field(default=None, description="with fits: the arithmetic")
 
 
 class SignedLinks(BaseModel):
@@ -393,11 +440,45 @@ class ExportOut(BaseModel):
     status: ResourceStatus
     metrics: dict[str, Any] = Field(description="validation_loss measured by loading the export in its runtime "
                                                 "(llama.cpp, onnxruntime-genai), beside the model's own; size_bytes "
-                                                "(all its files); samples")
+                                                "(all its files); samples; fits: the budget arithmetic of the fits "
+                                                "request that queued it")
     files: list[FileOut]
     hub_repo_id: str = Field(description="the sibling repository that serves every export of the model")
-    job: JobRef | None
+    job: JobRef | None = Field(description="null while the export waits for its model (a fits request)")
     created_at: Timestamp
+
+
+class FitsLarger(BaseModel):
+    params: int
+    shape: dict[str, Any]
+    total_bytes: int = Field(description="more than the budget")
+
+
+class FitsOut(BaseModel):
+    """The arithmetic of a fits request: the chosen shape's file (tensor data by type, the rest of the file) and KV
+    cache against the budget, and the next larger shape, which does not fit."""
+
+    memory: int = Field(description="the budget, bytes")
+    format: str
+    quant: str
+    context: int
+    round_to_blocks: bool
+    params: int
+    weights_bytes: int = Field(description="the tensors' data")
+    weights_by_type: dict[str, dict[str, int]] = Field(
+        description="params and bytes per GGUF tensor type: norms and biases F32; F16 in a quantized file marks "
+                    "tensors whose rows are not whole blocks; Q4_0 keeps the embedding at Q8_0")
+    fallback_params: int = Field(description="parameters that stay F16 in a quantized file")
+    overhead_bytes: int = Field(description="header, metadata (the tokenizer counted exactly), tensor index and "
+                                            "alignment: an upper bound, tens of KB over (SmolLM2: 75 KB)")
+    file_bytes: int = Field(description="weights_bytes + overhead_bytes: at least the export's size")
+    kv_cache_bytes: int = Field(description="2 x layers x cells x kv_heads x head_dim x 2 bytes (F16; cells: the "
+                                            "context rounded up to a multiple of 256, as llama.cpp allocates)")
+    total_bytes: int = Field(description="file_bytes + kv_cache_bytes, at most memory")
+    next_larger: FitsLarger | None = Field(description="the next larger shape of the chain, over the budget; "
+                                                       "null at the chain's largest model")
+    note: str | None = Field(default=None, description="why the answer is the chain's largest model")
+    export: ExportOut | None = Field(default=None, description="the export made with the model (POST /models)")
 
 
 class Progress(BaseModel):

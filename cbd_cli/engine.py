@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
-    from cbd_engine.spec.export import EXPORT_FORMATS, GGUF_QUANTS, ONNX_PRECISIONS
+    from cbd_engine.spec.export import DEFAULT_QUANT, EXPORT_FORMATS, GGUF_QUANTS, ONNX_PRECISIONS
     from cbd_engine.spec.options import ALIGNMENTS, DTYPES, GROWS, IMPORTANCES, INITS, MIXES, REFINE_STEPS
     from cbd_engine.spec.shapes import PRUNE_ORDER, PRUNE_ORDERS
 
@@ -20,6 +20,10 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     target.add_argument("--size", help="total parameters: 100000000, 100M, 1.2B")
     target.add_argument("--shape", help='JSON: {"num_layers", "hidden_size", "num_heads", "num_kv_heads", '
                                         '"head_dim", "intermediate_size"}')
+    target.add_argument("--fits", metavar="MEMORY",
+                        help="a memory budget (300MB: MB = 10^6 bytes; 1.5GiB: GiB = 2^30 bytes): the largest model "
+                             "between --small and --large whose GGUF file (--quant) plus KV cache (--context) fits; "
+                             "then `cbd export --quant` writes that file")
     p.add_argument("--alpha", default="auto",
                    help="weight of the smaller anchor: 'auto' (default: the best on the calibration's dev rows, "
                         "0 and 1 included), 'proportional' (by parameter count) or a number in [0, 1]")
@@ -50,6 +54,10 @@ def register(subcommands: argparse._SubParsersAction) -> None:
                         "alpha auto has them from its search)")
     p.add_argument("--align", default="auto", choices=ALIGNMENTS,
                    help="how units of the two anchors are matched: recorded lineage, weight similarity, or position")
+    p.add_argument("--quant", choices=GGUF_QUANTS, default=DEFAULT_QUANT["gguf"], help="--fits: the GGUF file counted")
+    p.add_argument("--context", type=int, default=2048, help="--fits: tokens of KV cache counted (F16)")
+    p.add_argument("--round-to-blocks", action="store_true",
+                   help="--fits: hidden and FFN widths in whole 32-weight blocks (no tensor falls back to F16)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_materialize)
 
@@ -83,27 +91,52 @@ def _materialize(args: argparse.Namespace) -> int:
     alpha = args.alpha if args.alpha in ("auto", "proportional") else float(args.alpha)
     if args.heal_steps and not args.large:
         raise ValueError("--heal-steps distills from --large: give it")
+    shape, fits = json.loads(args.shape) if args.shape else None, None
+    if args.fits:
+        fits = _fit(args)
+        shape = fits.pop("shape")
     out = Path(args.out)
     made = out.with_name(f".{out.name}.unhealed") if args.heal_steps else out
     progress = TqdmProgress()
     try:
         if not (made / "config.json").is_file():  # an interrupted heal resumes on the model it started from
             materialize(
-                made, small=args.small, large=args.large, size=args.size,
-                shape=json.loads(args.shape) if args.shape else None, alpha=alpha, mix=args.mix, init=args.init,
-                calibration=args.calibration, importance=args.importance, prune_order=args.prune_order,
-                refine_steps=args.refine_steps,
+                made, small=args.small, large=args.large, size=args.size, shape=shape, alpha=alpha, mix=args.mix,
+                init=args.init, calibration=args.calibration, importance=args.importance,
+                prune_order=args.prune_order, refine_steps=args.refine_steps,
                 dtype=args.dtype, seed=args.seed, grow=args.grow, align=args.align, progress=progress,
                 quality=args.quality,
             )
         record = json.loads((made / "cbd.json").read_text())
         summary = {"out": str(out), **{key: record.get(key) for key in ("params", "alpha", "shape", "quality")}}
+        if fits:
+            summary["fits"] = fits
         if args.heal_steps:
             summary["heal"] = _heal(made, args, progress)
     finally:
         progress.close()
     print(json.dumps(summary))
     return 0
+
+
+def _fit(args: argparse.Namespace) -> dict:
+    """The budget rule of POST /models with fits (cbd_engine/spec/fits.py) between --small and --large: the chosen
+    shape and the arithmetic."""
+    from cbd_engine.spec.export import gguf_tokenizer_bytes
+    from cbd_engine.spec.families import ModelSpec, read_config
+    from cbd_engine.spec.fits import Budget, arithmetic, fit_budget, parse_memory
+
+    if not (args.small and args.large):
+        raise ValueError("--fits chooses a shape between two anchors: give --small and --large")
+    specs = sorted((ModelSpec.from_config(read_config(folder)) for folder in (args.small, args.large)),
+                   key=lambda spec: -spec.num_params)
+    budget = Budget(parse_memory(args.fits), "gguf", args.quant, args.context, args.round_to_blocks)
+    tokenizer = Path(args.large) / "tokenizer.json"
+    if not tokenizer.is_file():
+        raise ValueError(f"{args.large} has no tokenizer.json, which a GGUF file carries")
+    counted = gguf_tokenizer_bytes(json.loads(tokenizer.read_text()), specs[0].shape.vocab_size)
+    fit = fit_budget(specs[0].architecture, [spec.shape for spec in specs], budget, counted)
+    return {"shape": fit.chosen.shape.to_dict(), **arithmetic(fit, budget)}
 
 
 def _heal(made: Path, args: argparse.Namespace, progress) -> dict:

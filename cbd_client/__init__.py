@@ -48,7 +48,8 @@ class Client:
         return self._call("GET", f"/chains/{chain_id}")
 
     def create_model(self, idempotency_key: str | None = None, **request: Any) -> dict[str, Any]:
-        """POST /models: `source` or `chain`, `size` or `shape`, and alpha, mix, heal, init, seed, dtype, device."""
+        """POST /models: `source` or `chain`, `size`, `shape` or `fits` (a memory budget: {"memory": "300MB",
+        "quant": "Q8_0", "context": 2048}), and alpha, mix, heal, init, seed, dtype, device."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._call("POST", "/models", json=request, headers=headers)
 

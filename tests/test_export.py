@@ -3,6 +3,7 @@ transformers' GGUF loader, for every family; the size arithmetic of `fits` again
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,14 @@ from conftest import DOLLY, make_tiny_model
 
 from cbd_engine.export.gguf import GGUFExportError, write_gguf
 from cbd_engine.export.llamacpp import gguf_validation_loss, llama_cpp, quantize
-from cbd_engine.spec.export import QUANT_SIZES, gguf_weight_bytes
+from cbd_engine.spec.export import (
+    GGUF_NAME_MAX,
+    OTHER_METADATA,
+    QUANT_SIZES,
+    device_bytes,
+    gguf_tokenizer_bytes,
+    gguf_weight_bytes,
+)
 from cbd_engine.spec.families import ModelSpec, read_config
 
 FAMILIES = ("llama", "llama_untied_bias", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox")
@@ -169,6 +177,24 @@ def test_k_quant_files_hold_k_blocks_where_rows_allow_and_llama_cpp_runs_them(qu
             ours, theirs = runtime.hidden_states(ids), hf_final_hidden(model, ids)
             cos = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
             assert cos.min() > cosine, (quant, cos)
+
+
+def test_the_fits_count_bounds_the_file_and_counts_its_tokenizer_exactly(bpe_tiny, tmp_path):
+    """The `fits` arithmetic's file: the tokenizer's arrays (SmolLM2's real tokenizer) counted to the byte, the
+    whole file at most the count and short of it only by the allowance for the small metadata and the names."""
+    import gguf
+
+    folder = bpe_tiny("llama", intermediate_size=80)
+    path = write_gguf(folder, tmp_path / "model-Q8_0.gguf", "Q8_0", name="cbd/mdl_0123456789abcdef01234567")
+    reader = gguf.GGUFReader(path)
+    spec = ModelSpec.from_config(read_config(folder))
+    tokenizer = gguf_tokenizer_bytes(json.loads((folder / "tokenizer.json").read_text()), spec.shape.vocab_size)
+    arrays = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
+    assert tokenizer == sum(int(part.nbytes) for key in arrays for part in reader.fields[key].parts)
+    counted = device_bytes(spec.architecture, spec.shape, "gguf", "Q8_0", 1024, tokenizer)
+    size = path.stat().st_size
+    assert counted.file >= size > counted.file - OTHER_METADATA - GGUF_NAME_MAX * len(reader.tensors)
+    assert counted.weights == sum(int(t.n_bytes) for t in reader.tensors)
 
 
 def test_an_ffn_width_off_the_quantization_block_generates_as_transformers(bpe_tiny, tmp_path):
@@ -327,3 +353,27 @@ def test_cbd_export_writes_an_onnx_folder_and_measures_it(bpe_tiny, tmp_path):
     refused = subprocess.run([sys.executable, "-m", "cbd_cli", "export", str(folder), "--format", "onnx", "--quant",
                               "Q8_0", "--out", str(tmp_path / "bad")], capture_output=True, text=True)
     assert refused.returncode == 2 and "onnx quant must be one of fp32, int4" in refused.stderr
+
+
+def test_cbd_materialize_fits_a_budget_and_its_export_fits_it(bpe_tiny, tmp_path, capsys):
+    """`cbd materialize --fits`: the shape the service's rule chooses between two anchors, then `cbd export`
+    writes a file that with its KV cache is within the budget."""
+    from cbd_cli import main as cbd
+
+    large = bpe_tiny("llama").rename(tmp_path / "large")
+    small = bpe_tiny("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1)
+    tokenizer = gguf_tokenizer_bytes(json.loads((large / "tokenizer.json").read_text()), 49152)
+    ends = [device_bytes(spec.architecture, spec.shape, "gguf", "Q8_0", 256, tokenizer).total
+            for spec in (ModelSpec.from_config(read_config(folder)) for folder in (small, large))]
+    budget = sum(ends) // 2
+    assert cbd(["materialize", "--small", str(small), "--large", str(large), "--fits", str(budget), "--quant", "Q8_0",
+                "--context", "256", "--alpha", "0.5", "--dtype", "float32", "--out", str(tmp_path / "m")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    fits = summary["fits"]
+    assert fits["total_bytes"] <= budget == fits["memory"] < fits["next_larger"]["total_bytes"]
+    assert fits["params"] == summary["params"]
+    assert cbd(["export", str(tmp_path / "m"), "--quant", "Q8_0", "--out", str(tmp_path / "m.gguf")]) == 0
+    size = (tmp_path / "m.gguf").stat().st_size
+    assert size <= fits["file_bytes"] and size + fits["kv_cache_bytes"] <= budget
+    assert cbd(["materialize", "--large", str(large), "--fits", "1GB", "--out", str(tmp_path / "x")]) == 2

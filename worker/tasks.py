@@ -27,7 +27,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.db import make_engine, make_session_factory
 from app.models import Anchor, Artifact, Chain, Export, Job, Model
 from app.services.chains import is_registration
+from app.services.exports import release_waiting
 from app.services.files import record_files
+from app.services.jobs import dispatch
 from app.services.models import alpha_requested, samples_seconds
 from app.services.sources import checkpoint, dataset_file, dataset_id
 from app.settings import Settings
@@ -360,7 +362,11 @@ def publish_model(ctx: JobContext, store: ArtifactStore, model_id: str, folder: 
         row.params, row.alpha, row.status = result.params, result.alpha, "ready"
         row.provenance = {**summary(result.provenance), "service": timings}
         row.metrics = {**(row.metrics or {}), **metrics}
-        ctx.commit(session)  # the files are downloadable from here on
+        session.flush()  # the model's row lock, before the waiting exports are read (exports.request_export)
+        waiting = release_waiting(session, row, ctx.queue)
+        ctx.commit(session)  # the files are downloadable from here on, and the exports a fits request asked are queued
+        for job in waiting:
+            dispatch(session, ctx.settings, job)
     return stored
 
 
@@ -515,7 +521,6 @@ def export_model(ctx: JobContext) -> None:
                                                 export.quant, f"cbd/{model.id}")
         written = export_files(path)
         metrics = {"size_bytes": sum(item.stat().st_size for _, item in written),
-                   "model_validation_loss": (model.metrics or {}).get("validation_loss"),
                    **measure_export(ctx, export.format, path, folder, chain.spec)}
         if ctx.should_stop():
             raise Cancelled("export cancelled before it was published")
@@ -525,7 +530,11 @@ def export_model(ctx: JobContext) -> None:
             session.execute(delete(Artifact).where(Artifact.owner_id == export.id))
             record_files(session, export.id, [StoredFile(name, s.size, s.sha256) for name, s in stored])
             row = session.get(Export, export.id)
-            row.status, row.metrics = "ready", metrics
+            # the model's own loss read now: a fits request's export is queued when the model is published, and
+            # may run while the model is still being measured; the export's own metrics (fits) kept
+            measured = session.get(Model, model.id).metrics or {}
+            row.status = "ready"
+            row.metrics = {**(row.metrics or {}), **metrics, "model_validation_loss": measured.get("validation_loss")}
             ctx.commit(session)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,13 +1,26 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
 from app.deps import Admin, Builder, IdempotencyKeyHeader, Limit, PageToken, Reader, SessionDep, SettingsDep, StoreDep
 from app.errors import problem_responses
-from app.schemas import EvaluationCreate, JobRef, ModelCreate, ModelOut, ModelPlan, Page, ResourceStatus, SignedLinks
-from app.services import idempotency, jobs, models
+from app.schemas import (
+    EvaluationCreate,
+    FitsOut,
+    JobRef,
+    ModelCreate,
+    ModelOut,
+    ModelPlan,
+    Page,
+    ResourceStatus,
+    SignedLinks,
+)
+from app.services import fits, idempotency, jobs, models
+
+if TYPE_CHECKING:
+    from app.models import Model
 
 router = APIRouter(tags=["models"], responses=problem_responses(400, 401, 403, 429))
 
@@ -15,13 +28,20 @@ router = APIRouter(tags=["models"], responses=problem_responses(400, 401, 403, 4
 @router.post("/models", status_code=202, response_model=ModelOut,
              responses={200: {"model": ModelOut, "description": "an identical model exists"},
                         **problem_responses(409, 413, 422)})
-def create_model(body: ModelCreate, session: SessionDep, settings: SettingsDep, principal: Builder,
+def create_model(body: ModelCreate, session: SessionDep, settings: SettingsDep, store: StoreDep, principal: Builder,
                  response: Response, idempotency_key: IdempotencyKeyHeader = None) -> ModelOut:
-    known, created = idempotency.create_once(
-        session, principal.name, idempotency_key, "models", body,
-        lambda: models.request_model(session, settings, body, principal.name), lambda made: made[0].id)
-    model, started = created if created is not None else (models.get_model(session, known), False)
+    """`fits` (instead of size or shape): the chain's largest model whose export plus KV cache fits the budget, its
+    arithmetic and its export (made when the model is) in `fits`."""
+    def create() -> tuple[Model, bool, FitsOut | None]:
+        if body.fits is not None:
+            return fits.request_model(session, settings, store, body, principal.name)
+        return *models.request_model(session, settings, body, principal.name), None
+
+    known, created = idempotency.create_once(session, principal.name, idempotency_key, "models", body, create,
+                                             lambda made: made[0].id)
+    model, started, arithmetic = created if created is not None else (models.get_model(session, known), False, None)
     out = models.model_out(session, model)
+    out.fits = arithmetic
     response.status_code = 202 if started else 200
     if out.job is not None and started:
         response.headers["Location"] = out.job.url
@@ -29,8 +49,12 @@ def create_model(body: ModelCreate, session: SessionDep, settings: SettingsDep, 
 
 
 @router.post("/models/plan", response_model=ModelPlan, responses=problem_responses(409, 413, 422))
-def plan_model(body: ModelCreate, session: SessionDep, settings: SettingsDep, principal: Reader) -> ModelPlan:
-    """What POST /models would make for this body (shape, exact count, estimate, an identical model), made nothing."""
+def plan_model(body: ModelCreate, session: SessionDep, settings: SettingsDep, store: StoreDep,
+               principal: Reader) -> ModelPlan:
+    """What POST /models would make for this body (shape, exact count, estimate, an identical model; with fits, the
+    arithmetic), made nothing."""
+    if body.fits is not None:
+        return fits.preview(session, settings, store, body)
     return models.preview(session, settings, body)
 
 

@@ -9,7 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.errors import ApiError, not_found
-from app.models import Anchor, Export, Model
+from app.models import Anchor, Export, Job, Model
 from app.schemas import ExportCreate, ExportOut
 from app.services import jobs
 from app.services.files import artifacts, files_out
@@ -40,11 +40,19 @@ def estimate_seconds(model: Model) -> float:
     return 4 * model.params / EXPORT_BYTES_PER_SECOND + 2 * float(measured.get("publish_seconds", 1.0)) + 30.0
 
 
-def request_export(session: Session, settings: Settings, model_id: str, body: ExportCreate,
-                   owner: str) -> tuple[Export, bool]:
-    """(export, started): an export of this model, format and quant exists once; a failed one is made again."""
+def request_export(session: Session, settings: Settings, model_id: str, body: ExportCreate, owner: str,
+                   fits: dict | None = None) -> tuple[Export, bool]:
+    """(export, started): an export of this model, format and quant exists once; a failed one is made again.
+
+    A plain request needs a ready model (409). A fits request's export (`fits`: its arithmetic, kept in the
+    export's metrics) may wait for its model: a row with no job, whose job the worker makes in the transaction that
+    makes the model ready (`release_waiting`), or that fails with the model (subjects.mark_subject). The export row
+    is written first, then the model's status read under a lock on the model's row, which conflicts with the write
+    by which the worker's publish marks the model ready before it looks for waiting exports (SQLite: the database's
+    write lock, held by either from its first write): a model made ready meanwhile is seen ready here and the job
+    made here, otherwise the publish sees the row and makes the job; never both, never neither."""
     model = get_model(session, model_id)
-    if model.status != "ready":
+    if fits is None and model.status != "ready":
         raise ApiError(409, f"model {model.id} is {model.status}; exports need a ready model")
     try:  # the model's config is its larger anchor's with another shape: the same model type
         check_family(body.format, session.get(Anchor, model.large_anchor_id).config.get("model_type"))
@@ -54,17 +62,17 @@ def request_export(session: Session, settings: Settings, model_id: str, body: Ex
                                                    Export.quant == body.quant))
     if existing is not None and existing.status not in RETRYABLE:
         return existing, False
-    queue = jobs.queue_for(body.device, settings)
-    jobs.check_capacity(session, settings, owner)
+    metrics = {"fits": fits} if fits is not None else {}
     if existing is not None:
         retried = session.execute(update(Export).where(Export.id == existing.id, Export.status.in_(RETRYABLE))
-                                  .values(status="queued").execution_options(synchronize_session=False))
+                                  .values(status="queued", metrics=metrics)
+                                  .execution_options(synchronize_session=False))
         if retried.rowcount != 1:
             session.rollback()
             return get_export(session, model.id, existing.id), False
         export = existing
     else:
-        export = Export(model_id=model.id, format=body.format, quant=body.quant, status="queued", metrics={},
+        export = Export(model_id=model.id, format=body.format, quant=body.quant, status="queued", metrics=metrics,
                         owner=owner)
         session.add(export)
         try:
@@ -73,11 +81,32 @@ def request_export(session: Session, settings: Settings, model_id: str, body: Ex
             session.rollback()
             return session.scalar(select(Export).where(Export.model_id == model.id, Export.format == body.format,
                                                        Export.quant == body.quant)), False
-    job = jobs.new_job("export_model", export.id, queue, owner, estimate=estimate_seconds(model))
+    # FOR SHARE: it waits for a publish's (or a failure's) uncommitted write of the model row, and they for it;
+    # two of these requests do not wait for each other
+    status = session.scalar(select(Model.status).where(Model.id == model.id).with_for_update(read=True))
+    if status != "ready":  # waiting for its model (a fits request's): its job comes with the model
+        if status in RETRYABLE:  # the model failed or was cancelled meanwhile: the export with it
+            session.execute(update(Export).where(Export.id == export.id).values(status=status))
+        session.commit()
+        return export, True
+    jobs.check_capacity(session, settings, owner)
+    job = jobs.new_job("export_model", export.id, jobs.queue_for(body.device, settings), owner,
+                       estimate=estimate_seconds(model))
     session.add(job)
     session.commit()
     jobs.dispatch(session, settings, job)
     return export, True
+
+
+def release_waiting(session: Session, model: Model, queue: str) -> list[Job]:
+    """Jobs for the exports waiting for `model` (a fits request's), on the model's queue: called in the transaction
+    that makes the model ready, after its write (which takes the model's row lock). Until then every queued export of
+    the model is a waiting one: a plain request needs a ready model."""
+    waiting = session.scalars(select(Export).where(Export.model_id == model.id, Export.status == "queued"))
+    made = [jobs.new_job("export_model", export.id, queue, export.owner, estimate=estimate_seconds(model))
+            for export in waiting]
+    session.add_all(made)
+    return made
 
 
 def get_export(session: Session, model_id: str, export_id: str) -> Export:

@@ -109,18 +109,27 @@ def _plan_in_chain(chain: Chain, body: ModelCreate) -> Landing:
     raise invalid("size", f"size {format_size(target)} ({target}) is outside the range: {_range_text(chain)}")
 
 
-def plan(session: Session, body: ModelCreate) -> Landing:
+def ready_chains(session: Session, body: ModelCreate) -> list[Chain]:
+    """The chains a request may land in: the one it names (409 unless ready), else its source's ready chains,
+    newest first (409 while one is being built, 422 when there is none)."""
     if body.chain is not None:
         chain = session.get(Chain, body.chain)
         if chain is None:
             raise invalid("chain", f"no chain {body.chain!r}")
         if chain.status != "ready":
             raise ApiError(409, f"chain {chain.id} is {chain.status}, not ready")
-        return _plan_in_chain(chain, body)
+        return [chain]
     chains = list(session.scalars(select(Chain).where(Chain.source == body.source, Chain.status == "ready")
                                   .order_by(Chain.id.desc())))
     if not chains:
         _no_ready_chain(session, body.source)
+    return chains
+
+
+def plan(session: Session, body: ModelCreate) -> Landing:
+    chains = ready_chains(session, body)
+    if body.chain is not None:
+        return _plan_in_chain(chains[0], body)
     errors = []
     for chain in chains:  # the newest ready chain whose anchors bracket the request
         try:

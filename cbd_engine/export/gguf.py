@@ -28,7 +28,15 @@ import numpy as np
 from cbd_engine.export.llamacpp import quantize
 from cbd_engine.io.atomic import atomic_output_file
 from cbd_engine.io.checkpoint import SafetensorsReader
-from cbd_engine.spec.export import CONV1D_SUFFIXES, GGUF_QUANTS, gguf_tensor_type, is_vocabulary
+from cbd_engine.spec.export import (
+    CONV1D_SUFFIXES,
+    GGUF_QUANTS,
+    check_gguf_tokenizer,
+    gguf_tensor_type,
+    gguf_tokens,
+    is_vocabulary,
+    tokenizer_vocab,
+)
 from cbd_engine.spec.families import ModelSpec, read_config
 
 # Q4_K: llama.cpp calls a file of Q4_K tensors with a Q6_K vocabulary Q4_K_S (its Q4_K_S also widens a few
@@ -159,19 +167,18 @@ def add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
     if not path.is_file():
         raise GGUFExportError(f"{folder} has no tokenizer.json: a GGUF file carries its tokenizer")
     tokenizer = json.loads(path.read_text())
-    model, decoder = tokenizer.get("model") or {}, (tokenizer.get("decoder") or {}).get("type")
-    if model.get("type") != "BPE" or decoder != "ByteLevel":
-        raise GGUFExportError("GGUF export needs a byte-level BPE tokenizer (as GPT-2, SmolLM, Llama 3, Qwen use); "
-                              f"this one is {model.get('type')!r} with a {decoder!r} decoder")
-    vocab = {**model["vocab"], **{t["content"]: t["id"] for t in tokenizer.get("added_tokens", [])}}
+    try:
+        check_gguf_tokenizer(tokenizer)
+    except ValueError as error:
+        raise GGUFExportError(str(error)) from None
+    vocab = tokenizer_vocab(tokenizer)
     if max(vocab.values()) >= vocab_size:
         raise GGUFExportError(f"the tokenizer has ids up to {max(vocab.values())}, the model {vocab_size} rows")
     special = {t["id"] for t in tokenizer.get("added_tokens", []) if t.get("special")}
     added = {t["id"] for t in tokenizer.get("added_tokens", [])}
-    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    tokens = gguf_tokens(vocab, vocab_size)
     types = [gguf.TokenType.UNUSED] * vocab_size
-    for text, index in vocab.items():
-        tokens[index] = text
+    for index in vocab.values():
         types[index] = (gguf.TokenType.CONTROL if index in special else
                         gguf.TokenType.USER_DEFINED if index in added else gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")

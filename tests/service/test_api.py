@@ -95,7 +95,14 @@ def test_shape_requests_and_chain_fixed_fields(client: TestClient, settings: Set
     ({"size": "50K", "heal": {"learning_rate": 0.001}}, "heal.steps"),
     ({"size": "50K", "dtype": "int8"}, "dtype"),
     ({"size": "50K", "init": "magic"}, "init"),
-    ({}, "size or shape"),
+    ({}, "exactly one of size, shape or fits, got none"),
+    ({"size": "50K", "fits": {"memory": "300MB"}}, "exactly one of size, shape or fits, got ['size', 'fits']"),
+    ({"fits": {"memory": "300XB"}}, "fits.memory"),
+    ({"fits": {"memory": True}}, "fits.memory"),
+    ({"fits": {"memory": "300MB", "quant": "Q4_K"}}, "Q8_0"),
+    ({"fits": {"memory": "300MB", "format": "onnx", "quant": "fp32"}}, "fits counts the bytes of gguf files only"),
+    ({"fits": {"memory": "300MB", "context": 0}}, "fits.context"),
+    ({"fits": {"memory": "300MB", "context": 64}}, "byte-level BPE"),  # the tiny chain's: a character tokenizer
 ])
 def test_bad_model_requests_are_422_naming_the_field(client: TestClient, tiny_chain: dict, body: dict,
                                                       field: str) -> None:
@@ -389,6 +396,11 @@ def test_openapi_matches_the_contract(client: TestClient) -> None:
                                                     "created_at", "started_at", "finished_at"}
     assert set(schemas["Progress"]["properties"]) >= {"stage", "step", "total", "fraction", "eta_seconds", "loss"}
     assert set(schemas["Problem"]["properties"]) == {"type", "title", "status", "detail", "errors"}
+    assert {"size", "shape", "fits"} <= set(schemas["ModelCreate"]["properties"])
+    assert set(schemas["FitsIn"]["properties"]) == {"memory", "format", "quant", "context", "round_to_blocks"}
+    assert {"fits"} <= set(schemas["ModelOut"]["properties"]) & set(schemas["ModelPlan"]["properties"])
+    assert {"weights_by_type", "kv_cache_bytes", "total_bytes", "memory", "next_larger", "export"} <= set(
+        schemas["FitsOut"]["properties"])
     assert "HTTPBearer" in document["components"]["securitySchemes"]
     post_models = document["paths"]["/models"]["post"]["responses"]
     assert {"200", "202", "401", "403", "409", "422", "429"} <= set(post_models)

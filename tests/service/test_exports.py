@@ -26,12 +26,11 @@ from tests.service.test_api import make_model
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
-@pytest.fixture
-def tiny_anchors(tmp_path: Path, smollm2: Path) -> tuple[Path, Path]:
-    """The service tests' two llama anchors, with SmolLM2's byte-level BPE tokenizer (a GGUF file carries one) and
-    room for the validation rows (llama.cpp caps its context at the model's positions)."""
+def bpe_anchors(tmp_path: Path, smollm2: Path, small_hidden: int) -> tuple[Path, Path]:
+    """Two llama anchors (hidden 64 and `small_hidden`) with SmolLM2's byte-level BPE tokenizer (a GGUF file carries
+    one) and room for the validation rows (llama.cpp caps its context at the model's positions)."""
     large = make_tiny_model(tmp_path / "large", "llama", seed=1, vocab_size=49152, max_position_embeddings=512)
-    small = make_tiny_model(tmp_path / "small", "llama", seed=2, hidden_size=48, intermediate_size=64,
+    small = make_tiny_model(tmp_path / "small", "llama", seed=2, hidden_size=small_hidden, intermediate_size=64,
                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, vocab_size=49152,
                             max_position_embeddings=512)
     for folder in (large, small):
@@ -39,6 +38,12 @@ def tiny_anchors(tmp_path: Path, smollm2: Path) -> tuple[Path, Path]:
         for name in TOKENIZER_FILES:
             shutil.copy(smollm2 / name, folder / name)
     return large, small
+
+
+@pytest.fixture
+def tiny_anchors(tmp_path: Path, smollm2: Path) -> tuple[Path, Path]:
+    """The service tests' two llama anchors, as a GGUF file carries them."""
+    return bpe_anchors(tmp_path, smollm2, small_hidden=48)
 
 
 def ready_model(client: TestClient, settings: Settings, tiny_anchors: tuple[Path, Path]) -> dict:
