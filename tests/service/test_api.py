@@ -99,7 +99,7 @@ def test_shape_requests_and_chain_fixed_fields(client: TestClient, settings: Set
     ({"size": "50K", "fits": {"memory": "300MB"}}, "exactly one of size, shape or fits, got ['size', 'fits']"),
     ({"fits": {"memory": "300XB"}}, "fits.memory"),
     ({"fits": {"memory": True}}, "fits.memory"),
-    ({"fits": {"memory": "300MB", "quant": "Q4_K"}}, "Q8_0"),
+    ({"fits": {"memory": "300MB", "quant": "Q3_K"}}, "Q8_0"),
     ({"fits": {"memory": "300MB", "format": "onnx", "quant": "fp32"}}, "fits counts the bytes of gguf files only"),
     ({"fits": {"memory": "300MB", "context": 0}}, "fits.context"),
     ({"fits": {"memory": "300MB", "context": 64}}, "byte-level BPE"),  # the tiny chain's: a character tokenizer
