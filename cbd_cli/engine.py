@@ -10,7 +10,16 @@ from pathlib import Path
 
 def register(subcommands: argparse._SubParsersAction) -> None:
     from cbd_engine.spec.export import DEFAULT_QUANT, EXPORT_FORMATS, GGUF_QUANTS, ONNX_PRECISIONS
-    from cbd_engine.spec.options import ALIGNMENTS, DTYPES, GROWS, IMPORTANCES, INITS, MIXES, REFINE_STEPS
+    from cbd_engine.spec.options import (
+        ALIGNMENTS,
+        ALPHA_SEARCHES,
+        DTYPES,
+        GROWS,
+        IMPORTANCES,
+        INITS,
+        MIXES,
+        REFINE_STEPS,
+    )
     from cbd_engine.spec.shapes import PRUNE_ORDER, PRUNE_ORDERS
 
     p = subcommands.add_parser("materialize", help="build a model of any size from one or two anchors")
@@ -27,6 +36,9 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", default="auto",
                    help="weight of the smaller anchor: 'auto' (default: the best on the calibration's dev rows, "
                         "0 and 1 included), 'proportional' (by parameter count) or a number in [0, 1]")
+    p.add_argument("--alpha-search", default="knots", choices=ALPHA_SEARCHES,
+                   help="alpha auto: knots (default: interpolated between the anchor pair's grids at three sizes, "
+                        "run once and cached) or exact (the grid at this size: seven dev passes)")
     p.add_argument("--mix", default="unit", choices=MIXES,
                    help="unit (default): alpha mixes the units both anchors have, the others keep their own anchor's "
                         "weights; paper: Eq. 3 over the expanded smaller and pruned larger anchor")
@@ -50,8 +62,8 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     p.add_argument("--grow", default="zero", choices=GROWS,
                    help="new layers: inert copies with zeroed residual writers (keeps the function) or replicas")
     p.add_argument("--quality", action="store_true",
-                   help="with a number alpha: also score the model and alpha 0 on the dev rows (two forward passes; "
-                        "alpha auto has them from its search)")
+                   help="also score the model and alpha 0 on the dev rows (two forward passes; alpha auto with "
+                        "--alpha-search exact has them from its grid)")
     p.add_argument("--align", default="auto", choices=ALIGNMENTS,
                    help="how units of the two anchors are matched: recorded lineage, weight similarity, or position")
     p.add_argument("--quant", choices=GGUF_QUANTS, default=DEFAULT_QUANT["gguf"], help="--fits: the GGUF file counted")
@@ -103,7 +115,7 @@ def _materialize(args: argparse.Namespace) -> int:
             materialize(
                 made, small=args.small, large=args.large, size=args.size, shape=shape, alpha=alpha, mix=args.mix,
                 init=args.init, calibration=args.calibration, importance=args.importance,
-                prune_order=args.prune_order, refine_steps=args.refine_steps,
+                prune_order=args.prune_order, refine_steps=args.refine_steps, alpha_search=args.alpha_search,
                 dtype=args.dtype, seed=args.seed, grow=args.grow, align=args.align, progress=progress,
                 quality=args.quality,
             )

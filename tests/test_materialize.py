@@ -319,11 +319,12 @@ def test_proportional_alpha(tiny_model, tmp_path):
     assert unscored.provenance["quality"] is None
 
 
-def test_auto_alpha_is_the_default_and_picks_the_best_of_a_grid_with_both_ends(tiny_model, tmp_path):
+def test_exact_auto_alpha_picks_the_best_of_a_grid_with_both_ends(tiny_model, tmp_path):
     small, large = _two_anchors(tiny_model, tmp_path)
     result = materialize(tmp_path / "auto", small=small, large=large, shape={**spec_of(large).shape.to_dict(),
-                         "num_layers": 3}, dtype="float32")
+                         "num_layers": 3}, dtype="float32", alpha_search="exact")
     search = result.provenance["alpha_search"]
+    assert search["method"] == "grid" and search["knots"] == []
     grid = {float(alpha): loss for alpha, loss in search["grid"].items()}
     assert {0.0, 0.25, 0.5, 0.75, 1.0} <= set(grid) and len(grid) in (6, 7)
     assert result.alpha == min(grid, key=grid.get) and search["dev_loss"] == grid[result.alpha]
@@ -338,6 +339,82 @@ def test_auto_alpha_is_the_default_and_picks_the_best_of_a_grid_with_both_ends(t
     loss = examples_loss(load_model(tmp_path / "auto"), dev_examples(tokenizer, default_calibration()),
                          tokenizer.pad_token_id)
     assert loss == pytest.approx(search["dev_loss"], abs=1e-4)
+
+
+def test_auto_alpha_is_interpolated_between_the_pairs_knots_searched_once(tiny_model, tmp_path, monkeypatch):
+    """The default: the grid runs at three sizes between the anchors, once (cached); any size on the size rule's
+    path takes the alpha interpolated between the knots' best, through alpha 1 at the smaller anchor and 0 at the
+    larger; at a knot's own size that is the grid's choice there."""
+    from cbd_engine.materialization import alpha_search
+    from cbd_engine.materialization.alpha_search import interpolate_alpha
+
+    monkeypatch.setenv("CBD_CACHE_DIR", str(tmp_path / "cache"))
+    small, large = _two_anchors(tiny_model, tmp_path)
+    p_small, p_large = spec_of(small).num_params, spec_of(large).num_params
+    searches = []
+    original = alpha_search.search_alpha
+    monkeypatch.setattr(alpha_search, "search_alpha", lambda *a, **k: searches.append(a[1]) or original(*a, **k))
+    first = materialize(tmp_path / "first", small=small, large=large, size=p_small + (p_large - p_small) // 3,
+                        dtype="float32")
+    search = first.provenance["alpha_search"]
+    assert search["method"] == "knots" and first.provenance["quality"] is None  # no dev pass at this size
+    knots = search["knots"]
+    assert len(searches) == 3 and [k["params"] for k in knots] == [spec_of(large).architecture.num_params(shape)
+                                                                    for shape in searches]
+    assert p_small < knots[0]["params"] < knots[1]["params"] < knots[2]["params"] < p_large
+    for knot in knots:  # each knot is a grid with both ends, and its alpha that grid's best
+        grid = {float(a): loss for a, loss in knot["grid"].items()}
+        assert {0.0, 0.25, 0.5, 0.75, 1.0} <= set(grid) and knot["alpha"] == min(grid, key=lambda a: (grid[a], a))
+        assert knot["fraction"] == pytest.approx((knot["params"] - p_small) / (p_large - p_small))
+    fraction = (first.params - p_small) / (p_large - p_small)
+    assert first.alpha == interpolate_alpha([(k["fraction"], k["alpha"]) for k in knots], fraction)
+    assert first.provenance["alphas"] == dict.fromkeys(("attention", "mlp", "embeddings_norms"), first.alpha)
+
+    searches.clear()  # another size of the same pair: the knots come from the cache, no dev pass at all
+    second = materialize(tmp_path / "second", small=small, large=large, size=knots[1]["params"], dtype="float32",
+                         quality=True)
+    assert searches == [] and second.provenance["alpha_search"]["knots"] == knots
+    assert second.alpha == knots[1]["alpha"]  # at a knot's size: that knot's best
+    assert second.provenance["quality"]["dev_loss"] == pytest.approx(knots[1]["dev_loss"], abs=1e-5)
+    exact = materialize(tmp_path / "exact", small=small, large=large, size=knots[1]["params"], dtype="float32",
+                        alpha_search="exact")
+    assert exact.alpha == knots[1]["alpha"] and exact.provenance["alpha_search"]["method"] == "grid"
+
+
+def test_an_interpolated_alpha_that_loses_to_alpha_0_when_scored_gives_way_to_it(tiny_model, tmp_path, monkeypatch):
+    from cbd_engine.materialization.alpha_search import Candidates
+
+    monkeypatch.setenv("CBD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(Candidates, "dev_loss", lambda self, alphas: 1.0 + alphas["mlp"])  # alpha 0 is best
+    small, large = _two_anchors(tiny_model, tmp_path)
+    p_small, p_large = spec_of(small).num_params, spec_of(large).num_params
+    size = p_small + (p_large - p_small) // 8  # between the smaller anchor's alpha 1 and the first knot's 0
+    fast = materialize(tmp_path / "fast", small=small, large=large, size=size, dtype="float32")
+    assert fast.alpha > 0 and fast.provenance["quality"] is None  # not scored: the interpolation stands
+    scored = materialize(tmp_path / "scored", small=small, large=large, size=size, dtype="float32", quality=True)
+    search, quality = scored.provenance["alpha_search"], scored.provenance["quality"]
+    assert scored.alpha == 0.0 and search["fallback"] == {"alpha": fast.alpha, "dev_loss": 1.0 + fast.alpha}
+    assert quality["dev_loss"] == quality["alpha_0_dev_loss"] == 1.0 and not quality["worse_than_alpha_0"]
+    materialize(tmp_path / "zero", small=small, large=large, size=size, dtype="float32", alpha=0.0)
+    written, zero = weights(tmp_path / "scored"), weights(tmp_path / "zero")  # the files are alpha 0's
+    assert written.keys() == zero.keys() and all(torch.equal(written[k], zero[k]) for k in zero)
+
+
+def test_knots_interpolate_linearly_through_the_anchors_own_ends():
+    from cbd_engine.materialization.alpha_search import interpolate_alpha
+
+    knots = [(0.25, 0.875), (0.5, 0.5), (0.75, 0.25)]
+    assert interpolate_alpha(knots, 0.0) == 1.0 and interpolate_alpha(knots, 1.0) == 0.0
+    assert interpolate_alpha(knots, 0.5) == 0.5 and interpolate_alpha(knots, 0.625) == 0.375
+    assert interpolate_alpha(knots, 0.125) == pytest.approx(0.9375)
+
+
+def test_a_shape_off_the_size_rules_path_gets_the_grid_at_its_own_size(tiny_model, tmp_path):
+    small, large = _two_anchors(tiny_model, tmp_path)
+    shape = {**spec_of(large).shape.to_dict(), "intermediate_size": 96}  # not a shape the size rule gives
+    result = materialize(tmp_path / "off", small=small, large=large, shape=shape, dtype="float32")
+    search = result.provenance["alpha_search"]
+    assert search["method"] == "grid" and len(search["grid"]) in (6, 7) and search["knots"] == []
 
 
 def test_per_module_refinement_is_kept_only_when_it_beats_the_grid(tiny_model, tmp_path):
@@ -611,7 +688,7 @@ def test_cli_heals_the_materialized_model_from_the_larger_anchor(tiny_model, tmp
     assert summary["heal"]["steps"] == 2 and summary["heal"]["validation_loss_before"] > 0
     record = json.loads((out / "cbd.json").read_text())
     assert record["distillation"]["role"] == "heal" and record["distillation"]["teacher"] == str(large)
-    assert record["alpha_search"]["grid"]  # the materializer's record travels with the healed model
+    assert record["alpha_search"]["knots"]  # the materializer's record travels with the healed model
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".healed")) == []  # no scratch left
     assert cbd(["materialize", "--small", str(small), "--shape", shape, "--heal-steps", "2",
                 "--out", str(tmp_path / "x")]) == 2  # healing needs the larger anchor as its teacher

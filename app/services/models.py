@@ -172,8 +172,8 @@ def identity(p: Landing, body: ModelCreate) -> str:
 
 # For estimates (FLOPs at the engine's figures per device, spec/estimate.py FLOPS_PER_SECOND): what the worker runs
 TOKENS_PER_ROW = 200  # a calibration, dev or validation row, prompt and response
-AUTO_PASSES = 9  # alpha "auto": the grid's 7 candidates and the anchors' own dev losses
-FIXED_PASSES = 4  # another alpha: the model and alpha 0 scored for its quality, and the anchors' own dev losses
+FIXED_PASSES = 4  # any alpha: the model and alpha 0 scored for its quality, and the anchors' own dev losses
+KNOT_PASSES = 21  # alpha "auto", the first time for a pair of anchors: 3 knots' grids of 7 (cached after)
 
 
 def forward_seconds(params: int, tokens: float, flops_per_second: float) -> float:
@@ -198,14 +198,15 @@ def heal_seconds(p: Landing, heal: HealIn, recipe: dict, flops_per_second: float
 
 def estimate_seconds(settings: Settings, p: Landing, body: ModelCreate, queue: str) -> float:
     """Reading both anchors and writing the model (float32 bytes); activation importance of both anchors on the
-    calibration's training rows (the first time: it is cached) and the dev rows scored for alpha and quality; heal
-    steps when asked (422 when the chain's settings cannot heal); the validation loss and greedy samples."""
+    calibration's training rows and alpha "auto"'s knots (the first time: both are cached) and the dev rows scored
+    for quality; heal steps when asked (422 when the chain's settings cannot heal); the validation loss and greedy
+    samples."""
     speed = FLOPS_PER_SECOND[queue]
     seconds = 4 * (p.small.params + p.large.params + p.params) / settings.materialize_bytes_per_second
     if body.init in ("cbd", "single"):
         seconds += rows_seconds(p.small.params + p.large.params, IMPORTANCE_ROWS, speed)
     if body.init == "cbd":
-        passes = AUTO_PASSES if alpha_key(body.alpha) == "auto" else FIXED_PASSES
+        passes = FIXED_PASSES + (KNOT_PASSES if alpha_key(body.alpha) == "auto" else 0)
         seconds += rows_seconds(p.params, passes * DEV_ROWS, speed)
     if body.heal is not None:
         seconds += heal_seconds(p, body.heal, heal_recipe(p.chain), speed)

@@ -1,5 +1,17 @@
 """alpha "auto": the mix of two anchors with the lowest loss on the calibration's dev rows.
 
+0. Knots (the default, `search_by_knots`): the grid below runs once per pair of anchors, at three sizes between
+   them (KNOTS: a quarter, half and three quarters of the way in parameter count, on the size rule's path), and is
+   cached with the anchors' weights and the calibration; a size between knots takes the alpha interpolated
+   linearly (in parameter count) between the neighbouring knots' best, with the anchors' own ends (alpha 1 at the
+   smaller anchor's size is the smaller anchor itself, alpha 0 at the larger's the larger). So a chain's
+   materializations pay the pair's 3 x 7 dev passes once (about a minute per 100M knot on a 2-core CPU) and then
+   none: a forward pass per candidate cost ten 135M materializations here (docs/BENCHMARKS.md, "Auto alpha").
+   Why it is enough: the best alpha moves smoothly with size, from 1 near the smaller anchor to 0 near the larger
+   (docs/RESULTS.md, Figure 6 analogue), and the loss is flat near its best; bench/alpha_search.py measures the
+   interpolated choice against the search at the size itself. A shape off the size rule's path (a given shape,
+   rounded widths), an equal-size merge, per-module refinement, or `alpha_search="exact"` run the grid at the
+   target itself (below).
 1. Grid: alpha in {0, 0.25, 0.5, 0.75, 1}, then the two midpoints beside the best (resolution 0.125). The ends are
    candidates: alpha 0 is the larger anchor pruned to the size, the strongest simple baseline, so "auto" never
    hands out a model that loses to it on the dev rows.
@@ -15,10 +27,14 @@ cached with the anchor's weights (`anchor_dev_loss`), so a chain's materializati
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cbd_engine.data.batches import Example, encode_rows, pad_id_of
@@ -36,17 +52,21 @@ STEP = 0.125  # the refinement around the coarse grid's best
 DEV_MAX_LENGTH = 256
 REFINE_BATCH = 4
 REFINE_LR = 0.05
+KNOTS = (0.25, 0.5, 0.75)  # where between the anchors (fraction of the parameter gap) a pair's grid runs once
 
 
 @dataclass
 class AlphaChoice:
     alphas: Alphas  # per group, what the model is made with
-    alpha: float  # the grid's best (the one number the API reports)
-    dev_loss: float  # of the model made with `alphas`
-    grid: dict[float, float]  # alpha -> dev loss
+    alpha: float  # the grid's best, or the knots' interpolation (the one number the API reports)
+    dev_loss: float | None  # of the model made with `alphas`; None when interpolated (not scored at this size)
+    grid: dict[float, float]  # alpha -> dev loss, at this size
     refined: dict = field(default_factory=dict)  # the per-module fit: alphas, dev loss, kept
     dev_rows: int = 0
     seconds: float = 0.0
+    method: str = "grid"  # "grid" (at this size) or "knots" (interpolated between the pair's knots)
+    knots: list[dict] = field(default_factory=list)  # per knot: fraction, params, alpha, dev_loss, grid
+    fallback: dict = field(default_factory=dict)  # knots: the interpolated alpha that lost to alpha 0 when scored
 
     def to_dict(self) -> dict:
         record = asdict(self)
@@ -162,6 +182,40 @@ def search_alpha(pair: Pair, target: Shape, calibration: Calibration, seed: int 
         timer.update(timer.total)
     choice.seconds = round(time.monotonic() - started, 2)
     return choice
+
+
+def search_by_knots(pair_at: Callable[[Shape], Pair], knots: list[tuple[float, Shape, int]], fraction: float,
+                    calibration: Calibration, seed: int, key: list, cache: Path,
+                    progress: ProgressCallback = no_progress) -> AlphaChoice:
+    """The alpha at `fraction` of the way from the smaller anchor to the larger (in parameter count), interpolated
+    between the knots' grids (each cached under `key` and its shape; computed on a miss with `pair_at(shape)`);
+    see the module docstring. knots: (fraction, shape, params) for each of KNOTS."""
+    started = time.monotonic()
+    records = []
+    for knot_fraction, shape, params in knots:
+        def compute(shape: Shape = shape) -> dict:
+            return search_alpha(pair_at(shape), shape, calibration, seed, 0, progress).to_dict()
+
+        found = cached_json(cache, "alpha-knot", [*key, shape.to_dict(), COARSE_GRID, STEP], compute)
+        records.append({"fraction": knot_fraction, "params": params, "alpha": found["alpha"],
+                        "dev_loss": found["dev_loss"], "grid": found["grid"], "seconds": found["seconds"]})
+    alpha = interpolate_alpha([(r["fraction"], r["alpha"]) for r in records], fraction)
+    return AlphaChoice(uniform(alpha), alpha, None, {}, dev_rows=len(calibration.dev_rows) + len(
+        calibration.dev_texts), seconds=round(time.monotonic() - started, 2), method="knots", knots=records)
+
+
+def interpolate_alpha(knots: list[tuple[float, float]], fraction: float) -> float:
+    """Linear between (fraction, best alpha) points, through the anchors' own ends: (0, 1) is the smaller anchor,
+    (1, 0) the larger."""
+    xs, ys = zip(*[(0.0, 1.0), *sorted(knots), (1.0, 0.0)], strict=True)
+    return round(float(np.interp(fraction, xs, ys)), 4)
+
+
+def knots_key(small: Anchor, large: Anchor, calibration: Calibration, options: dict) -> list:
+    """What a knot's grid is a pure function of, besides its shape: both anchors' weights, the calibration (dev
+    rows score it; its training rows rank units for the plans) and the materialization's options."""
+    digest = hashlib.sha256(json.dumps(calibration.to_json(), sort_keys=True).encode()).hexdigest()
+    return [folder_hashes(small.path), folder_hashes(large.path), digest, options, DEV_MAX_LENGTH]
 
 
 def _fit_groups(candidates: Candidates, start: float, steps: int) -> Alphas:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +28,15 @@ from cbd_engine.io.checkpoint import (
     DTYPE_NAMES,
     parse_dtype,
 )
-from cbd_engine.materialization.alpha_search import AlphaChoice, Candidates, anchor_dev_loss, search_alpha
+from cbd_engine.materialization.alpha_search import (
+    KNOTS,
+    AlphaChoice,
+    Candidates,
+    anchor_dev_loss,
+    knots_key,
+    search_alpha,
+    search_by_knots,
+)
 from cbd_engine.materialization.anchor import Anchor, Term
 from cbd_engine.materialization.baselines import BASELINES, materialize_baseline
 from cbd_engine.materialization.mixing import Pair, tensor_group, uniform
@@ -39,7 +48,16 @@ from cbd_engine.materialization.transforms import (
 )
 from cbd_engine.nn.loading import has_tokenizer
 from cbd_engine.spec.families import TensorSpec
-from cbd_engine.spec.options import ALIGNMENTS, ALPHA_MODES, GROWS, IMPORTANCES, INITS, MIXES, REFINE_STEPS
+from cbd_engine.spec.options import (
+    ALIGNMENTS,
+    ALPHA_MODES,
+    ALPHA_SEARCHES,
+    GROWS,
+    IMPORTANCES,
+    INITS,
+    MIXES,
+    REFINE_STEPS,
+)
 from cbd_engine.spec.progress import ProgressCallback, no_progress
 from cbd_engine.spec.shapes import (
     PRUNE_ORDER,
@@ -68,6 +86,7 @@ def materialize(
     importance: str = "activation",
     prune_order: str = PRUNE_ORDER,
     refine_steps: int = REFINE_STEPS,
+    alpha_search: str = "knots",
     dtype: str = "bfloat16",
     seed: int = 0,
     grow: str = "zero",
@@ -80,10 +99,13 @@ def materialize(
     """Write a Hugging Face folder of the requested size or shape at `out` (atomically; nothing on error).
 
     alpha: "auto" (also None), "proportional" (by parameter count), or a number in [0, 1], the smaller anchor's
-    weight. calibration: a file, texts, or a Calibration; None reads the anchors' own, else the package default.
-    quality: with a given alpha, also score the model and alpha 0 on the dev rows (two forward passes: about 25 s
-    for SmolLM2-135M on a 2-core CPU, ten times the merge itself); alpha "auto" has those scores from its grid."""
-    _check_options(init, align, grow, mix, importance, alpha)
+    weight. alpha_search: how "auto" finds it, "knots" (interpolated between the pair's cached grids: no dev pass
+    once they exist) or "exact" (the grid at this size: 7 dev passes); alpha_search.py.
+    calibration: a file, texts, or a Calibration; None reads the anchors' own, else the package default.
+    quality: with a given alpha (or "auto" by knots), also score the model and alpha 0 on the dev rows (two forward
+    passes: about 25 s for SmolLM2-135M on a 2-core CPU, ten times the merge itself); "auto" by a grid at this size
+    has those scores from it."""
+    _check_options(init, align, grow, mix, importance, alpha, alpha_search)
     out_dtype = parse_dtype(dtype)
     anchors = _load_anchors(small, large)
     target = resolve_target(anchors, size, shape, prune_order)
@@ -101,14 +123,23 @@ def materialize(
                                small_anchor)
         return write_model(out, large_anchor.spec.config_for(target, eps=eps), large_anchor, tensors, target, out_dtype,
                       record, progress, should_stop, max_shard_bytes)
-    plan_e, plan_s, alignment = plan_pair(small_anchor, large_anchor, target, importance_of, grow, align)
-    pair = Pair(Term(small_anchor, plan_e), Term(large_anchor, plan_s), mix)
-    choice = choose_alpha(alpha, pair, target, calib, seed, refine_steps, progress)
+
+    def pair_at(shape: Shape) -> tuple[Pair, dict]:
+        plan_e, plan_s, alignment = plan_pair(small_anchor, large_anchor, shape, importance_of, grow, align)
+        return Pair(Term(small_anchor, plan_e), Term(large_anchor, plan_s), mix), alignment
+
+    pair, alignment = pair_at(target)
+    options = {"mix": mix, "grow": grow, "align": align, "importance": importance_of.describe(), "seed": seed}
+    knots = Knots(lambda shape: pair_at(shape)[0], knots_key(small_anchor, large_anchor, calib, options)) \
+        if alpha in (None, "auto") and alpha_search == "knots" and not refine_steps else None
+    choice = choose_alpha(alpha, pair, target, calib, seed, refine_steps, progress, knots)
+    scored = None
+    if choice.grid or quality:
+        choice, scored = _quality(choice, pair, target, calib, seed)
     record.update(alpha=choice.alpha, alphas=choice.alphas, mix=mix, alignment=alignment,
-                  alpha_search=choice.to_dict() if choice.grid else {"requested": alpha},
+                  alpha_search=choice.to_dict() if choice.method == "knots" or choice.grid else {"requested": alpha},
                   terms=[term_record(pair.small, "small"), term_record(pair.large, "large")],
-                  interpolation_training=trained_path(small_anchor, alignment, mix),
-                  quality=_quality(choice, pair, target, calib, seed) if choice.grid or quality else None)
+                  interpolation_training=trained_path(small_anchor, alignment, mix), quality=scored)
     arch = large_anchor.spec.architecture
 
     def mixed(spec: TensorSpec, name: str, layer: int | None, rows: tuple[int, int] | None) -> torch.Tensor:
@@ -130,9 +161,11 @@ def trained_path(small: Anchor, alignment: dict, mix: str) -> dict | None:
             "matches_mix": mix == "unit"}
 
 
-def _check_options(init: str, align: str, grow: str, mix: str, importance: str, alpha: float | str | None) -> None:
+def _check_options(init: str, align: str, grow: str, mix: str, importance: str, alpha: float | str | None,
+                   alpha_search: str) -> None:
     for name, value, allowed in (("init", init, INITS), ("align", align, ALIGNMENTS), ("mix", mix, MIXES),
-                                 ("importance", importance, IMPORTANCES)):
+                                 ("importance", importance, IMPORTANCES), ("alpha_search", alpha_search,
+                                                                           ALPHA_SEARCHES)):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
     if grow not in GROWS:
@@ -191,38 +224,80 @@ def proportional_alpha(p_small: int, p_large: int, p_target: int) -> float:
     return min(1.0, max(0.0, (p_large - p_target) / (p_large - p_small)))
 
 
+@dataclass
+class Knots:
+    """alpha "auto" by the pair's knots: a pair at any shape, and the knots' cache key (alpha_search.py)."""
+
+    pair_at: Callable[[Shape], Pair]
+    key: list
+
+
 def choose_alpha(alpha: float | str | None, pair: Pair, target: Shape, calibration: Calibration, seed: int,
-                 refine_steps: int, progress: ProgressCallback) -> AlphaChoice:
-    """"auto" (or None): the search on the dev rows; "proportional": by parameter count; a number as it is."""
+                 refine_steps: int, progress: ProgressCallback, knots: Knots | None = None) -> AlphaChoice:
+    """"auto" (or None): by the pair's knots when given and the target is on the size rule's path between two
+    anchors of different sizes, else the search at the target; "proportional": by parameter count; a number as
+    it is."""
     if alpha is None or alpha == "auto":
         if not has_tokenizer(pair.large.anchor.path):
             raise ValueError(f"alpha 'auto' scores candidates on dev rows, and {pair.large.anchor.path} has no "
                              "tokenizer files: add them, or give alpha as a number")
-        return search_alpha(pair, target, calibration, seed, refine_steps, progress)
+        fraction = path_fraction(pair.small.anchor, pair.large.anchor, target)
+        if knots is None or fraction is None:
+            return search_alpha(pair, target, calibration, seed, refine_steps, progress)
+        return search_by_knots(knots.pair_at, knot_shapes(pair.small.anchor, pair.large.anchor), fraction,
+                               calibration, seed, knots.key, cache_dir() / "alpha-knots", progress)
     small, large = pair.small.anchor, pair.large.anchor
     value = proportional_alpha(small.params, large.params, large.spec.architecture.num_params(target)) \
         if alpha == "proportional" else float(alpha)
     return AlphaChoice(uniform(value), value, math.nan, {})
 
 
-def _quality(choice: AlphaChoice, pair: Pair, target: Shape, calibration: Calibration, seed: int) -> dict:
+def path_fraction(small: Anchor, large: Anchor, target: Shape) -> float | None:
+    """How far `target` is from the smaller anchor to the larger, in parameter count, when it is the size rule's
+    shape for its count (solve_shape); None for a shape off that path or anchors of one size."""
+    arch = large.spec.architecture
+    params = arch.num_params(target)
+    if large.params == small.params or solve_shape(arch, small.shape, large.shape, params) != target:
+        return None
+    return (params - small.params) / (large.params - small.params)
+
+
+def knot_shapes(small: Anchor, large: Anchor) -> list[tuple[float, Shape, int]]:
+    """(fraction, shape, parameters) of each knot between the anchors, by the size rule; the fraction is the shape's
+    own (the rule's shapes are whole units: a knot lands near its nominal fraction)."""
+    arch = large.spec.architecture
+    gap = large.params - small.params
+    shapes = [solve_shape(arch, small.shape, large.shape, round(small.params + f * gap)) for f in KNOTS]
+    return [((arch.num_params(s) - small.params) / gap, s, arch.num_params(s)) for s in shapes]
+
+
+def _quality(choice: AlphaChoice, pair: Pair, target: Shape, calibration: Calibration, seed: int
+             ) -> tuple[AlphaChoice, dict]:
     """What a user sees of the model's quality before downloading it, on the dev rows: its loss against the larger
     anchor pruned to its size (alpha 0, the strongest simple baseline), the anchors' own, and uniform guessing. Not
-    measured for anchors without a tokenizer (weights only)."""
+    measured for anchors without a tokenizer (weights only). An alpha interpolated between knots that scores worse
+    than alpha 0 here gives way to alpha 0 (the grid at this size would have picked it over its own candidate), so
+    "auto", wherever it is scored, never hands out a model that loses to the baseline on the dev rows."""
     if not has_tokenizer(pair.large.anchor.path):
-        return {"skipped": "the larger anchor's folder has no tokenizer files"}
-    if choice.grid:
+        return choice, {"skipped": "the larger anchor's folder has no tokenizer files"}
+    if choice.grid:  # scored at this size by its grid
         dev_loss, alpha_0 = choice.dev_loss, choice.grid[0.0]
-    else:  # a requested alpha: score it and alpha 0 now
+    else:  # a requested or interpolated alpha: score it and alpha 0 now
         candidates = Candidates(pair, target, seed, calibration)
         dev_loss, alpha_0 = candidates.dev_loss(choice.alphas), candidates.dev_loss(uniform(0.0))
+        if choice.method == "knots":
+            fallback = {"alpha": choice.alpha, "dev_loss": dev_loss} if dev_loss > alpha_0 else {}
+            choice = replace(choice, dev_loss=min(dev_loss, alpha_0), fallback=fallback,
+                             **({"alpha": 0.0, "alphas": uniform(0.0)} if fallback else {}))
+            dev_loss = choice.dev_loss
     cache = cache_dir() / "dev-loss"
     uniform_loss = math.log(target.vocab_size)
-    return {"dev_loss": dev_loss, "alpha_0_dev_loss": alpha_0, "uniform_loss": uniform_loss,
-            "anchors_dev_loss": {role: anchor_dev_loss(term.anchor, calibration, cache, pair.large.anchor.path)
-                                 for role, term in (("small", pair.small), ("large", pair.large))},
-            "worse_than_alpha_0": dev_loss > alpha_0, "worse_than_uniform": dev_loss > uniform_loss,
-            "dev_rows": len(calibration.dev_rows) + len(calibration.dev_texts)}
+    return choice, {
+        "dev_loss": dev_loss, "alpha_0_dev_loss": alpha_0, "uniform_loss": uniform_loss,
+        "anchors_dev_loss": {role: anchor_dev_loss(term.anchor, calibration, cache, pair.large.anchor.path)
+                             for role, term in (("small", pair.small), ("large", pair.large))},
+        "worse_than_alpha_0": dev_loss > alpha_0, "worse_than_uniform": dev_loss > uniform_loss,
+        "dev_rows": len(calibration.dev_rows) + len(calibration.dev_texts)}
 
 
 def _provenance(init: str, anchors: list[Anchor], target: Shape, seed: int, dtype: torch.dtype, grow: str,

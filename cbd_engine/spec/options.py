@@ -6,6 +6,7 @@ beside its settings in spec/distill_config.py."""
 INITS = ("cbd", "random", "single", "learngene_auto", "learngene_van")  # baselines: materialization/baselines.py
 ALIGNMENTS = ("auto", "lineage", "hungarian", "none")  # auto: lineage when recorded, else hungarian
 ALPHA_MODES = ("auto", "proportional")  # or a number in [0, 1]: the weight of the smaller anchor
+ALPHA_SEARCHES = ("knots", "exact")  # how "auto" finds it: the pair's cached knots, or the grid at the size
 IMPORTANCES = ("activation", "magnitude")
 MIXES = ("unit", "paper")  # cbd_engine.materialization.mixing
 DTYPES = ("float32", "bfloat16", "float16")  # of a written model (io/checkpoint.py DTYPE_NAMES)

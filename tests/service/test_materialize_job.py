@@ -90,7 +90,7 @@ def test_a_materialization_reports_each_stage_and_the_models_quality(client: Tes
     model = client.get(f"/models/{created.json()['id']}").json()
     metrics = model["metrics"]
     assert model["alpha"] == metrics["alphas"]["mlp"] and model["alpha_request"] == "auto"
-    assert metrics["dev_loss"] <= metrics["alpha_0_dev_loss"]  # auto's grid holds alpha 0
+    assert metrics["dev_loss"] <= metrics["alpha_0_dev_loss"]  # auto, scored, never loses to alpha 0
     assert set(metrics["anchors_dev_loss"]) == set(metrics["anchors_validation_loss"]) == \
         {a["id"] for a in chain["anchors"]}
     assert metrics["validation_loss"] > 0 and "heal" not in metrics
