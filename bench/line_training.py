@@ -67,6 +67,12 @@ def teacher_and_student(work: Path, chain: str, args) -> tuple[Path, Path]:
     return work / chain / f"anchor-{index:02d}", work / chain / f"anchor-{index + 1:02d}"
 
 
+def teacher_name(chain: str, args) -> str:
+    """The source teaches both chains' first link ("teacher"); with --pair anchors each chain has its own anchor 1
+    (line training shapes it too)."""
+    return "teacher" if args.pair == "source" else f"{chain}-teacher"
+
+
 def build_chain_once(work: Path, name: str, args) -> None:
     """`name`'s chain (plain or line), unless built."""
     from cbd_engine.pipelines.chain import build_chain
@@ -180,7 +186,7 @@ def run(work: Path, args) -> None:
         build_chain_once(work, name, args)
         teacher, student = teacher_and_student(work, name, args)
         score(work, student, f"{name}-student", args)
-        score(work, teacher, "teacher", args)
+        score(work, teacher, teacher_name(name, args), args)
         for size in args.sizes:
             score(work, materialized(work, name, size, args), f"{name}-{size}", args)
     for size in args.baseline_sizes:
@@ -204,11 +210,13 @@ def report(work: Path, out: Path, args) -> None:
         return ModelSpec.from_config(read_config(folder)).num_params
 
     ends = {"teacher": params(teacher), "student": params(student)}
+    anchors = {"teacher": teacher, "plain-teacher": teacher, "plain-student": student,
+               "line-teacher": teacher_and_student(work, "line", args)[0],
+               "line-student": teacher_and_student(work, "line", args)[1]}
     rows = []
     for name in sorted(scores):
         arm, _, size = name.rpartition("-")
-        anchor = {"teacher": teacher, "plain-student": student,
-                  "line-student": teacher_and_student(work, "line", args)[1]}.get(name)
+        anchor = anchors.get(name)
         folder = anchor or work / "models" / name
         record = json.loads((folder / "cbd.json").read_text()) if anchor is None else {}
         row = {"model": name, "params": params(folder), "alpha": record.get("alpha"),
@@ -223,7 +231,7 @@ def report(work: Path, out: Path, args) -> None:
                     round(diff, 4), round(low, 4), round(high, 4)
             if arm in ("plain", "line") and anchor is None and f"{arm}-student" in scores:
                 row[f"{held_out}_straight_line"] = round(_straight_line(
-                    row["params"], ends, mean(scores["teacher"][held_out]),
+                    row["params"], ends, mean(scores[teacher_name(arm, args)][held_out]),
                     mean(scores[f"{arm}-student"][held_out])), 4)
         rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
@@ -240,7 +248,7 @@ def report(work: Path, out: Path, args) -> None:
 
 
 def _reference(name: str, scores: dict) -> str | None:
-    """line's models against plain's, the distilled and healed ones against line's (one size); line's student
+    """line's models against plain's, the distilled and healed ones against line's (one size); line's anchors
     against plain's."""
     arm, _, size = name.rpartition("-")
     wanted = {"line": f"plain-{size}", "distilled": f"line-{size}", "healed": f"line-{size}"}.get(arm)
