@@ -173,7 +173,7 @@ def identity(p: Landing, body: ModelCreate) -> str:
 # For estimates (FLOPs at the engine's figures per device, spec/estimate.py FLOPS_PER_SECOND): what the worker runs
 TOKENS_PER_ROW = 200  # a calibration, dev or validation row, prompt and response
 FIXED_PASSES = 4  # any alpha: the model and alpha 0 scored for its quality, and the anchors' own dev losses
-KNOT_PASSES = 21  # alpha "auto", the first time for a pair of anchors: 3 knots' grids of 7 (cached after)
+KNOT_PASSES = 14  # alpha "auto", the first time near a size: the 2 knots' grids of 7 beside it (cached after)
 
 
 def forward_seconds(params: int, tokens: float, flops_per_second: float) -> float:

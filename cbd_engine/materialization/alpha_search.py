@@ -5,8 +5,9 @@
    cached with the anchors' weights and the calibration; a size between knots takes the alpha interpolated
    linearly (in parameter count) between the neighbouring knots' best, with the anchors' own ends (alpha 1 at the
    smaller anchor's size is the smaller anchor itself, alpha 0 at the larger's the larger). So a chain's
-   materializations pay the pair's 3 x 7 dev passes once (about a minute per 100M knot on a 2-core CPU) and then
-   none: a forward pass per candidate cost ten 135M materializations here (docs/BENCHMARKS.md, "Auto alpha").
+   materializations pay each knot's 7 dev passes once (about a minute per 100M knot on a 2-core CPU; a size reads
+   only the one or two knots beside it, so the first model pays for at most two) and then none: a forward pass per
+   candidate cost ten 135M materializations here (docs/BENCHMARKS.md, "Auto alpha").
    Why it is enough: the best alpha moves smoothly with size, from 1 near the smaller anchor to 0 near the larger
    (docs/RESULTS.md, Figure 6 analogue), and the loss is flat near its best; bench/alpha_search.py measures the
    interpolated choice against the search at the size itself. A shape off the size rule's path (a given shape,
@@ -192,7 +193,7 @@ def search_by_knots(pair_at: Callable[[Shape], Pair], knots: list[tuple[float, S
     see the module docstring. knots: (fraction, shape, params) for each of KNOTS."""
     started = time.monotonic()
     records = []
-    for knot_fraction, shape, params in knots:
+    for knot_fraction, shape, params in bracketing(knots, fraction):
         def compute(shape: Shape = shape) -> dict:
             return search_alpha(pair_at(shape), shape, calibration, seed, 0, progress).to_dict()
 
@@ -202,6 +203,14 @@ def search_by_knots(pair_at: Callable[[Shape], Pair], knots: list[tuple[float, S
     alpha = interpolate_alpha([(r["fraction"], r["alpha"]) for r in records], fraction)
     return AlphaChoice(uniform(alpha), alpha, None, {}, dev_rows=len(calibration.dev_rows) + len(
         calibration.dev_texts), seconds=round(time.monotonic() - started, 2), method="knots", knots=records)
+
+
+def bracketing(knots: list[tuple[float, Shape, int]], fraction: float) -> list[tuple[float, Shape, int]]:
+    """The knots the interpolation at `fraction` reads: the nearest at or below it and at or above it (one where it
+    is a knot or lies beyond the last); a pair's first model pays for these grids only (7 or 14 dev passes)."""
+    below = [k for k in knots if k[0] <= fraction][-1:]
+    above = [k for k in knots if k[0] >= fraction][:1]
+    return below + [k for k in above if k not in below]
 
 
 def interpolate_alpha(knots: list[tuple[float, float]], fraction: float) -> float:

@@ -81,9 +81,10 @@ def test_a_materialization_reports_each_stage_and_the_models_quality(client: Tes
     progress_events.clear()
     created = client.post("/models", json={"chain": chain["id"], "size": midpoint(chain), "dtype": "float32"})
     assert run_pending(settings) == ["succeeded"]
-    reported = stages(progress_events)  # a pair's first auto model plans and searches each of its 3 knots
-    assert reported == ["starting", *["importance", "alpha search"] * 3, "materialize", "publish", "validation",
-                        "samples"]
+    reported = stages(progress_events)  # a pair's first auto model plans and searches the knots beside its size
+    knots = (len(reported) - 5) // 2
+    assert knots in (1, 2) and reported == ["starting", *["importance", "alpha search"] * knots, "materialize",
+                                            "publish", "validation", "samples"]
     validation = [event for event in progress_events if event[0] == "validation"]
     assert validation[0][1] == 0 and validation[-1][1] == settings.validation_rows  # row by row
     assert {status for *_, status in validation} == {"running"}  # reported while the job runs
