@@ -285,11 +285,12 @@ def _quality(choice: AlphaChoice, pair: Pair, target: Shape, calibration: Calibr
     else:  # a requested or interpolated alpha: score it and alpha 0 now
         candidates = Candidates(pair, target, seed, calibration)
         dev_loss, alpha_0 = candidates.dev_loss(choice.alphas), candidates.dev_loss(uniform(0.0))
+        if choice.method == "knots" and dev_loss > alpha_0:
+            choice = replace(choice, alpha=0.0, alphas=uniform(0.0),
+                             fallback={"alpha": choice.alpha, "dev_loss": dev_loss})
+            dev_loss = alpha_0
         if choice.method == "knots":
-            fallback = {"alpha": choice.alpha, "dev_loss": dev_loss} if dev_loss > alpha_0 else {}
-            choice = replace(choice, dev_loss=min(dev_loss, alpha_0), fallback=fallback,
-                             **({"alpha": 0.0, "alphas": uniform(0.0)} if fallback else {}))
-            dev_loss = choice.dev_loss
+            choice = replace(choice, dev_loss=dev_loss)
     cache = cache_dir() / "dev-loss"
     uniform_loss = math.log(target.vocab_size)
     return choice, {
