@@ -34,17 +34,19 @@ from quality import HELD_OUT, mean
 
 DATASET = {"path": str(HELD_OUT["dolly"]), "prompt_format": "alpaca"}
 LINE = {"kind": "line", "weight": 1.0, "points": 4}
+NESTED = {"kind": "nested", "weight": 1.0}
+TRAINED = {"line": LINE, "nested": NESTED}  # the chains besides "plain", by their distillation.interpolation
 
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.1f}] {message}", flush=True)
 
 
-def chain_spec(args, line: bool) -> dict:
+def chain_spec(args, kind: str) -> dict:
     anchors = [{"size": "100M"}] if args.pair == "source" else [{"size": "100M"}, {"size": "70M"}]
     distillation = {"steps": args.steps, "batch_size": 4, "max_length": args.max_length, "seed": 0,
                     "eval_every": args.eval_every, "eval_rows": args.eval_rows,
-                    **({"interpolation": LINE} if line else {})}
+                    **({"interpolation": TRAINED[kind]} if kind in TRAINED else {})}
     return {"source": "zoo:smollm2-135m-instruct", "bridge": None, "anchors": anchors, "dataset": DATASET,
             "distillation": distillation, "device": "cpu"}
 
@@ -74,17 +76,32 @@ def teacher_name(chain: str, args) -> str:
 
 
 def build_chain_once(work: Path, name: str, args) -> None:
-    """`name`'s chain (plain or line), unless built."""
+    """`name`'s chain (plain, line or nested), unless built. Nested training starts at the second link (the source
+    never changes), so with --pair anchors the nested chain's first link is the plain chain's, copied once built."""
     from cbd_engine.pipelines.chain import build_chain
 
     folder = work / name
     student = teacher_and_student(work, name, args)[1]
     if (student / "metrics.json").is_file():
         return
+    if name == "nested" and args.pair == "anchors":
+        _first_link_of_plain(work, folder)
     log(f"chain {name}")
     started = time.monotonic()
-    build_chain(chain_spec(args, name == "line"), folder, resume=True, progress=_progress())
+    build_chain(chain_spec(args, name), folder, resume=True, progress=_progress())
     (student / "seconds.json").write_text(json.dumps({"seconds": time.monotonic() - started}))
+
+
+def _first_link_of_plain(work: Path, folder: Path) -> None:
+    """The plain chain's anchors 0 and 1 (the same spec up to anchor 1, deterministic on CPU), waited for."""
+    import shutil
+
+    plain = work / "plain"
+    while not (plain / "anchor-01" / "metrics.json").is_file():
+        time.sleep(30)
+    for anchor in ("anchor-00", "anchor-01"):
+        if not (folder / anchor).exists():
+            shutil.copytree(plain / anchor, folder / anchor)
 
 
 def _progress():
@@ -110,15 +127,20 @@ def materialized(work: Path, chain: str, size: str, args) -> Path:
     return out
 
 
-def equal_compute_steps(teacher: Path, student: Path, size_params: int, steps: int) -> int:
-    """Heal steps whose passes equal line training's extra ones. A line step adds a forward and backward of the mixed
-    model (about 3 x its parameters in multiply-adds per token; the mean of the line's target sizes); a heal step is
-    a teacher forward (1 x) and a student forward and backward (3 x)."""
+def equal_compute_steps(teacher: Path, student: Path, size_params: int, steps: int, kind: str = "line") -> int:
+    """Heal steps whose passes equal the trained path's extra ones. A line step adds a forward and backward of the
+    mixed model (about 3 x its parameters in multiply-adds per token; the mean of the line's target sizes); a nested
+    step adds the teacher's own forward and backward and a random width's (its mean size: the anchors' mean), the
+    smallest width's standing for the plain student's; a heal step is a teacher forward (1 x) and a student forward
+    and backward (3 x)."""
     from cbd_engine.spec.chain import InterpolationSpec
     from cbd_engine.spec.families import ModelSpec, read_config
     from cbd_engine.spec.shapes import solve_shape
 
     large, small = ModelSpec.from_config(read_config(teacher)), ModelSpec.from_config(read_config(student))
+    if kind == "nested":
+        extra = 3 * large.num_params + 3 * (large.num_params + small.num_params) / 2
+        return round(steps * extra / (large.num_params + 3 * size_params))
     arch = large.architecture
     sizes = [arch.num_params(solve_shape(arch, small.shape, large.shape,
                                          round(small.num_params + f * (large.num_params - small.num_params))))
@@ -135,25 +157,27 @@ def trained_models(work: Path, size: str, args) -> None:
     from cbd_engine.spec.chain import distillation_settings
     from cbd_engine.spec.distill_config import DistillConfig
     from cbd_engine.spec.families import ModelSpec, read_config
+    from cbd_engine.spec.shapes import parse_size, solve_shape
 
-    teacher = teacher_and_student(work, "plain", args)[0]
+    teacher, student = teacher_and_student(work, "plain", args)
     models = work / "models"
-    plain = materialized(work, "plain", size, args)
-    config = DistillConfig.from_dict(distillation_settings(chain_spec(args, False)))
+    config = DistillConfig.from_dict(distillation_settings(chain_spec(args, "plain")))
     distilled = models / f"distilled-{size}"
-    if not distilled.exists():
+    if "distilled" in args.arms and not distilled.exists():
         data = ChainData.load(DATASET, teacher, config)
         pruned = models / f"distilled-{size}.pruned"
-        if not pruned.exists():  # the plain model's shape, cut from the teacher as the chain cuts an anchor
-            materialize(pruned, large=teacher, shape=ModelSpec.from_config(read_config(plain)).shape,
-                        calibration=data.calibration, dtype="float32")
+        if not pruned.exists():  # the size's shape between the anchors, cut from the teacher as the chain cuts one
+            large, small = (ModelSpec.from_config(read_config(folder)) for folder in (teacher, student))
+            shape = solve_shape(large.architecture, small.shape, large.shape, parse_size(size))
+            materialize(pruned, large=teacher, shape=shape, calibration=data.calibration, dtype="float32")
         log(f"distill {size} from the teacher, {config.steps} steps")
         distill(teacher, pruned, data.examples, distilled, config, resume=True, stage=f"distilled {size}")
-    healed = models / f"healed-{size}"
-    if not healed.exists():
+    healed = models / f"healed-{args.compare}-{size}"
+    if "healed" in args.arms and not healed.exists():
+        plain = materialized(work, "plain", size, args)
         steps = equal_compute_steps(teacher, teacher_and_student(work, "plain", args)[1],
-                                    ModelSpec.from_config(read_config(plain)).num_params, config.steps)
-        log(f"heal plain {size} from the teacher, {steps} steps (equal compute)")
+                                    ModelSpec.from_config(read_config(plain)).num_params, config.steps, args.compare)
+        log(f"heal plain {size} from the teacher, {steps} steps (compute equal to {args.compare})")
         heal(plain, teacher, healed, steps, dataset=DATASET, config=config, resume=True)
 
 
@@ -191,8 +215,9 @@ def run(work: Path, args) -> None:
             score(work, materialized(work, name, size, args), f"{name}-{size}", args)
     for size in args.baseline_sizes:
         trained_models(work, size, args)
-        for arm in ("distilled", "healed"):
-            score(work, work / "models" / f"{arm}-{size}", f"{arm}-{size}", args)
+        for arm in args.arms:
+            name = f"healed-{args.compare}-{size}" if arm == "healed" else f"{arm}-{size}"
+            score(work, work / "models" / name, name, args)
     log("done")
 
 
@@ -277,8 +302,12 @@ def _cost(folder: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("run", "chain", "report"))
-    parser.add_argument("--chains", nargs="+", default=["plain", "line"], choices=("plain", "line"),
+    parser.add_argument("--chains", nargs="*", default=["plain", "line"], choices=("plain", "line", "nested"),
                         help="the chains this process builds")
+    parser.add_argument("--compare", choices=sorted(TRAINED), default="line",
+                        help="the trained chain the baselines are compared with (and the heal's compute matches)")
+    parser.add_argument("--arms", nargs="+", default=["distilled", "healed"], choices=("distilled", "healed"),
+                        help="the baselines this process makes at --baseline-sizes")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cbd-line"))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "results")
     parser.add_argument("--pair", choices=("source", "anchors"), default="source",

@@ -13,8 +13,8 @@ from distill_helpers import dolly_examples, tiny_with_tokenizer
 from cbd_engine.data.batches import collate
 from cbd_engine.data.calibration import Calibration
 from cbd_engine.data.rows import read_instruction_rows
-from cbd_engine.distillation.interpolation import LineTraining, line_target
-from cbd_engine.distillation.step import LineStep, StudentLoss, accumulate_gradients
+from cbd_engine.distillation.interpolation import LineStep, LineTraining, line_target
+from cbd_engine.distillation.step import StudentLoss, accumulate_gradients
 from cbd_engine.materialization.anchor import Anchor
 from cbd_engine.materialization.recipe import materialize
 from cbd_engine.nn.loading import load_model, load_tokenizer, output_head
@@ -100,9 +100,9 @@ def test_gradients_reach_the_student_and_not_the_teacher(pair, calibration):
 
     def grads(step: LineStep | None) -> dict[str, torch.Tensor]:
         student = load_model(student_dir)
-        *_, line_sum = accumulate_gradients(StudentLoss(student, config.loss_config), teacher, [batch], config, CPU,
-                                            False, False, step)
-        assert (line_sum > 0) == (step is not None)
+        *_, path_sums = accumulate_gradients(StudentLoss(student, config.loss_config), teacher, [batch], config, CPU,
+                                             False, False, step)
+        assert (path_sums.get("line", 0) > 0) == (step is not None)
         return {name: p.grad.clone() for name, p in student.named_parameters()}
 
     plain, with_line = grads(None), grads(LineStep(line, line.targets[0]))
@@ -121,7 +121,7 @@ def test_spec_checks_the_option():
     assert estimate_chain_seconds(line) > estimate_chain_seconds(base)  # the mix's passes are counted
     spec = parse_spec({**base, "distillation": {"interpolation": {"kind": "line", "weight": 0.5}}})
     assert spec.interpolation == InterpolationSpec("line", 0.5, 4)
-    for bad, match in (({"kind": "nested"}, "kind"), ({"kind": "line", "weight": 0}, "weight"),
+    for bad, match in (({"kind": "slimmable"}, "kind"), ({"kind": "line", "weight": 0}, "weight"),
                        ({"kind": "line", "points": 0}, "points"), ({"kind": "line", "alpha": 1}, "unknown")):
         with pytest.raises(ValueError, match=match):
             parse_spec({**base, "distillation": {"interpolation": bad}})

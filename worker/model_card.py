@@ -121,10 +121,7 @@ def model_card(model: Model, chain: Chain, small: Anchor, large: Anchor, large_d
            f"mixing its anchors {small.id} and {large.id}" if mixed else
            f"{'expanding the smaller' if provenance.get('alpha') == 1.0 else 'pruning the larger'} anchor")
     trained = provenance.get("interpolation_training")
-    path = ("not trained: the anchors were distilled alone" if not trained else
-            f"trained while the smaller anchor was distilled ({trained['kind']} training, weight {trained['weight']}, "
-            f"{trained['points']} sizes); this model's {model.mix} mix "
-            + ("is the one trained" if trained["matches_mix"] else "is not the one trained (unit)"))
+    path = _trained_path(trained, model.mix)
     card = ModelCard.from_template(
         data, template_str=TEMPLATE, model_id=model.id, chain=chain.id, source=chain.source,
         model_name=f"cbd/{model.id}", family=provenance.get("family", ""), how=how, params=f"{model.params:,}",
@@ -134,3 +131,15 @@ def model_card(model: Model, chain: Chain, small: Anchor, large: Anchor, large_d
         quality=quality, path=path,
         onnx=read_config(folder).get("model_type") in ONNX_ARCHITECTURES)  # ONNX: Llama family
     return str(card)
+
+
+def _trained_path(trained: dict | None, mix: str) -> str:
+    """How the path between the anchors was trained (the materializer's `interpolation_training` record)."""
+    if not trained:
+        return "not trained: the anchors were distilled alone"
+    if trained["kind"] == "nested":
+        return ("trained as nested widths while the smaller anchor was distilled (the sandwich rule, random width "
+                f"weight {trained['weight']}); this model is the larger anchor's first units, a width trained as such")
+    return (f"trained while the smaller anchor was distilled ({trained['kind']} training, weight {trained['weight']}, "
+            f"{trained['points']} sizes); this model's {mix} mix "
+            + ("is the one trained" if trained["matches_mix"] else "is not the one trained (unit)"))

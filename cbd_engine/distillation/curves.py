@@ -7,7 +7,9 @@ from pathlib import Path
 
 CURVE_FIELDS = ("step", "tokens", "loss", "divergence", "cross_entropy", "learning_rate", "grad_norm",
                 "tokens_per_second", "dev_loss", "rouge_l", "validation_loss", "seconds", "line_divergence",
-                "line_params")  # line_*: line training's mixed model of the step (distillation/interpolation.py)
+                "line_params",  # line training's mixed model of the step (distillation/interpolation.py)
+                "smallest_divergence", "random_divergence", "random_params",  # nested training's widths (nested.py)
+                "dev_loss_largest", "dev_loss_smallest")
 
 
 def write_curves(history: list[dict], folder: Path, title: str = "distillation") -> None:

@@ -49,10 +49,11 @@ from cbd_engine.data.calibration import Calibration
 from cbd_engine.materialization.anchor import Anchor, Term
 from cbd_engine.materialization.planning import ImportanceSource, plan_pair
 from cbd_engine.materialization.recipe import proportional_alpha
-from cbd_engine.materialization.transforms import row_index
+from cbd_engine.materialization.transforms import Plan, row_index
 from cbd_engine.nn.loading import output_head
 from cbd_engine.nn.losses import LossConfig, chunked_token_losses
 from cbd_engine.spec.chain import InterpolationSpec
+from cbd_engine.spec.families import TensorSpec
 from cbd_engine.spec.shapes import Shape, solve_shape
 
 
@@ -96,14 +97,20 @@ class LineTarget:
     def hidden_states(self, student: dict[str, torch.Tensor], input_ids: torch.Tensor,
                       attention_mask: torch.Tensor) -> tuple[torch.Tensor, nn.Module]:
         """The mixed model's final hidden states and its output layer (the mixed head weight as its one input)."""
-        params = self.parameters_with(student)
-        base = self.model.base_model
-        prefix = self.model.base_model_prefix + "."
-        inside = {name[len(prefix):]: value for name, value in params.items() if name.startswith(prefix)}
-        hidden = functional_call(base, inside, args=(), kwargs={"input_ids": input_ids,
-                                                                "attention_mask": attention_mask}).last_hidden_state
-        head_name = _parameter_name(self.model, output_head(self.model).weight)
-        return hidden, ComputedHead(params.get(head_name, output_head(self.model).weight))
+        return functional_hidden_states(self.model, self.parameters_with(student), input_ids, attention_mask)
+
+
+def functional_hidden_states(model: nn.Module, params: dict[str, torch.Tensor], input_ids: torch.Tensor,
+                             attention_mask: torch.Tensor) -> tuple[torch.Tensor, nn.Module]:
+    """`model` run with `params` in place of its own parameters (those not given: its own): the final hidden states
+    and the output layer, its weight the given head tensor when there is one."""
+    base = model.base_model
+    prefix = model.base_model_prefix + "."
+    inside = {name[len(prefix):]: value for name, value in params.items() if name.startswith(prefix)}
+    hidden = functional_call(base, inside, args=(), kwargs={"input_ids": input_ids,
+                                                            "attention_mask": attention_mask}).last_hidden_state
+    head = output_head(model).weight
+    return hidden, ComputedHead(params.get(_parameter_name(model, head), head))
 
 
 class ComputedHead(nn.Module):
@@ -149,18 +156,34 @@ class LineTraining:
                 "targets": [{"shape": t.shape.to_dict(), "params": t.params, "alpha": round(t.alpha, 4)}
                             for t in self.targets]}
 
-    def pick(self, rng: random.Random) -> LineTarget:
-        return self.targets[rng.randrange(len(self.targets))]
+    def step(self, rng: random.Random) -> LineStep:
+        """This step's part: one target, drawn by `rng`."""
+        return LineStep(self, self.targets[rng.randrange(len(self.targets))])
 
-    def divergence_sum(self, target: LineTarget, student: nn.Module, input_ids: torch.Tensor,
-                       attention_mask: torch.Tensor, scored: torch.Tensor, targets: torch.Tensor, teacher_hidden,
-                       teacher_head: nn.Module | None, config: LossConfig) -> torch.Tensor:
+
+@dataclass
+class LineStep:
+    """Line training's part of one step (distillation/step.py adds its weighted sums to the loss): the mixed model of
+    the drawn target against the teacher."""
+
+    training: LineTraining
+    target: LineTarget
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {"line": self.training.spec.weight}
+
+    def stats(self) -> dict:
+        return {"line_params": self.target.params}
+
+    def sums(self, student: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, scored: torch.Tensor,
+             targets: torch.Tensor, teacher_hidden, teacher_head: nn.Module | None, student_hidden: torch.Tensor,
+             config: LossConfig) -> dict[str, torch.Tensor]:
         """The sum over scored tokens of the mixed model's divergence from the teacher (differentiable)."""
-        live = dict(student.named_parameters())
-        hidden, head = target.hidden_states(live, input_ids, attention_mask)
+        hidden, head = self.target.hidden_states(dict(student.named_parameters()), input_ids, attention_mask)
         divergence, _ = chunked_token_losses(hidden[scored], head, targets, teacher_hidden, teacher_head, config,
                                              need_ce=False)
-        return divergence
+        return {"line": divergence}
 
 
 def line_target(small_anchor: Anchor, large_anchor: Anchor, shape: Shape, alpha: float, calibration: Calibration,
@@ -184,17 +207,24 @@ def line_target(small_anchor: Anchor, large_anchor: Anchor, shape: Shape, alpha:
             raise ValueError(f"{name}: the target is not inside the larger anchor's shape")
         state[name] = s
         present = small.presence(s.shape, tensor_spec, layer_index)
-        if not bool(present.any()):
-            continue
-        layer = small.plan.layers[layer_index] if layer_index is not None else None
-        source = tensor_spec.name.format(layer=layer.source) if layer is not None else tensor_spec.name
-        index = [None if i is None else i.clamp(min=0).to(device)
-                 for i in (row_index(axes, small.plan, layer, small.anchor.shape) for axes in tensor_spec.dims)]
-        mixed[name] = MixedTensor(source, index, None if bool(present.all()) else present.to(device))
+        if bool(present.any()):
+            mixed[name] = gather_of(tensor_spec, small.plan, layer_index, small.anchor.shape, device,
+                                    None if bool(present.all()) else present.to(device))
     model.load_state_dict(state, strict=False)
     if shape.tie_word_embeddings:
         model.tie_weights()
     return LineTarget(shape, arch.num_params(shape), alpha, model.to(device).requires_grad_(False), mixed)
+
+
+def gather_of(spec: TensorSpec, plan: Plan, layer_index: int | None, source: Shape, device: torch.device,
+              mask: torch.Tensor | None = None) -> MixedTensor:
+    """The gather that takes one tensor of a model of shape `source` to its place in the target `plan` leads to (new
+    rows read row 0: `mask` hides them)."""
+    layer = plan.layers[layer_index] if layer_index is not None else None
+    name = spec.name.format(layer=layer.source) if layer is not None else spec.name
+    index = [None if i is None else i.clamp(min=0).to(device)
+             for i in (row_index(axes, plan, layer, source) for axes in spec.dims)]
+    return MixedTensor(name, index, mask)
 
 
 def _parameter_name(model: nn.Module, parameter: torch.Tensor) -> str:

@@ -49,9 +49,10 @@ from cbd_engine.distillation.checkpoints import (
 from cbd_engine.distillation.curves import write_curves
 from cbd_engine.distillation.interpolation import LineTraining
 from cbd_engine.distillation.minillm import PolicyDistillation
+from cbd_engine.distillation.nested import NestedTraining
 from cbd_engine.distillation.on_policy import sample_responses
 from cbd_engine.distillation.selection import evaluate_and_keep_best, rouge_l_of, rouge_prompts_and_references
-from cbd_engine.distillation.step import LineStep, StudentLoss, accumulate_gradients, lr_lambda
+from cbd_engine.distillation.step import StudentLoss, accumulate_gradients, lr_lambda
 from cbd_engine.distillation.teacher_cache import CacheSettings, TeacherCache, build_teacher_cache, teacher_cache_folder
 from cbd_engine.io.atomic import atomic_output_dir
 from cbd_engine.io.checkpoint import copy_side_files
@@ -63,6 +64,8 @@ from cbd_engine.nn.validation import examples_loss
 from cbd_engine.spec.distill_config import DistillConfig
 from cbd_engine.spec.progress import Cancelled, ProgressCallback, StageTimer, no_progress
 
+TrainedPath = LineTraining | NestedTraining  # distillation.interpolation's kinds
+
 
 @dataclass
 class DistillResult:
@@ -73,17 +76,17 @@ class DistillResult:
 def distill(teacher_dir: str | Path | None, student_dir: str | Path, data: Splits, out: str | Path,
             config: DistillConfig, *, work_dir: str | Path | None = None, resume: bool = False,
             stage: str = "distill", provenance: dict | None = None, progress: ProgressCallback = no_progress,
-            should_stop: Callable[[], bool] | None = None, line: LineTraining | None = None) -> DistillResult:
+            should_stop: Callable[[], bool] | None = None, path: TrainedPath | None = None) -> DistillResult:
     """Distill `student_dir` from `teacher_dir` (None, or loss "ce": plain fine-tuning) on `data` (encoded examples
     by split) and write the best student (by dev loss; the last one when there are no dev rows) to `out` as a Hugging
     Face folder. `work_dir` holds checkpoints; with `resume` a run continues from its last one. Raises Cancelled
-    when `should_stop()` says so (checked every step). `line`: line training between teacher and student
-    (interpolation.py), off-policy only."""
+    when `should_stop()` says so (checked every step). `path`: the path between teacher and student trained in the
+    same steps (line: interpolation.py; nested widths: nested.py), off-policy only."""
     out, student_dir = Path(out), Path(student_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output folder {out} exists and is not empty")
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
-    run = Run.setup(teacher_dir, student_dir, data, config, stage, progress, line)  # 1. models, optimizer, data
+    run = Run.setup(teacher_dir, student_dir, data, config, stage, progress, path)  # 1. models, optimizer, data
     state = run.start(work, resume)  # 2. validation before training, or the last checkpoint
     timer = StageTimer(stage, config.steps, progress)
     timer.update(state["step"], state["history"][-1].get("loss") if state["history"] else None)
@@ -128,7 +131,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     rouge_set: tuple[list[str], list[str]]
-    line: LineTraining | None = None
+    path: TrainedPath | None = None
     plans: dict[int, list[list[int]]] = field(default_factory=dict)
 
     @property
@@ -141,7 +144,7 @@ class Run:
 
     @classmethod
     def setup(cls, teacher_dir: str | Path | None, student_dir: Path, data: Splits, config: DistillConfig, stage: str,
-              progress: ProgressCallback, line: LineTraining | None = None) -> Run:
+              progress: ProgressCallback, path: TrainedPath | None = None) -> Run:
         device = resolve_device(config.device)
         init_distributed(device)
         world_size = world()[1]
@@ -157,9 +160,9 @@ class Run:
         ce_only = config.loss == "ce" or teacher_dir is None
         if config.mode == "minillm" and ce_only:
             raise ValueError("mode minillm needs a teacher")
-        if line is not None and (ce_only or config.mode != "off_policy" or config.fsdp):
-            raise ValueError("line training needs a teacher, mode off_policy and no FSDP (the mix gathers whole "
-                             "parameters)")
+        if path is not None and (ce_only or config.mode != "off_policy" or config.fsdp):
+            raise ValueError("a trained path (distillation.interpolation) needs a teacher, mode off_policy and no "
+                             "FSDP (its models gather whole parameters)")
 
         tokenizer = load_tokenizer(student_dir)
         _seed_everything(config.seed, 0)
@@ -182,7 +185,7 @@ class Run:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
         rouge_set = rouge_prompts_and_references(tokenizer, dev[: config.rouge_rows])
         return cls(config, device, bf16, ce_only, train, dev, valid, tokenizer, student, teacher, student_loss, fsdp,
-                   policy, optimizer, scheduler, rouge_set, line)
+                   policy, optimizer, scheduler, rouge_set, path)
 
     def start(self, work: Path, resume: bool) -> dict:
         """The run's state: from its last checkpoint when resuming, else fresh, with the numbers before training."""
@@ -226,20 +229,20 @@ class Run:
         micro = config.micro_batch_size or config.batch_size // self.world_size
         pad_id = pad_id_of(self.tokenizer)
         batches = [collate(examples[i : i + micro], pad_id) for i in range(0, len(examples), micro)]
-        # the line's target: one per step for every rank (drawn from (seed, step) alone, not the rank's generator)
-        line = LineStep(self.line, self.line.pick(random.Random(config.seed * 1_000_003 + step))) \
-            if self.line is not None else None
-        div_total, ce_total, global_tokens, global_reference, line_total = accumulate_gradients(
-            self.student_loss, self.teacher, batches, config, self.device, self.bf16, self.ce_only, line)
+        # the path's draw: one per step for every rank (from (seed, step) alone, not the rank's generator)
+        path = self.path.step(random.Random(config.seed * 1_000_003 + step)) if self.path is not None else None
+        div_total, ce_total, global_tokens, global_reference, path_totals = accumulate_gradients(
+            self.student_loss, self.teacher, batches, config, self.device, self.bf16, self.ce_only, path)
         divergence = div_total / max(global_tokens, 1)
         cross_entropy = ce_total / max(global_reference, 1)
         stats = {"loss": cross_entropy if self.ce_only else divergence + config.ce_weight * cross_entropy,
                  "divergence": None if self.ce_only else divergence,
                  "cross_entropy": cross_entropy if (self.ce_only or config.ce_weight) else None}
-        if line is not None:
-            stats["line_divergence"] = line_total / max(global_tokens, 1)
-            stats["line_params"] = line.target.params
-            stats["loss"] += self.line.spec.weight * stats["line_divergence"]
+        for part, total in path_totals.items():
+            stats[f"{part}_divergence"] = total / max(global_tokens, 1)
+            stats["loss"] += path.weights[part] * stats[f"{part}_divergence"]
+        if path is not None:
+            stats.update(path.stats())
         return stats, sum(b.num_tokens for b in batches) * self.world_size
 
     def examples(self, step: int) -> list[Example]:
@@ -261,10 +264,16 @@ class Run:
                              self.bf16, through=through)
 
     def validate(self) -> dict:
-        """The selection's numbers, on the dev rows (none: nothing to select by, the last step is kept)."""
+        """The selection's numbers, on the dev rows (none: nothing to select by, the last step is kept); nested
+        widths: the mean of the whole model's and its smallest width's dev loss (nested.py)."""
         if not self.dev:
             return {}
         result = {"dev_loss": self.loss_on(self.dev)}
+        if isinstance(self.path, NestedTraining):
+            smallest = examples_loss(self.path.module_at(self.student, self.path.smallest), self.dev,
+                                     pad_id_of(self.tokenizer), self.config.eval_batch_size, self.bf16)
+            result = {"dev_loss": (result["dev_loss"] + smallest) / 2, "dev_loss_largest": result["dev_loss"],
+                      "dev_loss_smallest": smallest}
         if self.config.select_by == "rouge_l":
             with autocast_for(self.device, self.bf16), unsharded_root(self.student_loss):
                 result["rouge_l"] = rouge_l_of(self.student, self.tokenizer, *self.rouge_set, self.config)
@@ -286,6 +295,7 @@ class Run:
             "validation_loss_before": before["validation_loss"], "validation_loss": validation,
             "dev_loss_before": before.get("dev_loss"), "dev_loss": best.get("dev_loss"),
             "dev_loss_final_step": final.get("dev_loss"), "best_step": state["best_step"],
+            **{key: value for key, value in best.items() if key.startswith("dev_loss_")},  # nested: by width
             "selected_by": config.select_by if self.dev else "last step (no dev rows)",
             "rows": {"train": len(self.train), "dev": len(self.dev), "validation": len(self.valid)},
             **({"rouge_l_before": before["rouge_l"], "rouge_l": best["rouge_l"]}

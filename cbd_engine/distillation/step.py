@@ -6,14 +6,12 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from cbd_engine.data.batches import IGNORE, Batch, next_token_targets
-from cbd_engine.distillation.interpolation import LineTarget, LineTraining
 from cbd_engine.distillation.teacher_cache import TeacherCache
 from cbd_engine.nn.device import autocast_for
 from cbd_engine.nn.distributed import all_reduce_sum, world
@@ -42,11 +40,25 @@ def teacher_hidden_states(teacher: nn.Module, batch: Batch, scored: torch.Tensor
     return hidden_states(teacher, batch.input_ids, batch.attention_mask)[scored]
 
 
+class PathStep(Protocol):
+    """A trained path's part of one step (interpolation.py's line, nested.py's widths): divergence sums by part,
+    each part's weight in the loss, and the step's own numbers for the loss curve."""
+
+    @property
+    def weights(self) -> dict[str, float]: ...
+
+    def stats(self) -> dict: ...
+
+    def sums(self, student: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, scored: torch.Tensor,
+             targets: torch.Tensor, teacher_hidden, teacher_head: nn.Module | None, student_hidden: torch.Tensor,
+             config: LossConfig) -> dict[str, torch.Tensor]: ...
+
+
 def batch_loss_sums(student_loss: nn.Module, teacher: nn.Module | TeacherCache | None, batch: Batch, ce_only: bool,
-                    need_ce: bool = True, line: LineStep | None = None,
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(divergence sum over all scored tokens, cross-entropy sum over reference-response tokens, and with `line` the
-    divergence sum of the step's mixed model, interpolation.py) of one batch."""
+                    need_ce: bool = True, path: PathStep | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(divergence sum over all scored tokens, cross-entropy sum over reference-response tokens, and with `path` its
+    divergence sums by part) of one batch."""
     targets = next_token_targets(batch.labels)
     scored = targets != IGNORE
     ce_targets = torch.where(batch.reference[:, None], targets, torch.full_like(targets, IGNORE))
@@ -56,57 +68,49 @@ def batch_loss_sums(student_loss: nn.Module, teacher: nn.Module | TeacherCache |
     elif not ce_only and teacher is not None:
         teacher_hidden, teacher_head = teacher_hidden_states(teacher, batch, scored), output_head(teacher)
 
-    def sums(student: nn.Module, config: LossConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def sums(student: nn.Module, config: LossConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         hidden = hidden_states(student, batch.input_ids, batch.attention_mask)[scored]
         div_sum, ce_sum = chunked_token_losses(hidden, output_head(student), ce_targets[scored], teacher_hidden,
                                                teacher_head, config, need_ce or ce_only)
-        if line is None or ce_only:
-            return div_sum, ce_sum, None
-        line_sum = line.training.divergence_sum(line.target, student, batch.input_ids, batch.attention_mask, scored,
-                                                ce_targets[scored], teacher_hidden, teacher_head, config)
-        return div_sum, ce_sum, line_sum
+        if path is None or ce_only:
+            return div_sum, ce_sum, {}
+        return div_sum, ce_sum, path.sums(student, batch.input_ids, batch.attention_mask, scored, ce_targets[scored],
+                                          teacher_hidden, teacher_head, hidden, config)
 
     return student_loss(sums)
 
 
-@dataclass
-class LineStep:
-    """Line training's part of one step: the line and the target drawn for this step (interpolation.py)."""
-
-    training: LineTraining
-    target: LineTarget
-
-
 def accumulate_gradients(student_loss: nn.Module, teacher: nn.Module | TeacherCache | None, batches: list[Batch],
                          config: DistillConfig, device: torch.device, bf16: bool, ce_only: bool,
-                         line: LineStep | None = None) -> tuple[float, float, float, float, float]:
+                         path: PathStep | None = None) -> tuple[float, float, float, float, dict[str, float]]:
     """Backward over this rank's micro-batches of one step. Each micro-batch contributes its loss *sums* divided by
     the token counts of the whole global batch (all micro-batches, all ranks), so the accumulated gradient is the
-    same for any split into ranks and micro-batches. With `line`, the mixed model's divergence joins the loss at its
-    weight. Returns global (divergence sum, cross-entropy sum, scored tokens, reference tokens, the mixed model's
-    divergence sum)."""
+    same for any split into ranks and micro-batches. With `path`, each of its parts' divergence joins the loss at its
+    weight. Returns global (divergence sum, cross-entropy sum, scored tokens, reference tokens, the path's divergence
+    sums by part)."""
     world_size = world()[1]
     local = [sum(b.num_response_tokens for b in batches), sum(b.num_reference_tokens for b in batches)]
     global_tokens, global_reference = all_reduce_sum(local, device)
-    div_total, ce_total, line_total = 0.0, 0.0, 0.0
+    div_total, ce_total = 0.0, 0.0
+    path_totals = dict.fromkeys(path.weights if path is not None else (), 0.0)
     for index, batch in enumerate(batches):
         batch = batch.to(device)
         defer_sync = world_size > 1 and index < len(batches) - 1 and hasattr(student_loss, "no_sync")
         with student_loss.no_sync() if defer_sync else contextlib.nullcontext(), autocast_for(device, bf16):
-            div_sum, ce_sum, line_sum = batch_loss_sums(student_loss, teacher, batch, ce_only,
-                                                        need_ce=config.ce_weight > 0, line=line)
+            div_sum, ce_sum, path_sums = batch_loss_sums(student_loss, teacher, batch, ce_only,
+                                                         need_ce=config.ce_weight > 0, path=path)
             if ce_only:
                 loss = ce_sum / max(global_reference, 1)
             else:
                 loss = div_sum / max(global_tokens, 1) + config.ce_weight * ce_sum / max(global_reference, 1)
-            if line_sum is not None:
-                loss = loss + line.training.spec.weight * line_sum / max(global_tokens, 1)
-                line_total += float(line_sum.detach())
+            for part, part_sum in path_sums.items():
+                loss = loss + path.weights[part] * part_sum / max(global_tokens, 1)
+                path_totals[part] += float(part_sum.detach())
             (loss * world_size).backward()  # DDP averages gradients over ranks; the sums want them added
         div_total += float(div_sum.detach())
         ce_total += float(ce_sum.detach())
-    div_total, ce_total, line_total = all_reduce_sum([div_total, ce_total, line_total], device)
-    return div_total, ce_total, global_tokens, global_reference, line_total
+    div_total, ce_total, *totals = all_reduce_sum([div_total, ce_total, *path_totals.values()], device)
+    return div_total, ce_total, global_tokens, global_reference, dict(zip(path_totals, totals, strict=True))
 
 
 def lr_lambda(config: DistillConfig) -> Callable[[int], float]:

@@ -109,7 +109,7 @@ def _placed(large_map: list[int], small_from_large: list[int]) -> list[int]:
     return [inverse.get(u, NEW) if u != NEW else NEW for u in large_map]
 
 
-def _lineage_of(small: Anchor, large: Anchor) -> Plan | None:
+def lineage_of(small: Anchor, large: Anchor) -> Plan | None:
     """The index maps by which `small` was derived from `large`, if its cbd.json records them with `large`'s weights
     as the parent (a lineage from another model would fit the shapes and still align the wrong units)."""
     record = small.provenance.get("lineage")
@@ -127,15 +127,17 @@ def plan_pair(small: Anchor, large: Anchor, target: Shape, importance_of: Callab
               grow: str = "zero", align: str = "auto") -> tuple[Plan, Plan, dict]:
     """Plans for E(small) and S(large), aligned unit by unit.
 
-    With lineage (small cut from large), S keeps the units small came from, topped up by importance, and E places
-    its units at those same positions; otherwise S keeps by importance and E's units are matched to S's by weight
-    similarity (alignment.py), layers by relative depth. `align="none"` keeps both anchors' own unit order,
+    With lineage (small cut from large), S keeps the units small came from, topped up by importance (by order when
+    small is a nested slice of large: the first units), and E places its units at those same positions; otherwise S
+    keeps by importance and E's units are matched to S's by weight similarity (alignment.py), layers by relative
+    depth. `align="none"` keeps both anchors' own unit order,
     as a linear merge of two models of one shape does.
     """
-    lineage = _lineage_of(small, large) if align in ("auto", "lineage") else None
+    lineage = lineage_of(small, large) if align in ("auto", "lineage") else None
     if align == "lineage" and lineage is None:
         raise ValueError(f"align 'lineage': {small.path} records no lineage from {large.path} in its cbd.json")
-    large_importance = importance_of(large, target) if _shrinks(large.shape, target) else None
+    sliced = lineage is not None and is_nested_slice(small)  # S is then the first units: the widths trained
+    large_importance = importance_of(large, target) if _shrinks(large.shape, target) and not sliced else None
     plan_s = build_plan(large.shape, target, large_importance, grow, lineage)
     importance = large_importance.kind if large_importance else None
     if align == "none":
@@ -157,6 +159,12 @@ def plan_pair(small: Anchor, large: Anchor, target: Shape, importance_of: Callab
     layers = layers_with_copies(placed, unit_maps, grow)
     plan_e = Plan(_placed(plan_s.residual, lineage.residual), layers)
     plan_e.validate(small.shape, target)
-    return plan_e, plan_s, {"method": "lineage", "importance": importance}
+    return plan_e, plan_s, {"method": "lineage", "importance": importance, **({"nested": True} if sliced else {})}
+
+
+def is_nested_slice(small: Anchor) -> bool:
+    """Whether `small` is its parent's first units, written by nested training (distillation/nested.py): then every
+    size between the two is the parent's first units too, whatever the mix."""
+    return bool(small.provenance.get("nested"))
 
 

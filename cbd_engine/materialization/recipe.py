@@ -129,6 +129,9 @@ def materialize(
         return Pair(Term(small_anchor, plan_e), Term(large_anchor, plan_s), mix), alignment
 
     pair, alignment = pair_at(target)
+    requested = alpha
+    if alignment.get("nested"):  # the smaller anchor is the larger's first units: every alpha writes these weights
+        alpha = 0.0
     options = {"mix": mix, "grow": grow, "align": align, "importance": importance_of.describe(), "seed": seed}
     knots = Knots(lambda shape: pair_at(shape)[0], knots_key(small_anchor, large_anchor, calib, options)) \
         if alpha in (None, "auto") and alpha_search == "knots" and not refine_steps else None
@@ -136,8 +139,9 @@ def materialize(
     scored = None
     if choice.grid or quality:
         choice, scored = _quality(choice, pair, target, calib, seed)
+    searched = choice.method == "knots" or choice.grid
     record.update(alpha=choice.alpha, alphas=choice.alphas, mix=mix, alignment=alignment,
-                  alpha_search=choice.to_dict() if choice.method == "knots" or choice.grid else {"requested": alpha},
+                  alpha_search=choice.to_dict() if searched else {"requested": requested},
                   terms=[term_record(pair.small, "small"), term_record(pair.large, "large")],
                   interpolation_training=trained_path(small_anchor, alignment, mix), quality=scored)
     arch = large_anchor.spec.architecture
@@ -153,10 +157,14 @@ def materialize(
 def trained_path(small: Anchor, alignment: dict, mix: str) -> dict | None:
     """How the path between the anchors was trained while the smaller was distilled from the larger (the smaller
     anchor's cbd.json, distillation.interpolation), when the units align by that lineage; None when it was not.
-    `matches_mix`: whether this model's mix is the one trained (the per-unit mix)."""
+    `matches_mix`: whether this model's mix is the one trained (line: the per-unit mix; nested: the slice, which
+    every mix of a nested pair is)."""
     trained = (small.provenance.get("distillation") or {}).get("interpolation")
     if not trained or alignment.get("method") != "lineage":
         return None
+    if trained["kind"] == "nested":
+        return {"kind": "nested", "weight": trained["weight"], "slice": bool(alignment.get("nested")),
+                "matches_mix": bool(alignment.get("nested"))}
     return {"kind": trained["kind"], "weight": trained["weight"], "points": trained["points"],
             "matches_mix": mix == "unit"}
 

@@ -148,6 +148,18 @@ def select_heads(source: Shape, target: Shape, scores: list[float] | None = None
     return heads_map, kv_map
 
 
+def compose(first: Plan, then: Plan) -> Plan:
+    """One plan for `then` applied to what `first` made (`then` adds no units: a subset or a reordering)."""
+    def through(outer: list[int], inner: list[int]) -> list[int]:
+        return [inner[u] for u in outer]
+
+    layers = [LayerMap(first.layers[layer.source].source, first.layers[layer.source].fresh,
+                       through(layer.heads, first.layers[layer.source].heads),
+                       through(layer.kv_heads, first.layers[layer.source].kv_heads),
+                       through(layer.ffn, first.layers[layer.source].ffn)) for layer in then.layers]
+    return Plan(through(then.residual, first.residual), layers)
+
+
 def fill_fresh_sources(layer_sources: list[int]) -> list[tuple[int, bool]]:
     """(source, fresh) per target layer: a NEW layer copies the nearest placed layer before it (after it at the top)."""
     placed = [s for s in layer_sources if s != NEW]

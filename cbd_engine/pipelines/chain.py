@@ -8,7 +8,9 @@ The recipe, top to bottom (`build_chain`):
          training rows (prune, then distill, as Minitron does)
        - distilled from its immediate predecessor (reverse KL by default), keeping the best checkpoint by
          validation loss; `distill: false` registers a checkpoint as it is; with `distillation.interpolation`
-         (kind "line") the path between the two is trained in the same steps (distillation/interpolation.py)
+         the path between the two is trained in the same steps: kind "line" (distillation/interpolation.py), or
+         kind "nested" (distillation/nested.py; pipelines/nested.py), which trains anchor i and writes it again,
+         anchor i+1 its first units (from the second link on: the source never changes)
   2. each anchor is a Hugging Face folder with metrics.json, loss curves and cbd.json (pruning index maps and
      distillation provenance); chain.json lists them all
 
@@ -40,6 +42,7 @@ from cbd_engine.nn.device import resolve_device
 from cbd_engine.nn.loading import load_model, load_tokenizer
 from cbd_engine.nn.validation import examples_loss
 from cbd_engine.pipelines.bridge import generate_responses, generation_cache_dir, init_bridge
+from cbd_engine.pipelines.nested import nested_link
 from cbd_engine.spec.bridge import BridgeSpec, GenerationParams
 from cbd_engine.spec.chain import AnchorSpec, ChainSpec, parse_spec
 from cbd_engine.spec.distill_config import DistillConfig
@@ -96,6 +99,7 @@ def build_chain(spec: dict, out: Path, *, resume: bool = False, progress: Progre
         _check_stop(should_stop)
         results.append(_build_anchor(index, total, anchor, results[-1], plan, config, data, out, resume, progress,
                                      should_stop))
+        results[-2] = _result(results[-2].index, results[-2].path)  # nested training writes the teacher again
         data.calibration.save(results[-1].path)  # every anchor records its calibration (materialize reads it)
         _write_chain_json(out, family, results)
     return ChainResult(family, results)
@@ -209,22 +213,34 @@ def _build_anchor(index: int, total: int, anchor: AnchorSpec, previous: AnchorRe
             _prune(previous.path, start, anchor, data, config, plan.prune_order, label, progress, should_stop)
         origin = {"init": "pruned", "size": anchor.size, "shape": anchor.shape,
                   "prune_order": plan.prune_order if anchor.size is not None else None}
+    if _nested(plan, anchor, previous):
+        nested_link(index, label, previous.path, start, origin, plan.interpolation, config, data, out, resume,
+                    progress, should_stop)
+        shutil.rmtree(out / f"anchor-{index:02d}.pruned", ignore_errors=True)
+        return _result(index, folder)
     line = _line_training(plan, anchor, previous, start, data, config)
     provenance = {"anchor_index": index, "teacher_anchor_index": previous.index, **origin,
                   "interpolation": line.describe() if line is not None else None}
     distill(previous.path, start, data.examples, folder, config, work_dir=out / f"anchor-{index:02d}.work",
             resume=resume, stage=f"{label}: distill", provenance=provenance, progress=progress,
-            should_stop=should_stop, line=line)
+            should_stop=should_stop, path=line)
     for leftover in (f"anchor-{index:02d}.work", f"anchor-{index:02d}.pruned", f"anchor-{index:02d}.sft"):
         shutil.rmtree(out / leftover, ignore_errors=True)  # the anchor's cbd.json keeps the pruning index maps
     return _result(index, folder)
+
+
+def _nested(plan: ChainSpec, anchor: AnchorSpec, previous: AnchorResult) -> bool:
+    """Nested training applies to an anchor pruned from a chain's anchor after the first: the source (anchor 0)
+    never changes, so the first link is distilled as usual, and a checkpoint anchor has no lineage to slice by."""
+    return (plan.interpolation is not None and plan.interpolation.kind == "nested" and anchor.checkpoint is None
+            and previous.index >= 1)
 
 
 def _line_training(plan: ChainSpec, anchor: AnchorSpec, previous: AnchorResult, start: Path, data: ChainData,
                    config) -> LineTraining | None:
     """`distillation.interpolation`: the line between the teacher and an anchor pruned from it (a checkpoint anchor
     has no lineage from its teacher to align units by, so its path is not trained)."""
-    if plan.interpolation is None or anchor.checkpoint is not None:
+    if plan.interpolation is None or plan.interpolation.kind != "line" or anchor.checkpoint is not None:
         return None
     return LineTraining.build(plan.interpolation, previous.path, start, data.calibration,
                               resolve_device(config.device), config.seed)

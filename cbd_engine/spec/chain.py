@@ -11,7 +11,7 @@ from cbd_engine.spec.shapes import PRUNE_ORDER, PRUNE_ORDERS, parse_size
 
 SFT_LEARNING_RATE = 1e-5  # the paper's fine-tuning rate (appendix B)
 CHAIN_ONLY_KEYS = ("sft_epochs", "sft_learning_rate", "prune_order", "interpolation")  # beside DistillConfig's
-INTERPOLATION_KINDS = ("line",)  # "nested" (issue 20, part 2) is not built
+INTERPOLATION_KINDS = ("line", "nested")  # distillation/interpolation.py, distillation/nested.py
 
 
 @dataclass(frozen=True)
@@ -20,8 +20,8 @@ class InterpolationSpec:
     distilled (cbd_engine.distillation.interpolation). Off unless given: measured in docs/RESULTS.md."""
 
     kind: str = "line"
-    weight: float = 1.0  # of the mixed model's distillation loss, beside the anchor's own (weight 1)
-    points: int = 4  # target shapes at the parameter fractions (2k + 1) / (2 points) between the anchors
+    weight: float = 1.0  # line: of the mixed model's loss beside the anchor's own (1); nested: of the random width's
+    points: int = 4  # line: target shapes at the parameter fractions (2k + 1) / (2 points) between the anchors
 
     @classmethod
     def parse(cls, data: dict) -> InterpolationSpec:

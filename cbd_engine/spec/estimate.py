@@ -67,14 +67,17 @@ def estimate_chain_seconds(spec: dict) -> float:
         seconds += _bridge_flops(plan, sizes[0], tokens_per_step) / speed
     samples = int(plan.dataset.get("teacher_samples") or 0)  # the source answers every training prompt N times
     seconds += samples * rows * config["max_length"] / 2 * 2 * sizes[0] * DECODING_SLOWDOWN / speed
-    for teacher, student, anchor in zip(sizes, sizes[1:], plan.anchors, strict=False):
+    for link, (teacher, student, anchor) in enumerate(zip(sizes, sizes[1:], plan.anchors, strict=False)):
         if anchor.checkpoint is not None and not anchor.distill:
             continue
         flops = distillation_flops(config, config["steps"], student, teacher, rows)
         if anchor.checkpoint is None:
             flops += IMPORTANCE_ROWS * 256 * 2 * teacher  # activation importance on the calibration rows
-            if plan.interpolation is not None:  # line training: a forward and backward of the mix (mean size)
+            if plan.interpolation is not None:  # a forward and backward of a model between the two (mean size)
                 flops += config["steps"] * tokens_per_step * 6 * (teacher + student) / 2
+            if plan.interpolation is not None and plan.interpolation.kind == "nested" and link:
+                # nested (distillation/nested.py): the teacher's own forward and backward too (from the 2nd link)
+                flops += config["steps"] * tokens_per_step * 6 * teacher
         seconds += flops / speed
     return float(seconds * 1.2 + 30 * len(plan.anchors))  # evaluation, checkpoints, loading
 

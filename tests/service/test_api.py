@@ -447,10 +447,10 @@ def test_every_model_is_published_with_a_hub_model_card(client: TestClient, sett
     assert "| path between the anchors | not trained" in card.text  # registered anchors: no line training
 
 
-def test_chains_take_line_training_and_refuse_other_kinds(client: TestClient, tiny_chain: dict) -> None:
+def test_chains_take_trained_paths_and_refuse_other_kinds(client: TestClient, tiny_chain: dict) -> None:
     body = {"name": "line", "source": tiny_chain["source"], "anchors": [{"size": "1M"}],
             "dataset": {"path": "/nonexistent.jsonl"}, "device": "cpu"}
-    for bad in ({"kind": "nested"}, {"kind": "line", "weight": 0}, {"kind": "line", "alpha": 1}):
+    for bad in ({"kind": "slimmable"}, {"kind": "line", "weight": 0}, {"kind": "line", "alpha": 1}):
         response = client.post("/chains", json={**body, "distillation": {"interpolation": bad}})
         assert_problem(response, 422)
         assert "interpolation" in response.text
