@@ -147,11 +147,17 @@ class DatasetIn(Strict):
 
 class InterpolationIn(Strict):
     """Train the path between each anchor and its predecessor while the anchor is distilled (engine:
-    cbd_engine.distillation.interpolation; measured in docs/RESULTS.md, "Line training")."""
+    cbd_engine.distillation.interpolation and .nested; measured in docs/RESULTS.md, "Line training", "Nested
+    training")."""
 
-    kind: Literal[INTERPOLATION_KINDS] = "line"
-    weight: float = Field(default=1.0, gt=0, le=100, description="of the mixed model's loss, beside the anchor's own")
-    points: int = Field(default=4, ge=1, le=64, description="target sizes between the two anchors, one per step")
+    kind: Literal[INTERPOLATION_KINDS] = Field(
+        default="line", description="line: the per-unit mix of the two anchors at sizes between them; nested: from "
+                                    "the second anchor on, the predecessor trained with the anchor as its first "
+                                    "units, so a size between is a slice (the predecessor is written again)")
+    weight: float = Field(default=1.0, gt=0, le=100,
+                          description="line: of the mixed model's loss, beside the anchor's own; nested: of the "
+                                      "random width's")
+    points: int = Field(default=4, ge=1, le=64, description="line: target sizes between the two anchors, one per step")
 
 
 class DistillationIn(Strict):
@@ -178,8 +184,9 @@ class DistillationIn(Strict):
                                              "or every width axis by one fraction")
     seed: int = Field(default=RECIPE["seed"], ge=0, le=2**31 - 1)
     interpolation: InterpolationIn | None = Field(
-        default=None, description="null: anchors distilled alone; {kind: line}: the sizes between each anchor and its "
-                                  "predecessor trained too (POST /models then materializes a trained path)")
+        default=None, description="null: anchors distilled alone; {kind: line} or {kind: nested}: the sizes between "
+                                  "each anchor and its predecessor trained too (POST /models then materializes a "
+                                  "trained path: nested pairs by slicing)")
     teacher_cache: int | None = Field(default=RECIPE["teacher_cache"], ge=1, le=4096,
                                       description="off_policy: keep the teacher's top-k per token, computed once")
     teacher_cache_tail: Literal[TEACHER_CACHE_TAILS] = Field(

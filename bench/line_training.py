@@ -1,24 +1,27 @@
-"""Line training (issue 20), measured on this CPU (docs/RESULTS.md, "Line training").
+"""Chains trained to be interpolated (issue 20), measured on this CPU (docs/RESULTS.md, "Line training" and
+"Nested training").
 
     PYTHONPATH=. .venv/bin/python bench/line_training.py run --work /tmp/cbd-line [settings]
     PYTHONPATH=. .venv/bin/python bench/line_training.py report --work /tmp/cbd-line --out docs/results
 
-One link of RESULTS.md's chain built twice from the same pruned start, without and with
-`distillation.interpolation: {"kind": "line"}`: the teacher (anchor i: the source, SmolLM2-135M-Instruct, or
-RESULTS' anchor 1 with --pair anchors) and the student pruned from it (anchor i+1: 100M, or 70M), distilled with the
-recipe's defaults for --steps steps of 4 rows. The pruned start is the same in both (the prune is deterministic and its
-importance cached). Then, per size between the two anchors:
-  plain / line   the size materialized from each chain (unit mix, --alpha: auto or proportional), no training;
-  distilled      the teacher pruned to the size's shape and distilled from it for the chain's steps (--baseline-sizes):
-                 what a new anchor at that size costs;
-  healed         plain's model distilled from the teacher for K steps, K line training's extra passes counted in
-                 heal steps (`equal_compute_steps`): the best initialization at equal total compute.
-`run --chains plain` and `run --chains line --baseline-sizes` share the work between two processes (two cores).
-Every model is scored per row on the first --rows validation rows of each --held-out set; `report` writes the means
-and the paired differences with 95% bootstrap intervals (cbd_engine.evaluation.stats). Units whose output exists are
-skipped: rerun to resume. RESULTS.md's full budget is the defaults with --pair anchors --steps 60 --max-length 256
---importance-rows 256 --eval-rows 200 --eval-every 20 --rows 0 --alpha auto --held-out dolly uinst --sizes 78M 85M 93M
---baseline-sizes 78M 85M 93M.
+One link of RESULTS.md's chain built from the same pruned start without and with `distillation.interpolation`:
+`plain`, `line` ({"kind": "line"}) or `nested` ({"kind": "nested"}). The teacher is anchor i (the source,
+SmolLM2-135M-Instruct, or RESULTS' anchor 1 with --pair anchors) and the student is pruned from it (anchor i+1: 100M,
+or 70M), distilled with the recipe's defaults for --steps steps of 4 rows. The prune is deterministic and its
+importance cached, so the pruned start is the same. Nested training leaves the source alone, so with --pair anchors
+the nested chain's first link is the plain chain's, copied. Then, per size between the two anchors:
+  plain / line / nested   the size materialized from each chain (line, plain: unit mix, --alpha: auto or
+                          proportional; nested: the slice), no training;
+  distilled               the teacher pruned to the size's shape and distilled from it for the chain's steps
+                          (--baseline-sizes): what a new anchor at that size costs;
+  healed                  plain's model distilled from the teacher for K steps, K the --compare chain's extra passes
+                          counted in heal steps (`equal_compute_steps`): the best initialization at equal compute.
+`--chains` and `--arms` split the work between processes (a nested chain waits for plain's first link). Every model
+is scored per row on the first --rows validation rows of each --held-out set; `report --compare KIND` writes the means
+and the paired differences with 95% bootstrap intervals (cbd_engine.evaluation.stats) to KIND_training.csv. Units
+whose output exists are skipped: rerun to resume. RESULTS.md's full budget is the defaults with --pair anchors
+--steps 60 --max-length 256 --importance-rows 256 --eval-rows 200 --eval-every 20 --rows 0 --alpha auto --held-out
+dolly uinst --sizes 78M 85M 93M --baseline-sizes 78M 85M 93M.
 """
 
 from __future__ import annotations
@@ -235,11 +238,13 @@ def report(work: Path, out: Path, args) -> None:
         return ModelSpec.from_config(read_config(folder)).num_params
 
     ends = {"teacher": params(teacher), "student": params(student)}
+    compare = args.compare
     anchors = {"teacher": teacher, "plain-teacher": teacher, "plain-student": student,
-               "line-teacher": teacher_and_student(work, "line", args)[0],
-               "line-student": teacher_and_student(work, "line", args)[1]}
+               f"{compare}-teacher": teacher_and_student(work, compare, args)[0],
+               f"{compare}-student": teacher_and_student(work, compare, args)[1]}
     rows = []
-    for name in sorted(scores):
+    for name in sorted(n for n in scores if n.rpartition("-")[0] in ("", "plain", compare, "distilled",
+                                                                       f"healed-{compare}")):
         arm, _, size = name.rpartition("-")
         anchor = anchors.get(name)
         folder = anchor or work / "models" / name
@@ -248,35 +253,36 @@ def report(work: Path, out: Path, args) -> None:
                "interpolation_training": (record.get("interpolation_training") or {}).get("kind")}
         for held_out, per_row in scores[name].items():
             row[f"{held_out}_loss"] = round(mean(per_row), 4)
-            reference = _reference(name, scores)
+            reference = _reference(name, scores, compare)
             if reference:
                 diff, (low, high) = paired_difference(per_row, scores[reference][held_out])
                 row[f"{held_out}_vs"] = reference
                 row[f"{held_out}_diff"], row[f"{held_out}_low"], row[f"{held_out}_high"] = \
                     round(diff, 4), round(low, 4), round(high, 4)
-            if arm in ("plain", "line") and anchor is None and f"{arm}-student" in scores:
+            if arm in ("plain", compare) and anchor is None and f"{arm}-student" in scores:
                 row[f"{held_out}_straight_line"] = round(_straight_line(
                     row["params"], ends, mean(scores[teacher_name(arm, args)][held_out]),
                     mean(scores[f"{arm}-student"][held_out])), 4)
         rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
     fields = sorted({key for row in rows for key in row}, key=lambda k: (k != "model", k))
-    with open(out / "line_training.csv", "w", newline="") as handle:
+    with open(out / f"{compare}_training.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    costs = {name: _cost(teacher_and_student(work, name, args)[1]) for name in ("plain", "line")}
+    costs = {name: _cost(teacher_and_student(work, name, args)[1]) for name in ("plain", compare)}
     costs.update({name: _cost(work / "models" / name) for name in sorted(scores)
-                  if name.startswith(("distilled-", "healed-"))})
-    (out / "line_training_cost.json").write_text(json.dumps(costs, indent=1))
+                  if name.startswith(("distilled-", f"healed-{compare}-"))})
+    (out / f"{compare}_training_cost.json").write_text(json.dumps(costs, indent=1))
     print(json.dumps(rows, indent=1), json.dumps(costs, indent=1), sep="\n")
 
 
-def _reference(name: str, scores: dict) -> str | None:
-    """line's models against plain's, the distilled and healed ones against line's (one size); line's anchors
-    against plain's."""
+def _reference(name: str, scores: dict, compare: str) -> str | None:
+    """The trained chain's models (and anchors) against plain's, the distilled and healed ones against the trained
+    chain's (one size)."""
     arm, _, size = name.rpartition("-")
-    wanted = {"line": f"plain-{size}", "distilled": f"line-{size}", "healed": f"line-{size}"}.get(arm)
+    wanted = {compare: f"plain-{size}", "distilled": f"{compare}-{size}",
+              f"healed-{compare}": f"{compare}-{size}"}.get(arm)
     return wanted if wanted in scores else None
 
 

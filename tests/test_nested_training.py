@@ -5,6 +5,7 @@ materializer then slices between."""
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -25,7 +26,9 @@ from cbd_engine.pipelines.nested import write_nested_start
 from cbd_engine.spec.chain import InterpolationSpec, parse_spec
 from cbd_engine.spec.distill_config import DistillConfig
 from cbd_engine.spec.estimate import estimate_chain_seconds
+from cbd_engine.spec.progress import Cancelled
 from cbd_engine.spec.shapes import Shape
+from worker.model_card import _trained_path
 
 TEACHER = dict(num_hidden_layers=3, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                num_key_value_heads=2)
@@ -110,12 +113,8 @@ def test_spec_takes_nested_and_the_estimate_counts_its_widths():
 def test_a_nested_chain_writes_the_smaller_anchor_as_the_larger_ones_first_units(tmp_path):
     source = tiny_with_tokenizer(tmp_path / "source", seed=3, num_hidden_layers=3, hidden_size=96,
                                  intermediate_size=160, num_attention_heads=6, num_key_value_heads=3)
-    first = {**TEACHER, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16}
-    first = {key: first[key] for key in MIDDLE} | {"intermediate_size": 128}
-    spec = {"name": "tiny", "source": str(source), "bridge": None, "anchors": [{"shape": first}, {"shape": SMALL}],
-            "dataset": {"path": str(DOLLY), "prompt_format": "alpaca"}, "device": "cpu",
-            "distillation": {"steps": 3, "batch_size": 4, "max_length": 64, "learning_rate": 3e-3, "eval_rows": 6,
-                             "interpolation": {"kind": "nested", "weight": 1.0}}}
+    spec = _tiny_nested_spec(source)
+    first = spec["anchors"][0]["shape"]
     before = tmp_path / "anchor-1-before"
     chain = build_chain({**spec, "anchors": spec["anchors"][:1]}, before)  # the same first link, alone
     chain = build_chain(spec, tmp_path / "chain")
@@ -132,7 +131,8 @@ def test_a_nested_chain_writes_the_smaller_anchor_as_the_larger_ones_first_units
     with torch.no_grad():
         assert not torch.allclose(load_model(whole)(ids).logits, load_model(before / "anchor-01")(ids).logits)
     chain_json = json.loads((tmp_path / "chain" / "chain.json").read_text())
-    assert chain_json["anchors"][1]["metrics"] == json.loads((whole / "metrics.json").read_text())
+    metrics = json.loads((whole / "metrics.json").read_text())
+    assert chain_json["anchors"][1]["metrics"] == metrics and metrics["dev_loss"] == metrics["dev_loss_largest"]
     # the slice: anchor 2's weights are anchor 1's first units, and a size between them is a slice whatever alpha
     large, small = load_model(whole).state_dict(), load_model(smallest).state_dict()
     assert torch.equal(small["model.layers.1.mlp.up_proj.weight"], large["model.layers.1.mlp.up_proj.weight"][:64, :48])
@@ -152,3 +152,52 @@ def test_a_nested_chain_writes_the_smaller_anchor_as_the_larger_ones_first_units
     assert own.provenance["alignment"]["method"] == "lineage"
     with torch.no_grad():
         torch.testing.assert_close(load_model(own.out)(ids).logits, load_model(whole)(ids).logits)
+
+
+def _tiny_nested_spec(source) -> dict:
+    first = {**MIDDLE, "intermediate_size": 128}
+    return {"name": "tiny", "source": str(source), "bridge": None, "anchors": [{"shape": first}, {"shape": SMALL}],
+            "dataset": {"path": str(DOLLY), "prompt_format": "alpaca"}, "device": "cpu",
+            "distillation": {"steps": 3, "batch_size": 4, "max_length": 64, "learning_rate": 3e-3, "eval_rows": 6,
+                             "interpolation": {"kind": "nested", "weight": 1.0}}}
+
+
+def test_an_interrupted_nested_link_resumes_to_the_same_anchors(tmp_path, monkeypatch):
+    source = tiny_with_tokenizer(tmp_path / "source", seed=3, num_hidden_layers=3, hidden_size=96,
+                                 intermediate_size=160, num_attention_heads=6, num_key_value_heads=3)
+    spec = _tiny_nested_spec(source)
+    whole = build_chain(spec, tmp_path / "whole")
+    calls = []
+
+    def stop_in_the_nested_stage() -> bool:  # 2 steps into the nested stage
+        if (tmp_path / "resumed" / "anchor-02.nested-start").is_dir():
+            calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(Cancelled):
+        build_chain(spec, tmp_path / "resumed", should_stop=stop_in_the_nested_stage)
+    assert not (tmp_path / "resumed" / "anchor-02").exists()
+    moved = []
+    real_replace = os.replace
+
+    def fail_after_two(source_path, target_path):  # the trained whole half moved over anchor 1
+        if len(moved) == 2:
+            raise OSError("stopped")
+        moved.append(source_path)
+        real_replace(source_path, target_path)
+
+    monkeypatch.setattr("cbd_engine.pipelines.nested.os.replace", fail_after_two)
+    with pytest.raises(OSError, match="stopped"):
+        build_chain(spec, tmp_path / "resumed", resume=True)
+    monkeypatch.undo()
+    resumed = build_chain(spec, tmp_path / "resumed", resume=True)
+    for ours, theirs in zip(resumed.anchors[1:], whole.anchors[1:], strict=True):
+        mine, other = load_model(ours.path).state_dict(), load_model(theirs.path).state_dict()
+        assert all(torch.equal(tensor, other[name]) for name, tensor in mine.items())
+        assert ours.metrics["validation_loss"] == theirs.metrics["validation_loss"]
+
+
+def test_the_model_card_says_a_nested_model_is_a_slice():
+    text = _trained_path({"kind": "nested", "weight": 1.0, "slice": True, "matches_mix": True}, "unit")
+    assert "first units" in text and "nested widths" in text
+    assert _trained_path(None, "unit").startswith("not trained")

@@ -101,6 +101,8 @@ def materialize(
     alpha: "auto" (also None), "proportional" (by parameter count), or a number in [0, 1], the smaller anchor's
     weight. alpha_search: how "auto" finds it, "knots" (interpolated between the pair's cached grids: no dev pass
     once they exist) or "exact" (the grid at this size: 7 dev passes); alpha_search.py.
+    A pair whose smaller anchor is a nested slice of the larger (nested training, distillation/nested.py) gives the
+    larger anchor's first units at the target, whatever alpha and mix: alpha is 0 and nothing is searched.
     calibration: a file, texts, or a Calibration; None reads the anchors' own, else the package default.
     quality: with a given alpha (or "auto" by knots), also score the model and alpha 0 on the dev rows (two forward
     passes: about 25 s for SmolLM2-135M on a 2-core CPU, ten times the merge itself); "auto" by a grid at this size

@@ -24,6 +24,7 @@ from cbd_engine.data.batches import pad_id_of
 from cbd_engine.data.calibration import Calibration
 from cbd_engine.distillation.nested import NestedTraining, nested_order, slice_plan
 from cbd_engine.distillation.recipe import distill
+from cbd_engine.io.atomic import write_text_atomically
 from cbd_engine.io.lineage import LINEAGE_FILE, read_lineage
 from cbd_engine.materialization.anchor import Anchor, Term
 from cbd_engine.materialization.planning import ImportanceSource, lineage_of
@@ -57,6 +58,7 @@ def nested_link(index: int, label: str, teacher: Path, start: Path, origin: dict
             distill(whole_start, whole_start, data.examples, whole, config, work_dir=out / f"anchor-{index:02d}.work",
                     resume=resume, stage=f"{label}: nested", provenance=provenance, progress=progress,
                     should_stop=should_stop, path=training)
+        _own_dev_loss(whole)
         _replace_files(whole, teacher)
     if not (folder / "metrics.json").is_file():
         shutil.rmtree(folder, ignore_errors=True)
@@ -121,6 +123,16 @@ def _write_transformed(term: Term, out: Path, shape, provenance: dict, seed: int
     tensors = iter_tensors(lambda spec, name, layer, rows: term.tensor(spec, name, layer, seed, rows), shape, anchor)
     write_model(out, anchor.spec.config_for(shape), anchor, tensors, shape, torch.float32, provenance, no_progress,
                 None, None)
+
+
+def _own_dev_loss(whole: Path) -> None:
+    """The whole's `dev_loss` is its own width's; the mean of the widths that kept the checkpoint stays beside it
+    (`dev_loss_selection`)."""
+    path = whole / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {"dev_loss_selection": None}  # moved already
+    if "dev_loss_selection" not in metrics:
+        metrics = {**metrics, "dev_loss_selection": metrics["dev_loss"], "dev_loss": metrics.get("dev_loss_largest")}
+        write_text_atomically(path, json.dumps(metrics, indent=1))
 
 
 def _replace_files(new: Path, folder: Path) -> None:
