@@ -37,6 +37,7 @@ Memory: each target's S_T held once (the target model instance's own parameters)
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,6 +160,10 @@ class LineTraining:
     def step(self, rng: random.Random) -> LineStep:
         """This step's part: one target, drawn by `rng`."""
         return LineStep(self, self.targets[rng.randrange(len(self.targets))])
+
+    def selection(self, student: nn.Module, dev_loss: float, dev_loss_of: Callable[[nn.Module], float]) -> dict:
+        """The anchor's own dev loss keeps its checkpoint."""
+        return {"dev_loss": dev_loss}
 
 
 @dataclass

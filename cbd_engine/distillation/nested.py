@@ -32,6 +32,7 @@ as usual), which the chain writes again after the link (pipelines/chain.py); anc
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +46,7 @@ from cbd_engine.materialization.transforms import NEW, LayerMap, Plan
 from cbd_engine.nn.loading import output_head
 from cbd_engine.nn.losses import LossConfig, chunked_token_losses
 from cbd_engine.spec.chain import InterpolationSpec
-from cbd_engine.spec.families import ModelSpec, read_config
+from cbd_engine.spec.families import Architecture, ModelSpec, read_config
 from cbd_engine.spec.shapes import Shape, solve_shape
 
 
@@ -119,7 +120,7 @@ class NestedTraining:
         return cls(spec, model_spec, model_spec.shape, smallest, device)
 
     @property
-    def arch(self):
+    def arch(self) -> Architecture:
         return self.model_spec.architecture
 
     def describe(self) -> dict:
@@ -162,6 +163,11 @@ class NestedTraining:
 
     def step(self, rng: random.Random) -> NestedStep:
         return NestedStep(self, {"smallest": self.width(self.smallest), "random": self.width(self.random_shape(rng))})
+
+    def selection(self, student: nn.Module, dev_loss: float, dev_loss_of: Callable[[nn.Module], float]) -> dict:
+        """The mean of the whole's and the smallest width's dev loss keeps the checkpoint: the link is for both."""
+        smallest = dev_loss_of(self.module_at(student, self.smallest))
+        return {"dev_loss": (dev_loss + smallest) / 2, "dev_loss_largest": dev_loss, "dev_loss_smallest": smallest}
 
     def module_at(self, root: nn.Module, shape: Shape) -> nn.Module:
         """The width `shape` of the whole model `root` as a model of its own (a copy; for the dev loss)."""

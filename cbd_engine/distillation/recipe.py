@@ -47,12 +47,10 @@ from cbd_engine.distillation.checkpoints import (
     shard_fsdp,
 )
 from cbd_engine.distillation.curves import write_curves
-from cbd_engine.distillation.interpolation import LineTraining
 from cbd_engine.distillation.minillm import PolicyDistillation
-from cbd_engine.distillation.nested import NestedTraining
 from cbd_engine.distillation.on_policy import sample_responses
 from cbd_engine.distillation.selection import evaluate_and_keep_best, rouge_l_of, rouge_prompts_and_references
-from cbd_engine.distillation.step import StudentLoss, accumulate_gradients, lr_lambda
+from cbd_engine.distillation.step import StudentLoss, TrainedPath, accumulate_gradients, lr_lambda
 from cbd_engine.distillation.teacher_cache import CacheSettings, TeacherCache, build_teacher_cache, teacher_cache_folder
 from cbd_engine.io.atomic import atomic_output_dir
 from cbd_engine.io.checkpoint import copy_side_files
@@ -63,8 +61,6 @@ from cbd_engine.nn.loading import compile_decoders, load_model, load_tokenizer, 
 from cbd_engine.nn.validation import examples_loss
 from cbd_engine.spec.distill_config import DistillConfig
 from cbd_engine.spec.progress import Cancelled, ProgressCallback, StageTimer, no_progress
-
-TrainedPath = LineTraining | NestedTraining  # distillation.interpolation's kinds
 
 
 @dataclass
@@ -263,17 +259,17 @@ class Run:
         return examples_loss(self.student_loss, examples, pad_id_of(self.tokenizer), self.config.eval_batch_size,
                              self.bf16, through=through)
 
+    def dev_loss_of(self, model: nn.Module) -> float:
+        """The dev loss of another model than the student (a trained path's, e.g. a nested width)."""
+        return examples_loss(model, self.dev, pad_id_of(self.tokenizer), self.config.eval_batch_size, self.bf16)
+
     def validate(self) -> dict:
-        """The selection's numbers, on the dev rows (none: nothing to select by, the last step is kept); nested
-        widths: the mean of the whole model's and its smallest width's dev loss (nested.py)."""
+        """The selection's numbers, on the dev rows (none: nothing to select by, the last step is kept); with a
+        trained path, its own (nested widths: the mean of the whole's and the smallest width's)."""
         if not self.dev:
             return {}
-        result = {"dev_loss": self.loss_on(self.dev)}
-        if isinstance(self.path, NestedTraining):
-            smallest = examples_loss(self.path.module_at(self.student, self.path.smallest), self.dev,
-                                     pad_id_of(self.tokenizer), self.config.eval_batch_size, self.bf16)
-            result = {"dev_loss": (result["dev_loss"] + smallest) / 2, "dev_loss_largest": result["dev_loss"],
-                      "dev_loss_smallest": smallest}
+        own = self.loss_on(self.dev)
+        result = self.path.selection(self.student, own, self.dev_loss_of) if self.path else {"dev_loss": own}
         if self.config.select_by == "rouge_l":
             with autocast_for(self.device, self.bf16), unsharded_root(self.student_loss):
                 result["rouge_l"] = rouge_l_of(self.student, self.tokenizer, *self.rouge_set, self.config)

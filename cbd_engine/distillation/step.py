@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -52,6 +53,16 @@ class PathStep(Protocol):
     def sums(self, student: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, scored: torch.Tensor,
              targets: torch.Tensor, teacher_hidden, teacher_head: nn.Module | None, student_hidden: torch.Tensor,
              config: LossConfig) -> dict[str, torch.Tensor]: ...
+
+
+class TrainedPath(Protocol):
+    """distillation.interpolation's kinds (interpolation.LineTraining, nested.NestedTraining): each step's part, and
+    the dev numbers that keep a checkpoint."""
+
+    def step(self, rng: random.Random) -> PathStep: ...
+
+    def selection(self, student: nn.Module, dev_loss: float,
+                  dev_loss_of: Callable[[nn.Module], float]) -> dict: ...
 
 
 def batch_loss_sums(student_loss: nn.Module, teacher: nn.Module | TeacherCache | None, batch: Batch, ce_only: bool,

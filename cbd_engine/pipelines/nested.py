@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -36,15 +38,19 @@ from cbd_engine.nn.validation import examples_loss
 from cbd_engine.spec.chain import InterpolationSpec
 from cbd_engine.spec.distill_config import DistillConfig
 from cbd_engine.spec.progress import ProgressCallback, no_progress
+from cbd_engine.spec.shapes import Shape
+
+if TYPE_CHECKING:  # chain.py imports this module
+    from cbd_engine.pipelines.chain import ChainData
 
 CURVE_FILES = ("loss_curve.csv", "loss_curve.png")
 
 
 def nested_link(index: int, label: str, teacher: Path, start: Path, origin: dict, spec: InterpolationSpec,
-                config: DistillConfig, data, out: Path, resume: bool, progress: ProgressCallback,
-                should_stop) -> Path:
+                config: DistillConfig, data: ChainData, out: Path, resume: bool, progress: ProgressCallback,
+                should_stop: Callable[[], bool] | None) -> Path:
     """Anchor `index` (a folder in `out`) from `start`, its pruned start, by nested training with `teacher`
-    (anchor index - 1, rewritten in place); `data`: the chain's ChainData. Returns the new anchor's folder."""
+    (anchor index - 1, rewritten in place). Returns the new anchor's folder."""
     folder = out / f"anchor-{index:02d}"
     whole, whole_start = out / f"anchor-{index:02d}.nested", out / f"anchor-{index:02d}.nested-start"
     smallest = Anchor.load(start).shape
@@ -73,10 +79,10 @@ def _written_back(teacher: Path) -> int | None:
     return ((read_lineage(teacher).get("distillation") or {}).get("nested_training") or {}).get("slice_anchor_index")
 
 
-def write_nested_start(teacher: Path, start: Path, out: Path, calibration: Calibration, seed: int) -> Plan:
+def write_nested_start(teacher: Path, start: Path, out: Path, calibration: Calibration, seed: int) -> None:
     """`teacher` with its units in nested order (the ones `start` kept first, the rest by the importance that chose
     them), at `out`; its lineage from its own parent, if it has one, composed with the reordering so that the
-    parent pair still aligns unit by unit. Returns the order."""
+    parent pair still aligns unit by unit."""
     large, small = Anchor.load(teacher), Anchor.load(start)
     kept = lineage_of(small, large)
     if kept is None:
@@ -87,10 +93,9 @@ def write_nested_start(teacher: Path, start: Path, out: Path, calibration: Calib
         record["lineage"] = {**record["lineage"], "plan": compose(Plan.from_dict(record["lineage"]["plan"]),
                                                                   order).to_dict()}
     _write_transformed(Term(large, order), out, large.shape, record, seed)
-    return order
 
 
-def write_slice(whole: Path, out: Path, start: Path, record: dict, data, config: DistillConfig) -> None:
+def write_slice(whole: Path, out: Path, start: Path, record: dict, data: ChainData, config: DistillConfig) -> None:
     """The first units of `whole` at the shape of `start` (the pruned start), with start's records, its lineage (the
     slice's plan and `whole`'s hashes, so that materializing between the two aligns and slices), the training's
     record, and its own validation loss."""
@@ -118,7 +123,7 @@ def write_slice(whole: Path, out: Path, start: Path, record: dict, data, config:
     (out / "metrics.json").write_text(json.dumps(own, indent=1))
 
 
-def _write_transformed(term: Term, out: Path, shape, provenance: dict, seed: int) -> None:
+def _write_transformed(term: Term, out: Path, shape: Shape, provenance: dict, seed: int) -> None:
     anchor = term.anchor
     tensors = iter_tensors(lambda spec, name, layer, rows: term.tensor(spec, name, layer, seed, rows), shape, anchor)
     write_model(out, anchor.spec.config_for(shape), anchor, tensors, shape, torch.float32, provenance, no_progress,
