@@ -80,3 +80,28 @@ def assert_resumes_to_the_same_weights(run, root: Path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert whole.metrics["validation_loss"] == resumed.metrics["validation_loss"]
     return whole
+
+
+# a tiny anchor pair whose every width axis shrinks (residual, KV groups, heads, FFN): trained-path tests share it
+PAIR_TEACHER = dict(num_hidden_layers=3, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                    num_key_value_heads=2)
+PAIR_STUDENT_SHAPE = {"num_layers": 3, "hidden_size": 48, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16,
+                      "intermediate_size": 64}
+
+
+def dolly_calibration():
+    """The calibration the chain would record for Dolly (its first training rows and dev rows)."""
+    from cbd_engine.data.calibration import Calibration
+    from cbd_engine.data.rows import read_instruction_rows
+
+    return Calibration.from_rows(read_instruction_rows(DOLLY), str(DOLLY))
+
+
+def pruned_pair(root: Path, calibration) -> tuple[Path, Path]:
+    """(teacher, student): a tiny teacher and the student pruned from it (its cbd.json records the lineage)."""
+    from cbd_engine.materialization.recipe import materialize
+
+    teacher = tiny_with_tokenizer(root / "teacher", seed=3, **PAIR_TEACHER)
+    student = root / "student"
+    materialize(student, large=teacher, shape=PAIR_STUDENT_SHAPE, calibration=calibration, dtype="float32")
+    return teacher, student

@@ -8,11 +8,9 @@ import json
 import pytest
 import torch
 from conftest import DOLLY
-from distill_helpers import dolly_examples, tiny_with_tokenizer
+from distill_helpers import PAIR_STUDENT_SHAPE, dolly_calibration, dolly_examples, pruned_pair, tiny_with_tokenizer
 
 from cbd_engine.data.batches import collate
-from cbd_engine.data.calibration import Calibration
-from cbd_engine.data.rows import read_instruction_rows
 from cbd_engine.distillation.interpolation import LineStep, LineTraining, line_target
 from cbd_engine.distillation.step import StudentLoss, accumulate_gradients
 from cbd_engine.materialization.anchor import Anchor
@@ -23,25 +21,20 @@ from cbd_engine.spec.chain import InterpolationSpec, parse_spec
 from cbd_engine.spec.distill_config import DistillConfig
 from cbd_engine.spec.estimate import estimate_chain_seconds
 
-SMALL_SHAPE = {"num_layers": 3, "hidden_size": 48, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16,
-               "intermediate_size": 64}
+SMALL_SHAPE = PAIR_STUDENT_SHAPE
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def calibration():
-    return Calibration.from_rows(read_instruction_rows(DOLLY), str(DOLLY))
+    return dolly_calibration()
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory, calibration):
     """(teacher, student): the student pruned from the teacher (its cbd.json records the lineage), then moved off
     the teacher's weights, as distillation moves it, so that a leak of either anchor into the other would show."""
-    root = tmp_path_factory.mktemp("line")
-    teacher = tiny_with_tokenizer(root / "teacher", seed=3, num_hidden_layers=3, hidden_size=64,
-                                  intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
-    student = root / "student"
-    materialize(student, large=teacher, shape=SMALL_SHAPE, calibration=calibration, dtype="float32")
+    teacher, student = pruned_pair(tmp_path_factory.mktemp("line"), calibration)
     model = load_model(student)
     torch.manual_seed(1)
     with torch.no_grad():

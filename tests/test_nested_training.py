@@ -11,11 +11,9 @@ import random
 import pytest
 import torch
 from conftest import DOLLY
-from distill_helpers import dolly_examples, tiny_with_tokenizer
+from distill_helpers import PAIR_STUDENT_SHAPE, dolly_calibration, dolly_examples, pruned_pair, tiny_with_tokenizer
 
 from cbd_engine.data.batches import collate
-from cbd_engine.data.calibration import Calibration
-from cbd_engine.data.rows import read_instruction_rows
 from cbd_engine.distillation.nested import NestedTraining
 from cbd_engine.distillation.step import StudentLoss, accumulate_gradients
 from cbd_engine.materialization.anchor import Anchor
@@ -30,27 +28,22 @@ from cbd_engine.spec.progress import Cancelled
 from cbd_engine.spec.shapes import Shape
 from worker.model_card import _trained_path
 
-TEACHER = dict(num_hidden_layers=3, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-               num_key_value_heads=2)
 MIDDLE = {"num_layers": 3, "hidden_size": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16,
           "intermediate_size": 96}
-SMALL = {"num_layers": 3, "hidden_size": 48, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16,
-         "intermediate_size": 64}
+SMALL = PAIR_STUDENT_SHAPE
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def calibration():
-    return Calibration.from_rows(read_instruction_rows(DOLLY), str(DOLLY))
+    return dolly_calibration()
 
 
 @pytest.fixture(scope="module")
 def nested_pair(tmp_path_factory, calibration):
     """(teacher, its nested start, the student pruned from the teacher): every width axis shrinks."""
     root = tmp_path_factory.mktemp("nested")
-    teacher = tiny_with_tokenizer(root / "teacher", seed=3, **TEACHER)
-    student = root / "student"
-    materialize(student, large=teacher, shape=SMALL, calibration=calibration, dtype="float32")
+    teacher, student = pruned_pair(root, calibration)
     start = root / "start"
     write_nested_start(teacher, student, start, calibration, seed=0)
     return teacher, start, student

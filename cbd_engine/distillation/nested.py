@@ -42,7 +42,7 @@ from torch import nn
 from cbd_engine.distillation.interpolation import ComputedHead, MixedTensor, functional_hidden_states, gather_of
 from cbd_engine.materialization.importance import Importance
 from cbd_engine.materialization.planning import build_plan
-from cbd_engine.materialization.transforms import NEW, LayerMap, Plan
+from cbd_engine.materialization.transforms import NEW, LayerMap, Plan, priority
 from cbd_engine.nn.loading import output_head
 from cbd_engine.nn.losses import LossConfig, chunked_token_losses
 from cbd_engine.spec.chain import InterpolationSpec
@@ -63,23 +63,15 @@ def nested_order(shape: Shape, kept: Plan, importance: Importance) -> Plan:
         heads_scores = importance.heads[k] if importance.heads else None
         group_scores = [sum(heads_scores[g * group : (g + 1) * group]) for g in range(shape.num_kv_heads)] \
             if heads_scores else None
-        kv_heads = _first(shape.num_kv_heads, cut.kv_heads, group_scores)
+        kv_heads = priority(shape.num_kv_heads, cut.kv_heads, group_scores)
         heads = []
         for g in kv_heads:
             members = [h - g * group for h in cut.heads if h != NEW and h // group == g]
             local = heads_scores[g * group : (g + 1) * group] if heads_scores else None
-            heads += [g * group + h for h in _first(group, members, local)]
-        ffn = _first(shape.intermediate_size, cut.ffn, importance.ffn[k] if importance.ffn else None)
+            heads += [g * group + h for h in priority(group, members, local)]
+        ffn = priority(shape.intermediate_size, cut.ffn, importance.ffn[k] if importance.ffn else None)
         layers.append(LayerMap(k, False, heads, kv_heads, ffn))
-    return Plan(_first(shape.hidden_size, kept.residual, importance.residual), layers)
-
-
-def _first(n: int, keep: list[int], scores: list[float] | None) -> list[int]:
-    """All `n` units: `keep` first, as it orders them, then the others by score (highest first; ties by index)."""
-    kept = [u for u in keep if u != NEW]
-    chosen = set(kept)
-    score = scores if scores is not None else [0.0] * n
-    return kept + sorted((u for u in range(n) if u not in chosen), key=lambda u: (-score[u], u))
+    return Plan(priority(shape.hidden_size, kept.residual, importance.residual), layers)
 
 
 def slice_plan(root: Shape, width: Shape) -> Plan:

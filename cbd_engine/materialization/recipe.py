@@ -294,7 +294,9 @@ def _quality(choice: AlphaChoice, pair: Pair, target: Shape, calibration: Calibr
         dev_loss, alpha_0 = choice.dev_loss, choice.grid[0.0]
     else:  # a requested or interpolated alpha: score it and alpha 0 now
         candidates = Candidates(pair, target, seed, calibration)
-        dev_loss, alpha_0 = candidates.dev_loss(choice.alphas), candidates.dev_loss(uniform(0.0))
+        dev_loss = candidates.dev_loss(choice.alphas)
+        # a model that is alpha 0 (asked for, or a nested slice) is its own baseline: one pass, not two
+        alpha_0 = dev_loss if choice.alphas == uniform(0.0) else candidates.dev_loss(uniform(0.0))
         if choice.method == "knots" and dev_loss > alpha_0:
             choice = replace(choice, alpha=0.0, alphas=uniform(0.0),
                              fallback={"alpha": choice.alpha, "dev_loss": dev_loss})

@@ -112,9 +112,16 @@ def select_units(n_source: int, n_target: int, scores: list[float] | None = None
     keep = [u for u in keep if u != NEW]
     if len(keep) > n_target:
         keep = sorted(keep, key=lambda u: -scores[u])[:n_target]
-    kept = set(keep)
-    rest = sorted((u for u in range(n_source) if u not in kept), key=lambda u: (-scores[u], u))
-    return sorted(keep + rest[: n_target - len(keep)])
+    return sorted(priority(n_source, keep, scores)[:n_target])
+
+
+def priority(n: int, keep: list[int], scores: list[float] | None) -> list[int]:
+    """All `n` units in the order a shrinking axis gives them up last: `keep` first, as it orders them, then the
+    others by score (highest first; ties, or no scores, by index)."""
+    kept = [u for u in keep if u != NEW]
+    chosen = set(kept)
+    score = scores if scores is not None else [0.0] * n
+    return kept + sorted((u for u in range(n) if u not in chosen), key=lambda u: (-score[u], u))
 
 
 def select_layers(n_source: int, n_target: int, scores: list[float] | None = None, keep: list[int] = ()) -> list[int]:
